@@ -1,0 +1,91 @@
+"""Default hyper-parameters: every field flaxcap reads lives here; variants override a few."""
+
+import ml_collections
+
+
+def get_config():
+  """Returns the default `ml_collections.ConfigDict`."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # Data: where the captions and images are, and how they are laid out.
+  config.data = ml_collections.ConfigDict()
+  config.data.layout = "flickr8k"  # flickr8k | kaggle | karpathy | coco | tfds
+  config.data.root = "../shared/data/flickr8k"
+  config.data.images_dir = ""  # "" = the layout's default folder under root
+  config.data.captions_file = ""  # "" = the layout's default file under root
+  config.data.split_file = ""  # kaggle: a Karpathy JSON or a folder of Flickr_8k.*Images.txt
+  config.data.karpathy_json = ""  # karpathy layout: dataset_*.json ("" = root/dataset_flickr8k.json)
+  config.data.restval_to_train = True  # karpathy: fold "restval" into train
+  config.data.hash_dev_fraction = 0.1  # kaggle without split file: dev share by id hash
+  config.data.tfds_name = "flickr8k"  # tfds layout: the TFDS builder name
+  config.data.train_split = "train"
+  config.data.eval_split = "dev"
+  config.data.captions_per_epoch = "one"  # one: a random caption per image each epoch; all: all five
+  config.data.max_len = 22  # caption tokens incl. <bos>/<eos>
+  config.data.shuffle_buffer = 8192
+  config.data.augment = False  # random crop + colour jitter
+  config.data.hflip = False  # horizontal flip swaps "left" and "right": off by default
+  config.data.cache_features = True  # frozen encoder: compute features once, cache under workdir
+
+  config.vocab = ml_collections.ConfigDict()
+  config.vocab.min_count = 5
+  config.vocab.max_size = 0  # 0 = no limit
+
+  config.image_size = 224
+
+  # Encoder: a pretrained CNN returning a feature grid [batch, h, w, channels].
+  config.encoder = ml_collections.ConfigDict()
+  config.encoder.name = "efficientnet_lite0"  # efficientnet_lite{0,1,2} | vgg16 | resnet50 | resnet101
+  config.encoder.weights = "imagenet"  # imagenet | none | path to a torchvision-format .pth
+  config.encoder.feature_stage = -1  # -1: last conv stage (7x7 at 224 px); see README for others
+  config.encoder.trainable_stages = ()  # () = frozen; e.g. (5, 6) fine-tunes those stages
+  config.encoder.learning_rate = 1e-4  # for the trainable stages
+  config.encoder.dtype = "float32"  # float32 | bfloat16
+
+  # Decoder: attention LSTM of "Show, Attend and Tell".
+  config.decoder = ml_collections.ConfigDict()
+  config.decoder.embed_dim = 512
+  config.decoder.hidden_dim = 512
+  config.decoder.attention_dim = 512
+  config.decoder.dropout_rate = 0.5
+  config.decoder.gate = True  # sigmoid gate beta(h) on the context vector
+  config.decoder.prev2out = True  # deep output: add the word embedding
+  config.decoder.ctx2out = True  # deep output: add the context vector
+  config.decoder.dtype = "float32"  # float32 | bfloat16 compute
+
+  config.loss = ml_collections.ConfigDict()
+  config.loss.alpha_c = 1.0  # doubly stochastic attention weight
+  config.loss.label_smoothing = 0.0
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = "adam"  # adam | adamw
+  config.optimizer.learning_rate = 4e-4
+  config.optimizer.weight_decay = 0.0
+  config.optimizer.grad_clip_norm = 5.0
+  config.optimizer.schedule = "cosine"  # cosine | constant | plateau
+  config.optimizer.warmup_steps = 500
+  config.optimizer.plateau_factor = 0.5
+  config.optimizer.plateau_patience = 2
+
+  config.batch_size = 64  # global, split over devices
+  config.num_epochs = 20
+  config.half_precision = False
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.every_epochs = 1
+  config.eval.max_images = 0  # 0 = the whole eval split
+  config.eval.beam_size = 1  # greedy during training
+  config.eval.max_len = 20
+  config.eval.length_penalty = 0.0
+  config.eval.batch_size = 128
+  config.eval.best_metric = "CIDEr"
+  config.eval.patience = 5  # epochs without improvement before stopping (0 = never)
+
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every_steps = 1000
+  config.checkpoint.keep = 2
+
+  config.log_every_steps = 50
+  config.distributed = False  # call jax.distributed.initialize() (multi-host)
+  return config

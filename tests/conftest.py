@@ -1,0 +1,28 @@
+"""Shared test set-up: quiet TF, four host CPU devices for pmap tests, and the real-data fixture."""
+
+import os
+import pathlib
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_force_host_platform_device_count=4").strip()
+
+import pytest  # noqa: E402
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+  sys.path.insert(0, str(REPO_ROOT))
+
+FLICKR8K_ROOT = pathlib.Path(
+    os.environ.get("FLAXCAP_FLICKR8K", REPO_ROOT.parent / "shared" / "data" / "flickr8k"))
+
+
+@pytest.fixture(scope="session")
+def flickr8k_root():
+  """The real Flickr8k folder; the test is skipped when it is absent."""
+  if not (FLICKR8K_ROOT / "Flickr8k_text" / "Flickr8k.token.txt").exists():
+    pytest.skip(f"real Flickr8k not found at {FLICKR8K_ROOT}")
+  return FLICKR8K_ROOT
