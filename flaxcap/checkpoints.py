@@ -1,0 +1,155 @@
+"""Self-describing checkpoint directories (orbax).
+
+A training workdir holds two orbax `CheckpointManager` directories:
+
+    <workdir>/checkpoints/<step>/   the latest `keep` states, for resuming
+    <workdir>/best/<step>/          the best state by the eval metric, for inference
+
+Each step directory holds three items: `state` (params, batch statistics, optimizer state, step, RNG),
+`config` (the `ConfigDict` the run was trained with, as JSON) and `vocab` (the vocabulary's words), so
+`load_for_inference(dir)` needs nothing else. Orbax writes each step to a temporary directory and renames
+it when complete, so a process killed mid-save never leaves a step that fails to load.
+"""
+
+import json
+import os
+import pathlib
+from typing import Any
+
+from absl import logging
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from flaxcap import errors
+from flaxcap import vocab as vocab_lib
+
+LATEST_DIR = "checkpoints"
+BEST_DIR = "best"
+
+
+def _manager(directory: pathlib.Path, *, keep: int,
+             best_metric: str | None = None, read_only: bool = False) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep,
+      best_fn=(lambda metrics: metrics[best_metric]) if best_metric else None,
+      best_mode="max",
+      create=not read_only,
+      read_only=read_only,
+      enable_async_checkpointing=False,
+      cleanup_tmp_directories=not read_only,
+  )
+  return ocp.CheckpointManager(directory.absolute(), options=options)
+
+
+class CheckpointStore:
+  """The `checkpoints/` (latest) and `best/` managers of one workdir."""
+
+  def __init__(self, workdir: str | os.PathLike, *, keep: int, best_metric: str):
+    workdir = pathlib.Path(workdir)
+    self.best_metric = best_metric
+    self.latest = _manager(workdir / LATEST_DIR, keep=keep)
+    self.best = _manager(workdir / BEST_DIR, keep=1, best_metric=best_metric)
+
+  def _items(self, state, config, vocab):
+    return ocp.args.Composite(
+        state=ocp.args.StandardSave(jax.device_get(state)),
+        config=ocp.args.JsonSave(json.loads(config.to_json())),
+        vocab=ocp.args.JsonSave({"words": list(vocab.words)}),
+    )
+
+  def save_latest(self, step: int, state, config, vocab) -> None:
+    """Saves `state` (unreplicated) as the newest resumable checkpoint."""
+    if step in self.latest.all_steps():
+      return
+    self.latest.save(step, args=self._items(state, config, vocab), force=True)
+    self.latest.wait_until_finished()
+
+  def offer_best(self, step: int, state, config, vocab, metrics: dict[str, float]) -> bool:
+    """Keeps `state` in `best/` if its `best_metric` beats the stored one; returns whether it did."""
+    previous = self.best_value()
+    if previous is not None and metrics[self.best_metric] <= previous:
+      return False
+    self.best.save(step, args=self._items(state, config, vocab), metrics=dict(metrics), force=True)
+    self.best.wait_until_finished()
+    return True
+
+  def best_value(self) -> float | None:
+    step = self.best.best_step()
+    if step is None:
+      return None
+    metrics = self.best.metrics(step) if hasattr(self.best, "metrics") else None
+    if metrics is None:
+      return None
+    return float(metrics[self.best_metric])
+
+  def restore_latest(self, abstract_state) -> Any | None:
+    """Returns the newest complete state shaped like `abstract_state`, or None when there is none."""
+    step = self.latest.latest_step()
+    if step is None:
+      return None
+    restored = self.latest.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    logging.info("Resumed from %s/%d", self.latest.directory, step)
+    return restored["state"]
+
+  def check_vocab(self, vocab) -> None:
+    """Raises CheckpointError when a resumed run's vocabulary differs from the checkpoint's."""
+    step = self.latest.latest_step()
+    if step is None:
+      return
+    saved = self.latest.restore(step, args=ocp.args.Composite(vocab=ocp.args.JsonRestore()))
+    if list(saved["vocab"]["words"]) != list(vocab.words):
+      raise errors.CheckpointError(
+          f"{self.latest.directory}/{step}: its vocabulary ({len(saved['vocab']['words'])} words) does "
+          f"not match the one built from the data ({len(vocab)} words); use a new --workdir")
+
+  def close(self) -> None:
+    self.latest.close()
+    self.best.close()
+
+
+def _step_dir(path: pathlib.Path) -> tuple[pathlib.Path, int]:
+  """Resolves a workdir, a manager dir or a step dir to (manager dir, step)."""
+  for candidate in (path / BEST_DIR, path / LATEST_DIR, path):
+    if candidate.is_dir():
+      manager = _manager(candidate, keep=1, read_only=True)
+      step = manager.latest_step()
+      manager.close()
+      if step is not None:
+        return candidate, step
+  if (path / "state").is_dir() and path.name.isdigit():
+    return path.parent, int(path.name)
+  raise errors.CheckpointError(
+      f"{path}: no complete checkpoint found (expected {BEST_DIR}/<step> or {LATEST_DIR}/<step> "
+      "written by train.py)")
+
+
+def load_for_inference(path: str | os.PathLike):
+  """Reads (variables, config, vocab) from a training workdir or checkpoint directory.
+
+  Returns:
+    variables: dict with "params" (and "batch_stats" when the model has them), numpy arrays.
+    config: the `ml_collections.ConfigDict` the model was trained with.
+    vocab: the `Vocabulary` it was trained with.
+  """
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise errors.CheckpointError(f"{path}: checkpoint directory does not exist")
+  manager_dir, step = _step_dir(path)
+  manager = _manager(manager_dir, keep=1, read_only=True)
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore(),
+        vocab=ocp.args.JsonRestore()))
+  except Exception as e:  # orbax raises many types; the user needs the path and the cause.
+    raise errors.CheckpointError(f"{manager_dir}/{step}: cannot be read ({type(e).__name__}: {e})")
+  finally:
+    manager.close()
+  state = restored["state"]
+  variables = {"params": state["params"]}
+  if state.get("batch_stats"):
+    variables["batch_stats"] = state["batch_stats"]
+  config = ml_collections.ConfigDict(restored["config"])
+  vocab = vocab_lib.Vocabulary(list(restored["vocab"]["words"]))
+  return variables, config, vocab

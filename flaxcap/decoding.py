@@ -1,0 +1,48 @@
+"""Captions from encoder features: the decoder's single step wrapped for `beam_search`.
+
+The encoded features of an image are computed once and closed over by the step function: the search
+carries only the LSTM state per beam, and the step attends each image's K beams against that image's
+features without copying them K times.
+"""
+
+import functools
+
+import einops
+import jax
+import jax.numpy as jnp
+
+from flaxcap import beam_search
+from flaxcap import decoder as decoder_lib
+from flaxcap import vocab as vocab_lib
+
+
+def search(decoder: decoder_lib.Decoder, decoder_params, features, *, beam_size: int, max_len: int,
+           length_penalty: float = 0.0) -> beam_search.BeamSearchResult:
+  """Beam (or greedy, when `beam_size` is 1) search from encoder features.
+
+  Args:
+    decoder: the (unbound) decoder module.
+    decoder_params: its parameters.
+    features: encoder features [batch, P, C] or [batch, h, w, C].
+  Returns:
+    `BeamSearchResult` with tokens [batch, beam, max_len], scores [batch, beam], lengths
+    [batch, beam] and attention [batch, beam, max_len, P].
+  """
+  variables = {"params": decoder_params}
+  encoded = decoder.apply(variables, features, method=decoder_lib.Decoder.encode)
+  carry = decoder.apply(variables, encoded, method=decoder_lib.Decoder.initial_carry)
+  batch = jax.tree_util.tree_leaves(carry)[0].shape[0]
+
+  def step_fn(flat_carry, flat_tokens):
+    beams = flat_tokens.shape[0] // batch
+    unflatten = functools.partial(einops.rearrange, pattern="(b k) ... -> b k ...", b=batch, k=beams)
+    carry = jax.tree_util.tree_map(unflatten, flat_carry)
+    logits, new_carry, attention = decoder.apply(
+        variables, encoded, carry, unflatten(flat_tokens), method=decoder_lib.Decoder.step)
+    flatten = functools.partial(einops.rearrange, pattern="b k ... -> (b k) ...")
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+    return flatten(log_probs), jax.tree_util.tree_map(flatten, new_carry), flatten(attention)
+
+  search_fn = beam_search.greedy_search if beam_size == 1 else functools.partial(
+      beam_search.beam_search, beam_size=beam_size, length_penalty=length_penalty)
+  return search_fn(step_fn, carry, max_len=max_len, bos_id=vocab_lib.BOS, eos_id=vocab_lib.EOS)

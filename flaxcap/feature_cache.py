@@ -1,0 +1,155 @@
+"""Frozen-encoder feature cache: encode every image once, then train the decoder from memory.
+
+The cache lives under `<workdir>/features/` as one float16 `.npy` per split plus a JSON file naming the
+encoder, stage, image size and the image ids in row order. A cache whose description differs from the
+current config is rebuilt. This path imports no TensorFlow: images are decoded with Pillow in threads.
+"""
+
+import concurrent.futures
+import json
+import os
+import pathlib
+from typing import Callable, Iterator, Sequence
+
+from absl import logging
+import einops
+import numpy as np
+import tqdm
+
+from flaxcap import errors
+from flaxcap import images as images_lib
+
+
+def _describe(config, split: str, image_ids: Sequence[str]) -> dict:
+  return {
+      "encoder": config.encoder.name,
+      "weights": config.encoder.weights,
+      "feature_stage": config.encoder.feature_stage,
+      "image_size": config.image_size,
+      "split": split,
+      "image_ids": list(image_ids),
+  }
+
+
+def _load_batch(paths: Sequence[str], image_size: int, pool) -> tuple[np.ndarray, np.ndarray]:
+  """Decodes `paths` to uint8 [len(paths), size, size, 3] and a validity mask [len(paths)]."""
+  def load(path):
+    try:
+      return images_lib.load_image(path, image_size=image_size)
+    except errors.ImageError as e:
+      logging.warning("%s", e)
+      return None
+  decoded = list(pool.map(load, paths))
+  valid = np.array([image is not None for image in decoded])
+  blank = np.zeros((image_size, image_size, 3), np.uint8)
+  return np.stack([blank if image is None else image for image in decoded]), valid
+
+
+def encode_records(records, encode_fn: Callable[[np.ndarray], np.ndarray], *, image_size: int,
+                   batch_size: int = 64, num_threads: int | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """Runs `encode_fn` over every record's image.
+
+  Args:
+    records: `CaptionRecord`s; their `image_path` is decoded with Pillow.
+    encode_fn: uint8 images [batch, size, size, 3] -> features [batch, h, w, channels]; it is called
+      with a fixed batch size (the last batch is padded) so that it compiles once.
+  Returns:
+    features: float16 [num_records, h * w, channels], rows in record order.
+    valid: bool [num_records], False where the image could not be read (its row is zeros).
+  """
+  num_threads = num_threads or min(8, os.cpu_count() or 1)
+  features, valid = [], []
+  with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+    starts = range(0, len(records), batch_size)
+    next_batch = pool.submit(_load_batch, [r.image_path for r in records[:batch_size]],
+                             image_size, pool) if records else None
+    for start in tqdm.tqdm(starts, desc="encoding images", unit="batch", leave=False):
+      batch_images, batch_valid = next_batch.result()
+      following = records[start + batch_size:start + 2 * batch_size]
+      if following:  # decode the next batch while the encoder runs on this one
+        next_batch = pool.submit(_load_batch, [r.image_path for r in following], image_size, pool)
+      count = len(batch_images)
+      if count < batch_size:
+        batch_images = np.concatenate(
+            [batch_images, np.zeros((batch_size - count,) + batch_images.shape[1:], np.uint8)])
+      grid = np.asarray(encode_fn(batch_images))[:count]
+      features.append(einops.rearrange(grid, "b h w c -> b (h w) c").astype(np.float16))
+      valid.append(batch_valid)
+  return np.concatenate(features), np.concatenate(valid)
+
+
+def cached_features(workdir: str | os.PathLike, config, split: str, records,
+                    encode_fn: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, list]:
+  """Returns (features [N, P, C] float16, the records that have an image), encoding on a cache miss.
+
+  Records whose image cannot be read are dropped with one warning (their names are logged singly by
+  the decoder). The returned features are memory-mapped from `<workdir>/features/<split>.npy`.
+  """
+  cache_dir = pathlib.Path(workdir) / "features"
+  cache_dir.mkdir(parents=True, exist_ok=True)
+  features_path = cache_dir / f"{split}.npy"
+  meta_path = cache_dir / f"{split}.json"
+  description = _describe(config, split, [r.image_id for r in records])
+  if features_path.exists() and meta_path.exists():
+    meta = json.loads(meta_path.read_text())
+    if meta["description"] == description:
+      logging.info("Using cached %s features %s", split, features_path)
+      by_id = {r.image_id: r for r in records}
+      return np.load(features_path, mmap_mode="r"), [by_id[i] for i in meta["kept_ids"]]
+  logging.info("Encoding %d %s images with %s", len(records), split, config.encoder.name)
+  features, valid = encode_records(records, encode_fn, image_size=config.image_size)
+  if not valid.all():
+    logging.warning("%d of %d %s images could not be read and were skipped", (~valid).sum(),
+                    len(records), split)
+  kept = [r for r, ok in zip(records, valid) if ok]
+  tmp_path = features_path.with_suffix(".tmp.npy")
+  np.save(tmp_path, features[valid])
+  os.replace(tmp_path, features_path)  # atomic: a killed run never leaves half a cache
+  meta_path.write_text(json.dumps({"description": description,
+                                   "kept_ids": [r.image_id for r in kept]}))
+  return np.load(features_path, mmap_mode="r"), kept
+
+
+def caption_batches(num_images: int, tokens: np.ndarray, *, batch_size: int, seed: int, epoch: int,
+                    captions_per_epoch: str, num_devices: int, process_index: int = 0,
+                    process_count: int = 1, skip_batches: int = 0
+                    ) -> Iterator[dict[str, np.ndarray]]:
+  """Yields one epoch of shuffled (image index, caption) batches for the cached-feature path.
+
+  Args:
+    num_images: rows of the feature array.
+    tokens: int32 [num_images, captions_per_image, max_len] padded captions (rows of all-pad are
+      missing captions and never chosen).
+    batch_size: global batch size (over all hosts and devices); a trailing partial batch is dropped.
+    seed, epoch: the order is a pure function of these, so a resumed run sees the same batches.
+    captions_per_epoch: "one" (a random caption of each image) or "all" (every caption once).
+    skip_batches: batches of this epoch already trained on (resuming mid-epoch).
+  Yields:
+    {"image_index": int32 [devices, per_device], "tokens": int32 [devices, per_device, max_len]}
+    for this host's share of the global batch.
+  """
+  rng = np.random.default_rng([seed, epoch])
+  has_caption = tokens[:, :, 0] != 0  # [num_images, captions_per_image]
+  if captions_per_epoch == "all":
+    image_index, caption_index = np.nonzero(has_caption)
+  elif captions_per_epoch == "one":
+    image_index = np.flatnonzero(has_caption.any(axis=1))
+    choice = rng.random((len(image_index), tokens.shape[1])) * has_caption[image_index]
+    caption_index = choice.argmax(axis=1)
+  else:
+    raise errors.ConfigError(f"config.data.captions_per_epoch={captions_per_epoch!r}: use 'one' or 'all'")
+  order = rng.permutation(len(image_index))
+  image_index, caption_index = image_index[order], caption_index[order]
+  if batch_size % (process_count * num_devices):
+    raise errors.ConfigError(f"config.batch_size={batch_size} is not divisible by "
+                             f"{process_count} hosts x {num_devices} devices")
+  per_host = batch_size // process_count
+  for batch in range(skip_batches, len(image_index) // batch_size):
+    rows = slice(batch * batch_size + process_index * per_host,
+                 batch * batch_size + (process_index + 1) * per_host)
+    yield {
+        "image_index": image_index[rows].reshape(num_devices, -1).astype(np.int32),
+        "tokens": tokens[image_index[rows], caption_index[rows]].reshape(
+            num_devices, per_host // num_devices, -1),
+    }

@@ -1,0 +1,151 @@
+"""Captioning images with a trained model: `Captioner.load(dir).caption(images_or_paths)`.
+
+Images are decoded with Pillow (`flaxcap.images`), batched, encoded and searched in one compiled
+function per batch shape; a folder is captioned in streamed batches, and an unreadable file is reported
+without stopping the others.
+"""
+
+import dataclasses
+import functools
+import os
+import pathlib
+from typing import Iterable, Iterator, Sequence
+
+import einops
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxcap import checkpoints
+from flaxcap import decoding
+from flaxcap import errors
+from flaxcap import images as images_lib
+from flaxcap import model as model_lib
+from flaxcap import pretrained
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+@dataclasses.dataclass
+class Caption:
+  """One image's caption and how it was found."""
+  text: str
+  score: float  # the beam's (length-normalized) log-probability
+  tokens: np.ndarray  # int32 [len(words)]: the generated token ids
+  words: list[str]  # every generated token, "<eos>" last when the caption ended before max_len
+  attention: np.ndarray  # float32 [len(words), h, w]: where each token looked
+  alternatives: list[tuple[str, float]]  # every beam's (text, score), best first
+  source: str = ""  # the path, or "" for an array
+
+
+@dataclasses.dataclass
+class Failure:
+  """An image that could not be captioned, and why (one line naming the file)."""
+  source: str
+  message: str
+
+
+def default_checkpoint() -> pathlib.Path:
+  """The model shipped in the repository."""
+  return pathlib.Path(__file__).resolve().parents[1] / "models" / "flickr8k"
+
+
+class Captioner:
+  """A loaded model: encoder with its weights, decoder parameters, vocabulary and config."""
+
+  def __init__(self, config, vocab, decoder_params, encoder, encoder_variables):
+    self.config = config
+    self.vocab = vocab
+    self.decoder = model_lib.create_decoder(config, len(vocab))
+    self.decoder_params = decoder_params
+    self.encoder = encoder
+    self.encoder_variables = encoder_variables
+    self.feature_grid = None  # (h, w), known after the first batch
+
+  @classmethod
+  def load(cls, checkpoint_dir: str | os.PathLike | None = None) -> "Captioner":
+    """Loads a training workdir, a checkpoint directory, or an exported model (default: shipped)."""
+    path = pathlib.Path(checkpoint_dir) if checkpoint_dir else default_checkpoint()
+    if checkpoint_dir is None and not path.exists():
+      raise errors.CheckpointError(
+          f"{path}: no model is shipped in this checkout yet; train one with train.py and pass "
+          "--checkpoint runs/<name>")
+    variables, config, vocab = checkpoints.load_for_inference(path)
+    encoder, encoder_variables = pretrained.create_pretrained_encoder(config)
+    if "encoder" in variables["params"]:  # a fine-tuned encoder travels in the checkpoint
+      encoder_variables = {"params": variables["params"]["encoder"]}
+      if "batch_stats" in variables:
+        encoder_variables["batch_stats"] = variables["batch_stats"]["encoder"]
+    return cls(config, vocab, variables["params"]["decoder"], encoder, encoder_variables)
+
+  @functools.lru_cache(maxsize=16)
+  def _compiled(self, beam_size: int, max_len: int, length_penalty: float):
+    def caption_batch(encoder_variables, decoder_params, images):
+      grid = self.encoder.apply(encoder_variables, images)
+      result = decoding.search(self.decoder, decoder_params, grid, beam_size=beam_size,
+                               max_len=max_len, length_penalty=length_penalty)
+      return result, grid.shape[1:3]
+    return jax.jit(caption_batch)
+
+  def caption_arrays(self, images: np.ndarray, *, beam_size: int = 3, max_len: int | None = None,
+                     length_penalty: float | None = None) -> list[Caption]:
+    """Captions uint8 images [batch, size, size, 3] (already resized to `config.image_size`)."""
+    max_len = max_len or self.config.eval.max_len
+    length_penalty = self.config.eval.length_penalty if length_penalty is None else length_penalty
+    search = self._compiled(int(beam_size), int(max_len), float(length_penalty))
+    result, (height, width) = search(self.encoder_variables, self.decoder_params, jnp.asarray(images))
+    tokens, scores, lengths, attention = jax.device_get(
+        (result.tokens, result.scores, result.lengths, result.aux))
+    captions = []
+    for row in range(len(images)):
+      length = int(lengths[row, 0])
+      word_attention = einops.rearrange(attention[row, 0, :length], "t (h w) -> t h w",
+                                        h=int(height), w=int(width))
+      captions.append(Caption(
+          text=self.vocab.decode(tokens[row, 0]), score=float(scores[row, 0]),
+          tokens=tokens[row, 0, :length],
+          words=[self.vocab.words[t] for t in tokens[row, 0, :length]],
+          attention=word_attention.astype(np.float32),
+          alternatives=[(self.vocab.decode(tokens[row, k]), float(scores[row, k]))
+                        for k in range(tokens.shape[1])]))
+    return captions
+
+  def caption(self, images_or_paths: Iterable, *, beam_size: int = 3, max_len: int | None = None,
+              length_penalty: float | None = None, batch_size: int = 16
+              ) -> Iterator[Caption | Failure]:
+    """Captions paths or arrays in streamed batches, in order; unreadable files yield `Failure`s.
+
+    Batches are padded to `batch_size` (or to 1 for a single image) so each shape compiles once.
+    """
+    pending: list[tuple[str, np.ndarray]] = []
+    for item in images_or_paths:
+      if isinstance(item, (str, os.PathLike)):
+        try:
+          pending.append((str(item), images_lib.load_image(item, image_size=self.config.image_size)))
+        except errors.ImageError as e:
+          yield Failure(str(item), str(e))
+          continue
+      else:
+        pending.append(("", images_lib.resize_array(np.asarray(item), self.config.image_size)))
+      if len(pending) == batch_size:
+        yield from self._caption_pending(pending, batch_size, beam_size, max_len, length_penalty)
+        pending = []
+    if pending:
+      yield from self._caption_pending(pending, batch_size, beam_size, max_len, length_penalty)
+
+  def _caption_pending(self, pending, batch_size, beam_size, max_len, length_penalty):
+    padded_size = 1 if len(pending) == 1 else batch_size
+    batch = np.zeros((padded_size,) + pending[0][1].shape, np.uint8)
+    batch[:len(pending)] = [image for _, image in pending]
+    for (source, _), result in zip(pending, self.caption_arrays(
+        batch, beam_size=beam_size, max_len=max_len, length_penalty=length_penalty)):
+      result.source = source
+      yield result
+
+
+def find_images(folder: str | os.PathLike) -> list[pathlib.Path]:
+  """Every image file under `folder`, recursively, sorted."""
+  folder = pathlib.Path(folder)
+  if not folder.is_dir():
+    raise errors.ImageError(f"{folder}: not a folder")
+  return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())

@@ -1,0 +1,137 @@
+"""What a training run reads: records, vocabulary, caption tokens, cached features, batches.
+
+`prepare(config, workdir)` gathers it once. Two paths:
+- frozen encoder (default): train and eval images are encoded once into `<workdir>/features/`, and
+  batches are rows of that table plus tokens (numpy only; no TensorFlow is imported);
+- fine-tuning (`config.encoder.trainable_stages` non-empty): batches of decoded images come from the
+  tf.data pipeline, and eval images are encoded with the current encoder parameters.
+"""
+
+import dataclasses
+import functools
+from typing import Any, Iterator
+
+from absl import logging
+import jax
+import numpy as np
+
+from flaxcap import datasets
+from flaxcap import decoding
+from flaxcap import errors
+from flaxcap import feature_cache
+from flaxcap import model as model_lib
+from flaxcap import pretrained
+from flaxcap import vocab as vocab_lib
+
+
+def caption_tokens(records, vocab: vocab_lib.Vocabulary, max_len: int) -> np.ndarray:
+  """Encodes every record's captions: int32 [num_records, max_captions, max_len], all-pad rows for
+  records with fewer captions than the most."""
+  max_captions = max(len(r.captions) for r in records)
+  tokens = np.zeros((len(records), max_captions, max_len), np.int32)
+  for row, record in enumerate(records):
+    for column, caption in enumerate(record.captions):
+      tokens[row, column] = vocab.encode(caption, max_len)
+  return tokens
+
+
+@dataclasses.dataclass
+class TrainData:
+  """Everything the training loop reads; built by `prepare`."""
+  config: Any
+  vocab: vocab_lib.Vocabulary
+  train_records: list
+  eval_records: list
+  train_tokens: np.ndarray  # int32 [num_train, captions, max_len]
+  encoder: Any  # the encoder module
+  encoder_variables: dict  # its pretrained variables
+  feature_table: np.ndarray | None = None  # float16 [num_train, P, C] (frozen encoder)
+  eval_features: np.ndarray | None = None  # float16 [num_eval, P, C] (frozen encoder)
+
+  def steps_per_epoch(self, batch_size: int) -> int:
+    has_caption = self.train_tokens[:, :, 0] != 0
+    per_epoch = (has_caption.sum() if self.config.data.captions_per_epoch == "all"
+                 else has_caption.any(axis=1).sum())
+    return int(per_epoch) // batch_size
+
+  def train_batches(self, *, epoch: int, batch_size: int, num_devices: int,
+                    skip_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """One epoch of batches shaped [num_devices, per_device, ...]; see `feature_cache.caption_batches`."""
+    if self.feature_table is not None:
+      return feature_cache.caption_batches(
+          len(self.feature_table), self.train_tokens, batch_size=batch_size, seed=self.config.seed,
+          epoch=epoch, captions_per_epoch=self.config.data.captions_per_epoch,
+          num_devices=num_devices, process_index=jax.process_index(),
+          process_count=jax.process_count(), skip_batches=skip_batches)
+    from flaxcap import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: fine-tuning only)
+    return input_pipeline.train_batches(
+        self.train_records, self.vocab, self.config, seed=self.config.seed, epoch=epoch,
+        num_devices=num_devices, skip_batches=skip_batches)
+
+  @functools.cached_property
+  def _decoder(self):
+    return model_lib.create_decoder(self.config, len(self.vocab))
+
+  @functools.lru_cache(maxsize=8)
+  def _search_fn(self, beam_size: int, max_len: int, length_penalty: float):
+    return jax.jit(functools.partial(decoding.search, self._decoder, beam_size=beam_size,
+                                     max_len=max_len, length_penalty=length_penalty))
+
+  def caption_eval_split(self, model, params, *, beam_size: int, max_len: int,
+                         length_penalty: float, batch_size: int) -> dict[str, str]:
+    """Captions every eval image: {image_id: caption text} (batches padded to one shape)."""
+    del model
+    if self.eval_features is not None:
+      features = self.eval_features
+    else:
+      encode = jax.jit(lambda images: self.encoder.apply(
+          {"params": params["encoder"], **_stats(self.encoder_variables)}, images))
+      features, valid = feature_cache.encode_records(self.eval_records, encode,
+                                                     image_size=self.config.image_size)
+      features = features[valid]
+    records = self.eval_records
+    if self.config.eval.max_images:
+      records, features = records[:self.config.eval.max_images], features[:self.config.eval.max_images]
+    search_fn = self._search_fn(beam_size, max_len, length_penalty)
+    captions = {}
+    for start in range(0, len(records), batch_size):
+      chunk = np.asarray(features[start:start + batch_size], np.float32)
+      count = len(chunk)
+      if count < batch_size:
+        chunk = np.concatenate([chunk, np.zeros((batch_size - count,) + chunk.shape[1:], chunk.dtype)])
+      result = search_fn(params["decoder"], chunk)
+      best_tokens = np.asarray(result.tokens[:count, 0])
+      for record, tokens in zip(records[start:start + count], best_tokens):
+        captions[record.image_id] = self.vocab.decode(tokens)
+    return captions
+
+
+def _stats(variables):
+  return {"batch_stats": variables["batch_stats"]} if variables.get("batch_stats") else {}
+
+
+def prepare(config, workdir) -> TrainData:
+  """Reads the splits, builds the vocabulary from train captions, encodes or sets up the images."""
+  train_records = datasets.load_records(config.data, config.data.train_split)
+  eval_records = datasets.load_records(config.data, config.data.eval_split)
+  for split, records in ((config.data.train_split, train_records),
+                         (config.data.eval_split, eval_records)):
+    if not records:
+      raise errors.DataError(f"{config.data.root}: the {split!r} split is empty "
+                             f"(layout {config.data.layout!r}); check config.data")
+  vocab = vocab_lib.Vocabulary.build((c for r in train_records for c in r.captions),
+                                     min_count=config.vocab.min_count, max_size=config.vocab.max_size)
+  logging.info("%d train and %d %s images; vocabulary of %d words", len(train_records),
+               len(eval_records), config.data.eval_split, len(vocab))
+  encoder, encoder_variables = pretrained.create_pretrained_encoder(config)
+  data = TrainData(config=config, vocab=vocab, train_records=train_records,
+                   eval_records=eval_records, train_tokens=np.zeros((0, 1, 1), np.int32),
+                   encoder=encoder, encoder_variables=encoder_variables)
+  if not config.encoder.trainable_stages:
+    encode = jax.jit(lambda images: encoder.apply(encoder_variables, images))
+    data.feature_table, data.train_records = feature_cache.cached_features(
+        workdir, config, "train", train_records, encode)
+    data.eval_features, data.eval_records = feature_cache.cached_features(
+        workdir, config, "eval", eval_records, encode)
+  data.train_tokens = caption_tokens(data.train_records, vocab, config.data.max_len)
+  return data

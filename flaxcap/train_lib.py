@@ -1,0 +1,298 @@
+"""Training: `TrainState`, the pmapped train step, the epoch loop, evaluation and checkpoints.
+
+`train_and_evaluate(config, workdir)` is the whole job. With a frozen encoder (the default) every image
+is encoded once (`feature_cache`), the feature table lives on the devices, and a batch is a set of table
+rows plus caption tokens, so an epoch costs only the decoder. With `config.encoder.trainable_stages` set,
+images flow through the encoder every step from the tf.data pipeline.
+
+The batch order is a pure function of (seed, epoch) and dropout keys of (seed, step), so a run restarted
+from its latest checkpoint continues exactly where it stopped.
+"""
+
+import functools
+import math
+import pathlib
+import time
+from typing import Any
+
+from absl import logging
+from flax import jax_utils
+from flax.training import train_state
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+
+from flaxcap import checkpoints
+from flaxcap import errors
+from flaxcap import metrics as metrics_lib
+from flaxcap import model as model_lib
+from flaxcap import train_data
+
+AXIS = "batch"
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any
+  rng: jax.Array
+
+
+def create_learning_rate_fn(config, steps_per_epoch: int, base_learning_rate: float) -> optax.Schedule:
+  """Linear warm-up, then cosine decay to zero at the last step (or constant for plateau decay)."""
+  warmup_steps = config.optimizer.warmup_steps
+  total_steps = max(config.num_epochs * steps_per_epoch, warmup_steps + 1)
+  if config.optimizer.schedule == "cosine":
+    decay = optax.cosine_decay_schedule(base_learning_rate, total_steps - warmup_steps)
+  elif config.optimizer.schedule in ("constant", "plateau"):
+    decay = optax.constant_schedule(base_learning_rate)
+  else:
+    raise errors.ConfigError(f"config.optimizer.schedule={config.optimizer.schedule!r}: "
+                             "use cosine, constant or plateau")
+  if warmup_steps == 0:
+    return decay
+  warmup = optax.linear_schedule(0.0, base_learning_rate, warmup_steps)
+  return optax.join_schedules([warmup, decay], [warmup_steps])
+
+
+def create_optimizer(config, steps_per_epoch: int, param_labels) -> optax.GradientTransformation:
+  """Global-norm clipping, Adam/AdamW per parameter group, and a host-set scale for plateau decay.
+
+  `param_labels` maps every parameter to "decoder", "encoder_trainable" or "frozen"; the trainable
+  encoder stages get `config.encoder.learning_rate`, frozen parameters get no update at all.
+  """
+  def adam(learning_rate):
+    lr_fn = create_learning_rate_fn(config, steps_per_epoch, learning_rate)
+    if config.optimizer.name == "adam":
+      return optax.adam(lr_fn)
+    if config.optimizer.name == "adamw":
+      return optax.adamw(lr_fn, weight_decay=config.optimizer.weight_decay)
+    raise errors.ConfigError(f"config.optimizer.name={config.optimizer.name!r}: use adam or adamw")
+
+  transforms = {"decoder": adam(config.optimizer.learning_rate),
+                "encoder_trainable": adam(config.encoder.learning_rate),
+                "frozen": optax.set_to_zero()}
+  return optax.chain(
+      optax.clip_by_global_norm(config.optimizer.grad_clip_norm),
+      optax.multi_transform(transforms, param_labels),
+      optax.inject_hyperparams(optax.scale)(step_size=1.0))
+
+
+def _plateau_scale(opt_state):
+  return opt_state[-1].hyperparams["step_size"]
+
+
+def train_step(state: TrainState, batch, feature_table, *, model, alpha_c: float,
+               label_smoothing: float):
+  """One optimizer step on this device's share of the global batch (run under `jax.pmap`).
+
+  The loss is normalized by the token and image counts of the whole global batch, so that the
+  `pmean` of the gradients equals the gradient of the single-device loss on the same batch.
+
+  Args:
+    batch: {"tokens": int32 [per_device, max_len]} and either {"image_index": int32 [per_device]},
+      rows of `feature_table`, or {"images": uint8 [per_device, H, W, 3]}.
+    feature_table: cached encoder features [num_images, P, C], or None when images are given.
+  Returns:
+    The new state, and metric sums over the global batch.
+  """
+  rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), lax.axis_index(AXIS))
+  input_tokens, target_tokens = model_lib.split_tokens(batch["tokens"])
+
+  def loss_fn(params):
+    if feature_table is not None:
+      features = feature_table[batch["image_index"]]
+      logits, attention = model.apply(
+          {"params": params}, features, input_tokens, deterministic=False, rngs={"dropout": rng},
+          method=model_lib.Captioner.decode_features)
+      new_model_state = {}
+    else:
+      (logits, attention), new_model_state = model.apply(
+          {"params": params, "batch_stats": state.batch_stats}, batch["images"], input_tokens,
+          train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
+    sums = model_lib.caption_loss_sums(logits, target_tokens, attention,
+                                       label_smoothing=label_smoothing)
+    num_devices = lax.psum(1, AXIS)
+    tokens_per_device = lax.psum(sums["num_tokens"], AXIS) / num_devices
+    images_per_device = lax.psum(sums["num_images"], AXIS) / num_devices
+    loss = (sums["cross_entropy"] / tokens_per_device
+            + alpha_c * sums["attention_penalty"] / images_per_device)
+    return loss, (sums, new_model_state)
+
+  (_, (sums, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  new_state = state.apply_gradients(grads=lax.pmean(grads, AXIS))
+  if new_model_state:
+    new_state = new_state.replace(batch_stats=lax.pmean(new_model_state["batch_stats"], AXIS))
+  return new_state, lax.psum(sums, AXIS)
+
+
+def summarize(sums: dict[str, np.ndarray], alpha_c: float) -> dict[str, float]:
+  """Turns metric sums over one or more steps into means for logging."""
+  tokens = float(np.sum(sums["num_tokens"]))
+  images = float(np.sum(sums["num_images"]))
+  cross_entropy = float(np.sum(sums["cross_entropy"])) / tokens
+  attention = float(np.sum(sums["attention_penalty"])) / images
+  return {"loss": cross_entropy + alpha_c * attention, "cross_entropy": cross_entropy,
+          "attention_penalty": attention, "accuracy": float(np.sum(sums["correct"])) / tokens,
+          "perplexity": math.exp(min(cross_entropy, 50.0))}
+
+
+def create_train_state(config, model, data: train_data.TrainData, steps_per_epoch: int) -> TrainState:
+  """Initializes the decoder (and the pretrained encoder when it is fine-tuned) and the optimizer."""
+  init_rng, state_rng = jax.random.split(jax.random.key(config.seed))
+  input_tokens = jnp.zeros((1, config.data.max_len - 1), jnp.int32)
+  if data.feature_table is not None:
+    features = jnp.zeros((1,) + data.feature_table.shape[1:], jnp.float32)
+    variables = model.init(init_rng, features, input_tokens, method=model_lib.Captioner.decode_features)
+    variables = {"params": variables["params"]}
+  else:
+    images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.uint8)
+    variables = dict(model.init(init_rng, images, input_tokens, train=False))
+    variables = model_lib.with_encoder_variables(variables, data.encoder_variables)
+  labels = model_lib.param_labels(variables["params"], config.encoder.trainable_stages)
+  return TrainState.create(
+      apply_fn=model.apply, params=variables["params"],
+      tx=create_optimizer(config, steps_per_epoch, labels),
+      batch_stats=variables.get("batch_stats", {}), rng=state_rng)
+
+
+def evaluate(config, model, params, data: train_data.TrainData, *, metrics=("BLEU", "CIDEr"),
+             beam_size=None) -> dict[str, float]:
+  """Captions the eval split (greedy by default) and scores it against its references."""
+  beam_size = beam_size or config.eval.beam_size
+  captions = data.caption_eval_split(model, params, beam_size=beam_size, max_len=config.eval.max_len,
+                                     length_penalty=config.eval.length_penalty,
+                                     batch_size=config.eval.batch_size)
+  references = {record.image_id: list(record.captions) for record in data.eval_records}
+  references = {key: references[key] for key in captions}
+  return metrics_lib.score(references, captions, metrics=metrics)
+
+
+class _NaNGuard:
+  """Collects per-step metric sums on device and checks them on the host before any checkpoint."""
+
+  def __init__(self):
+    self.pending = []  # (step, device metrics)
+
+  def add(self, step, sums):
+    self.pending.append((step, sums))
+
+  def flush(self, store) -> list[dict]:
+    """Returns the pending steps' metric sums (host numpy); raises TrainingError on a NaN loss."""
+    fetched = jax.device_get([jax.tree_util.tree_map(lambda x: x[0], s) for _, s in self.pending])
+    for (step, _), sums in zip(self.pending, fetched):
+      if not np.isfinite(np.asarray(sums["cross_entropy"])).all():
+        last = store.latest.latest_step()
+        raise errors.TrainingError(
+            f"the loss became NaN or infinite at step {step}; the last good checkpoint "
+            f"({store.latest.directory}/{last}) is kept intact" if last is not None else
+            f"the loss became NaN or infinite at step {step}; no checkpoint was written")
+    self.pending = []
+    return fetched
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+  """Trains, evaluates each epoch, checkpoints, and resumes from `workdir` when it holds a run."""
+  if config.distributed:
+    jax.distributed.initialize()
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  is_chief = jax.process_index() == 0
+  data = train_data.prepare(config, workdir)
+  model = model_lib.create_model(config, len(data.vocab))
+  num_devices = jax.local_device_count()
+  steps_per_epoch = data.steps_per_epoch(config.batch_size)
+  if steps_per_epoch == 0:
+    raise errors.DataError(f"{config.data.root}: the {config.data.train_split} split has fewer "
+                           f"captions than one batch ({config.batch_size})")
+
+  store = checkpoints.CheckpointStore(workdir, keep=config.checkpoint.keep,
+                                      best_metric=config.eval.best_metric)
+  store.check_vocab(data.vocab)
+  state = create_train_state(config, model, data, steps_per_epoch)
+  state = store.restore_latest(state) or state
+  step = int(state.step)
+  start_epoch, skip_batches = divmod(step, steps_per_epoch)
+
+  p_train_step = jax.pmap(
+      functools.partial(train_step, model=model, alpha_c=config.loss.alpha_c,
+                        label_smoothing=config.loss.label_smoothing),
+      axis_name=AXIS, donate_argnums=(0,))
+  replicated_table = None if data.feature_table is None else jax_utils.replicate(data.feature_table)
+  replicated_state = jax_utils.replicate(state)
+  writer = _summary_writer(workdir) if is_chief else None
+  guard = _NaNGuard()
+  eval_metrics = {}
+  for epoch in range(start_epoch, config.num_epochs):
+    epoch_sums, epoch_start = [], time.time()
+    progress = tqdm.tqdm(total=steps_per_epoch, initial=skip_batches, desc=f"epoch {epoch + 1}",
+                         unit="step", disable=not is_chief, dynamic_ncols=True)
+    window_start, window_steps = time.time(), 0
+    for batch in data.train_batches(epoch=epoch, batch_size=config.batch_size,
+                                    num_devices=num_devices, skip_batches=skip_batches):
+      replicated_state, sums = p_train_step(replicated_state, batch, replicated_table)
+      step += 1
+      window_steps += 1
+      guard.add(step, sums)
+      progress.update(1)
+      if step % config.log_every_steps == 0 or step % config.checkpoint.every_steps == 0:
+        fetched = guard.flush(store)
+        epoch_sums.extend(fetched)
+        logged = summarize(_stack(fetched), config.loss.alpha_c)
+        logged["images_per_second"] = window_steps * config.batch_size / (time.time() - window_start)
+        window_start, window_steps = time.time(), 0
+        progress.set_postfix(loss=f"{logged['loss']:.3f}",
+                             img_s=f"{logged['images_per_second']:.0f}")
+        if writer:
+          for name, value in logged.items():
+            writer.add_scalar(f"train/{name}", value, step)
+      if step % config.checkpoint.every_steps == 0:
+        store.save_latest(step, jax_utils.unreplicate(replicated_state), config, data.vocab)
+    progress.close()
+    skip_batches = 0
+    epoch_sums.extend(guard.flush(store))
+    state = jax_utils.unreplicate(replicated_state)
+    store.save_latest(step, state, config, data.vocab)
+    summary = summarize(_stack(epoch_sums), config.loss.alpha_c) if epoch_sums else {}
+    if (epoch + 1) % config.eval.every_epochs == 0 or epoch + 1 == config.num_epochs:
+      eval_metrics = evaluate(config, model, state.params, data)
+      improved = store.offer_best(step, state, config, data.vocab, eval_metrics)
+      if writer:
+        for name, value in eval_metrics.items():
+          writer.add_scalar(f"eval/{name}", value, step)
+        writer.flush()
+      logging.info("epoch %d step %d: train loss %.4f, %s %s(%.0f s)", epoch + 1, step,
+                   summary.get("loss", float("nan")),
+                   ", ".join(f"{config.data.eval_split} {k} {v:.4f}" for k, v in eval_metrics.items()),
+                   "(best) " if improved else "", time.time() - epoch_start)
+      best_step = store.best.best_step()
+      epochs_since_best = epoch + 1 - (best_step or 0) // steps_per_epoch
+      if config.eval.patience and epochs_since_best >= config.eval.patience:
+        logging.info("No %s improvement for %d epochs: stopping early", config.eval.best_metric,
+                     epochs_since_best)
+        break
+      if (config.optimizer.schedule == "plateau" and epochs_since_best > 0
+          and epochs_since_best % config.optimizer.plateau_patience == 0):
+        scale = _plateau_scale(replicated_state.opt_state)
+        scale *= config.optimizer.plateau_factor
+        logging.info("Plateau: learning rate scale now %.4g", float(scale[0]))
+        replicated_state.opt_state[-1].hyperparams["step_size"] = scale
+  store.close()
+  if writer:
+    writer.close()
+  return eval_metrics
+
+
+def _stack(sums_list):
+  return jax.tree_util.tree_map(lambda *xs: np.stack(xs), *sums_list)
+
+
+def _summary_writer(workdir: pathlib.Path):
+  """TensorBoard event files under `<workdir>/tensorboard` (tensorboardX; optional)."""
+  try:
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    logging.warning("tensorboardX is not installed: no TensorBoard event files are written")
+    return None
+  return tensorboardX.SummaryWriter(str(workdir / "tensorboard"))

@@ -1,0 +1,133 @@
+"""Captions photos: `python infer.py --image PHOTO.jpg`.
+
+  --image PHOTO.jpg [--image MORE.jpg]   caption these files
+  --images DIR                           every image under DIR, recursively
+  --checkpoint DIR                       a training workdir or exported model (default: the shipped one)
+  --json                                 one JSON object per line: image, caption, score
+  --attention_out DIR                    one PNG per image: each word's attention over the photo
+  --dataset DIR --split dev              caption a whole split and print BLEU-1..4, METEOR, ROUGE-L, CIDEr
+
+An unreadable image gets one line on stderr and the others are still captioned; the exit code is 1
+when any image failed.
+"""
+
+import json
+import os
+import pathlib
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+from flaxcap import errors  # noqa: E402
+
+flags.DEFINE_multi_string("image", [], "An image file to caption (repeatable).")
+flags.DEFINE_string("images", None, "A folder of images to caption (recursive).")
+flags.DEFINE_string("checkpoint", None, "Model directory (default: the model shipped in models/).")
+flags.DEFINE_integer("beam_size", 3, "Beam width (1 = greedy).")
+flags.DEFINE_integer("max_len", None, "Longest caption in words (default: the model's config).")
+flags.DEFINE_float("length_penalty", None, "GNMT length penalty alpha (default: the model's config).")
+flags.DEFINE_integer("batch_size", 16, "Images per compiled batch.")
+flags.DEFINE_bool("json", False, "Print one JSON object per line instead of 'path: caption'.")
+flags.DEFINE_string("attention_out", None, "Write one attention overlay PNG per image here.")
+flags.DEFINE_string("dataset", None, "Caption a dataset split and score it (a data root).")
+flags.DEFINE_string("layout", None, "Layout of --dataset (default: the model's config.data.layout).")
+flags.DEFINE_string("split", "dev", "Split of --dataset to caption.")
+FLAGS = flags.FLAGS
+
+
+def _report_error(message: str) -> None:
+  print(f"infer.py: error: {message}", file=sys.stderr)
+
+
+def _write_overlay(result, out_dir: pathlib.Path, used_names: set) -> None:
+  from flaxcap import images as images_lib  # pylint: disable=g-import-not-at-top
+  from flaxcap import visualize  # pylint: disable=g-import-not-at-top
+  stem = pathlib.Path(result.source).stem or "image"
+  name, counter = stem, 1
+  while name in used_names:
+    counter += 1
+    name = f"{stem}_{counter}"
+  used_names.add(name)
+  image = images_lib.load_image(result.source)
+  visualize.save_attention_overlay(image, result.words, result.attention, out_dir / f"{name}.png",
+                                   title=result.text)
+
+
+def caption_files(captioner, paths) -> int:
+  """Prints a caption per path; returns the number of failures."""
+  failures = 0
+  out_dir = pathlib.Path(FLAGS.attention_out) if FLAGS.attention_out else None
+  if out_dir:
+    out_dir.mkdir(parents=True, exist_ok=True)
+  used_names = set()
+  from flaxcap import inference  # pylint: disable=g-import-not-at-top
+  for result in captioner.caption(paths, beam_size=FLAGS.beam_size, max_len=FLAGS.max_len,
+                                  length_penalty=FLAGS.length_penalty, batch_size=FLAGS.batch_size):
+    if isinstance(result, inference.Failure):
+      failures += 1
+      _report_error(result.message)
+      continue
+    if FLAGS.json:
+      print(json.dumps({"image": result.source, "caption": result.text,
+                        "score": round(result.score, 4)}), flush=True)
+    else:
+      print(f"{result.source}: {result.text}", flush=True)
+    if out_dir:
+      _write_overlay(result, out_dir, used_names)
+  return failures
+
+
+def score_dataset(captioner) -> None:
+  from flaxcap import datasets  # pylint: disable=g-import-not-at-top
+  from flaxcap import metrics  # pylint: disable=g-import-not-at-top
+  from flaxcap import inference  # pylint: disable=g-import-not-at-top
+  data_config = captioner.config.data.copy_and_resolve_references()
+  data_config.root = FLAGS.dataset
+  data_config.images_dir = data_config.captions_file = data_config.karpathy_json = ""
+  if FLAGS.layout:
+    data_config.layout = FLAGS.layout
+  records = datasets.load_records(data_config, FLAGS.split)
+  if not records:
+    raise errors.DataError(f"{FLAGS.dataset}: the {FLAGS.split!r} split is empty")
+  candidates = {}
+  for record, result in zip(records, captioner.caption(
+      [r.image_path for r in records], beam_size=FLAGS.beam_size, max_len=FLAGS.max_len,
+      length_penalty=FLAGS.length_penalty, batch_size=FLAGS.batch_size)):
+    if isinstance(result, inference.Failure):
+      _report_error(result.message)
+    else:
+      candidates[record.image_id] = result.text
+  references = {r.image_id: list(r.captions) for r in records if r.image_id in candidates}
+  scores = metrics.score(references, candidates)
+  print(f"{FLAGS.split}: {len(candidates)} images, beam {FLAGS.beam_size}")
+  for name, value in scores.items():
+    print(f"  {name:8s} {value:.4f}")
+
+
+def main(argv):
+  from flaxcap import inference  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not (FLAGS.image or FLAGS.images or FLAGS.dataset):
+    raise app.UsageError("give --image PHOTO.jpg, --images DIR or --dataset DIR")
+  try:
+    captioner = inference.Captioner.load(FLAGS.checkpoint)
+    if FLAGS.dataset:
+      score_dataset(captioner)
+      return
+    paths = list(FLAGS.image)
+    if FLAGS.images:
+      paths += [str(p) for p in inference.find_images(FLAGS.images)]
+    failures = caption_files(captioner, paths)
+  except errors.FlaxcapError as e:
+    _report_error(str(e))
+    sys.exit(2)
+  sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+  app.run(main)
