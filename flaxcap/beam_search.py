@@ -30,7 +30,7 @@ in the state: the step function closes over it at [batch, ...] and views the tok
       init_carry = decoder.apply(params, encoded, None, method=Decoder.initial_carry)  # [batch, H]
       return beam_search(step_fn, init_carry, beam_size=beam_size, max_len=20,
                          bos_id=vocab.BOS, eos_id=vocab.EOS, length_penalty=0.6)
-      # -> tokens [batch, beam, 20], scores [batch, beam], lengths, aux = attention [batch, beam, 20, P]
+      # -> tokens [batch, beam, 20], scores, lengths [batch, beam], aux [batch, beam, 20, P]
 
 Beam search (the algorithm of the Flax WMT example, with fixed shapes and a `lax.scan`):
   * Each step expands the K live hypotheses of an image into K * vocab candidates and keeps the
@@ -48,12 +48,17 @@ Beam search (the algorithm of the Flax WMT example, with fixed shapes and a `lax
     tokens 0 and aux 0.
 
 Ancestry: the scan carries only [batch, beam] vectors (scores, and for finished hypotheses the
-end step and the slot they came from) plus the model state, which is gathered once per step with a
-single `take` along the flat batch*beam axis. Each step emits the chosen token and parent slot of
-every live beam and the step's aux; after the scan a reverse scan follows the parent pointers of
-the K returned hypotheses and gathers their tokens and aux. This costs O(max_len * batch * beam *
-aux) once, whereas carrying [batch, beam, max_len, ...] token and aux histories and re-gathering
-them every step costs O(max_len**2 * batch * beam * aux) memory traffic.
+end step and the slot fed into that step) plus the model state, which is gathered once per step
+with a single `take` along the flat batch*beam axis. Each step emits the chosen token and parent
+slot of every live beam and the step's aux. After the scan, the parent pointers of the K returned
+hypotheses are followed backwards on [batch, beam] indices, and their tokens and aux are gathered
+once, straight into the [batch, beam, max_len, ...] layout. That reads O(max_len * batch * beam *
+aux) once; carrying token and aux histories in the scan and re-gathering them every step (as the
+Flax example does for tokens) would move O(max_len**2 * batch * beam * aux).
+
+All K beams of an image start from the same state, so beams 1..K-1 start at score -inf and the
+first step only expands beam 0. The scan always runs `max_len` steps (no early exit): on a GPU a
+data-dependent stop costs a host round trip per step, and captions are short.
 """
 
 from typing import Any, Callable, NamedTuple
@@ -212,30 +217,36 @@ def _back_trace(history, slots, end_steps, valid, *, eos_id):
   Returns:
     tokens int32 [batch, K, T] and aux leaves [batch, K, T, ...].
   """
-  batch, k = slots.shape
-  max_len = history[0].shape[0]
-  flat_offsets = (jnp.arange(batch, dtype=jnp.int32) * k)[:, None]
+  step_tokens, step_parents, step_aux = history
+  max_len, batch, k = step_tokens.shape
 
-  def trace_step(cursor, step_history):
-    step, step_tokens, step_parents, step_aux = step_history
-    inside = end_steps > step  # the token at `step` comes from the live history
-    at_end = end_steps == step  # the token at `step` is the hypothesis' <eos>
-    token = jnp.where(inside, jnp.take_along_axis(step_tokens, cursor, axis=1),
-                      jnp.where(at_end, eos_id, 0))
-    fed_slot = jnp.where(inside, jnp.take_along_axis(step_parents, cursor, axis=1), cursor)
-    keep = (inside | at_end) & valid
-    rows = (flat_offsets + fed_slot).reshape(-1)
-
-    def gather_aux(a):
-      picked = a.reshape(batch * k, *a.shape[2:]).at[rows].get(mode="promise_in_bounds")
-      picked = picked.reshape(a.shape)
-      return jnp.where(keep.reshape(batch, k, *([1] * (a.ndim - 2))), picked, 0).astype(a.dtype)
-
-    return fed_slot, (jnp.where(keep, token, 0), jax.tree.map(gather_aux, step_aux))
+  # Walk the parent pointers backwards on [batch, K] indices only (tiny; unrolled, max_len static).
+  def trace_step(cursor, step_and_parents):
+    step, parents = step_and_parents
+    fed_slot = jnp.where(end_steps > step, jnp.take_along_axis(parents, cursor, axis=1), cursor)
+    return fed_slot, (cursor, fed_slot)
 
   steps = jnp.arange(max_len, dtype=jnp.int32)
-  _, (tokens, aux) = lax.scan(trace_step, slots, (steps,) + tuple(history), reverse=True)
-  return jnp.moveaxis(tokens, 0, 2), jax.tree.map(lambda a: jnp.moveaxis(a, 0, 2), aux)
+  _, (live_slots, fed_slots) = lax.scan(trace_step, slots, (steps, step_parents), reverse=True,
+                                        unroll=True)  # [T, batch, K]: slot after / fed into step t
+
+  # Then gather every token and aux once, straight into the [batch, K, T, ...] layout.
+  steps = steps[:, None, None]
+  inside = end_steps > steps  # position t holds a token from the live history
+  at_end = end_steps == steps  # position t holds the hypothesis' <eos>
+  keep = jnp.moveaxis((inside | at_end) & valid, 0, 2)  # [batch, K, T]
+  tokens = jnp.where(inside, jnp.take_along_axis(step_tokens, live_slots, axis=2),
+                     jnp.where(at_end, eos_id, 0))
+  tokens = jnp.where(keep, jnp.moveaxis(tokens, 0, 2), 0)
+  # Row of step_aux flattened to [T * batch * K, ...] for each (b, k, t).
+  rows = (steps * batch + jnp.arange(batch, dtype=jnp.int32)[:, None]) * k + fed_slots
+  rows = jnp.moveaxis(rows, 0, 2)
+
+  def gather_aux(a):
+    picked = a.reshape(max_len * batch * k, *a.shape[3:]).at[rows].get(mode="promise_in_bounds")
+    return jnp.where(keep.reshape(*keep.shape, *([1] * (a.ndim - 3))), picked, 0).astype(a.dtype)
+
+  return tokens, jax.tree.map(gather_aux, step_aux)
 
 
 def _decode_one_per_row(step_fn, init_state, choose, *, copies, max_len, bos_id, eos_id,

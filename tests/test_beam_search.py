@@ -1,11 +1,10 @@
 """Tests for flaxcap.beam_search against plain-Python references on random Markov "models".
 
-The model: for each batch row, a fixed random table of next-token log-probabilities conditioned on the
-position and the previous token, log_probs[row, position, previous, next] (the position keeps two
-captions that use the same transitions in another order from tying). Its state also carries a running hash of every token
-fed so far, h_t = 0.5 h_{t-1} + embed[fed_t], returned as aux, so a wrong beam ancestry (in the state
-gather or in the aux back-trace) shows up as a wrong aux.
-"""
+The model: for each batch row, a fixed random table of next-token log-probabilities conditioned on
+the position and the previous token, log_probs[row, position, previous, next] (the position keeps
+two captions that use the same transitions in another order from tying). Its state also carries a
+running hash of every token fed so far, h_t = 0.5 h_{t-1} + embed[fed_t], returned as aux, so a
+wrong beam ancestry (in the state gather or in the aux back-trace) shows up as a wrong aux."""
 
 import functools
 import math
