@@ -52,6 +52,7 @@ def get_config():
   config.decoder.gate = True  # sigmoid gate beta(h) on the context vector
   config.decoder.prev2out = True  # deep output: add the word embedding
   config.decoder.ctx2out = True  # deep output: add the context vector
+  config.decoder.attention_activation = "tanh"  # tanh (the paper) | relu, inside the additive attention
   config.decoder.dtype = "float32"  # float32 | bfloat16 compute
 
   config.loss = ml_collections.ConfigDict()

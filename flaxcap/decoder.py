@@ -1,0 +1,265 @@
+"""The attention LSTM decoder of "Show, Attend and Tell" (Xu et al., 2015), soft attention.
+
+One decoding step, from the previous state `(c, h)` and the previous word `y`:
+
+    e_p     = w_a . act(W_f f_p + W_ha h)        additive attention over the P grid locations
+    alpha   = softmax_p(e)                        [batch, P], float32
+    z       = beta(h) * sum_p alpha_p f_p         beta(h) = sigmoid(w_b . h + b): the gate (optional)
+    (c, h)  = LSTM([E y; z], (c, h))
+    logits  = W_o dropout(tanh(L_h dropout(h) + L_z z + E y))   the deep output (L_z: ctx2out, E y: prev2out)
+
+The initial state is `c0, h0 = tanh(W_c mean_p f_p), tanh(W_h mean_p f_p)`.
+
+How the work is laid out, so that a train step is a few large matmuls plus a lean recurrence:
+  * `encode` projects the features into the attention space once per image; `step` and `__call__` take the
+    result and never project the features again.
+  * In `__call__` everything that does not depend on the recurrent state is hoisted out of the scan: the
+    embedding lookup and the embedding's share of the LSTM gates for all T steps (one matmul), and the whole
+    deep output with the vocabulary projection (one matmul over [batch * T]).  The scan body holds one
+    fused matmul of h (LSTM gates | attention query | gate logit), the attention, and one matmul of the
+    context into the LSTM gates.
+  * `step` takes K beams per image as an extra axis and attends every beam against the image's single copy
+    of the encoded features (an einsum with a beam axis), so beam search never tiles the feature grid.
+
+Parameters are float32; `dtype` sets the compute dtype (e.g. bfloat16).  Attention logits, the softmax, the
+LSTM cell state and the vocabulary logits are kept in float32.
+"""
+
+import functools
+from typing import Any, NamedTuple
+
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+_ATTENTION_ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu}
+
+
+class Encoded(NamedTuple):
+  """The per-image part of the decoder's work, computed once by `Decoder.encode`.
+
+  Attributes:
+    features: the feature grid, flattened and cast to the compute dtype, [batch, P, C].
+    projected_features: the features in the attention space, W_f f + b, [batch, P, A].
+  """
+  features: Array
+  projected_features: Array
+
+
+class LSTMCarry(NamedTuple):
+  """The recurrent state, float32: each [batch, H], or [batch, beam, H] when decoding K beams."""
+  c: Array
+  h: Array
+
+
+def flatten_features(features: Array) -> Array:
+  """[batch, h, w, C] (or already [batch, P, C]) -> [batch, P = h * w, C]."""
+  if features.ndim == 4:
+    return einops.rearrange(features, "b h w c -> b (h w) c")
+  if features.ndim != 3:
+    raise ValueError(f"features must be [batch, h, w, C] or [batch, P, C], got shape {features.shape}")
+  return features
+
+
+def _lstm_bias_init(key, shape, dtype=jnp.float32):
+  """Zero biases for the gates (i, f, g, o) except 1 for the forget gate."""
+  del key
+  hidden_dim = shape[0] // 4
+  return jnp.zeros(shape, dtype).at[hidden_dim:2 * hidden_dim].set(1.0)
+
+
+class Decoder(nn.Module):
+  """Soft-attention LSTM decoder.
+
+  Attributes:
+    vocab_size: V, the number of token ids.
+    embed_dim: E, the word embedding size; also the size of the deep output layer.
+    hidden_dim: H, the LSTM size.
+    attention_dim: A, the size of the additive attention's hidden layer.
+    dropout_rate: dropout on h before the deep output and on the deep output before the vocabulary layer.
+    gate: multiply the context by a sigmoid gate beta(h_{t-1}) (a scalar per image and step).
+    prev2out: add the previous word's embedding E y_{t-1} to the deep output.
+    ctx2out: add the projected context L_z z_t to the deep output.
+    attention_activation: "tanh" (the paper) or "relu", applied inside the additive attention.
+    dtype: compute dtype; parameters stay float32.
+    unroll: how many time steps the teacher-forced scan unrolls per iteration.
+  """
+  vocab_size: int
+  embed_dim: int = 512
+  hidden_dim: int = 512
+  attention_dim: int = 512
+  dropout_rate: float = 0.5
+  gate: bool = True
+  prev2out: bool = True
+  ctx2out: bool = True
+  attention_activation: str = "tanh"
+  dtype: Any = jnp.float32
+  unroll: int = 1
+
+  def setup(self):
+    if self.attention_activation not in _ATTENTION_ACTIVATIONS:
+      raise ValueError(f"attention_activation must be one of {sorted(_ATTENTION_ACTIVATIONS)}, "
+                       f"got {self.attention_activation!r}")
+    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32)
+    # float32 results from low-precision inputs, where the result feeds a softmax.
+    f32_dot = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
+    hid, att = self.hidden_dim, self.attention_dim
+    self.embedding = nn.Embed(self.vocab_size, self.embed_dim, dtype=self.dtype, param_dtype=jnp.float32)
+    self.feature_proj = dense(att, name="feature_proj")  # W_f: C -> A
+    self.init_state = dense(2 * hid, name="init_state")  # mean feature -> [c0 | h0]
+    self.input_gates = dense(4 * hid, bias_init=_lstm_bias_init, name="input_gates")  # E y -> gates
+    # h_{t-1} -> [LSTM gates (4H) | attention query (A) | gate logit (1)], one matmul per step.
+    self.hidden_proj = dense(4 * hid + att + int(self.gate), use_bias=False, name="hidden_proj")
+    if self.gate:
+      self.gate_bias = self.param("gate_bias", nn.initializers.zeros_init(), (1,), jnp.float32)
+    self.context_gates = dense(4 * hid, use_bias=False, name="context_gates")  # z -> gates
+    self.attention_score = dense(1, use_bias=False, dot_general=f32_dot, name="attention_score")  # w_a
+    self.hidden_out = dense(self.embed_dim, name="hidden_out")  # L_h
+    if self.ctx2out:
+      self.context_out = dense(self.embed_dim, use_bias=False, name="context_out")  # L_z
+    self.logits_out = dense(self.vocab_size, dot_general=f32_dot, name="logits_out")  # W_o
+    self.dropout = nn.Dropout(self.dropout_rate)
+
+  # -- per image ---------------------------------------------------------------------------------------
+
+  def encode(self, features: Array) -> Encoded:
+    """Projects the feature grid into the attention space, once per image.
+
+    Args:
+      features: [batch, P, C] or [batch, h, w, C].
+
+    Returns:
+      `Encoded(features [batch, P, C], projected_features [batch, P, A])`, in the compute dtype.
+    """
+    features = flatten_features(jnp.asarray(features)).astype(self.dtype)
+    return Encoded(features=features, projected_features=self.feature_proj(features))
+
+  def initial_carry(self, encoded: Encoded, beam: int | None = None) -> LSTMCarry:
+    """The initial LSTM state from the mean feature.
+
+    Args:
+      encoded: from `encode`.
+      beam: None for one sequence per image; K to repeat the state for K beams.
+
+    Returns:
+      `LSTMCarry(c, h)`, float32, each [batch, H] (beam None) or [batch, K, H].
+    """
+    mean_feature = jnp.mean(encoded.features.astype(jnp.float32), axis=1)  # [batch, C]
+    state = jnp.tanh(self.init_state(mean_feature.astype(self.dtype)).astype(jnp.float32))
+    c, h = jnp.split(state, 2, axis=-1)
+    if beam is not None:
+      c, h = (jnp.broadcast_to(x[:, None, :], (x.shape[0], beam, x.shape[1])) for x in (c, h))
+    return LSTMCarry(c=c, h=h)
+
+  # -- the recurrence ----------------------------------------------------------------------------------
+
+  def _attend(self, encoded: Encoded, query: Array) -> tuple[Array, Array]:
+    """Additive attention of each beam's query against its image's grid (the grid is not copied).
+
+    Args:
+      encoded: features [batch, P, C], projected_features [batch, P, A].
+      query: the projected hidden state W_ha h, [batch, K, A].
+
+    Returns:
+      context [batch, K, C] (compute dtype), attention weights [batch, K, P] (float32).
+    """
+    activation = _ATTENTION_ACTIVATIONS[self.attention_activation]
+    hidden = activation(encoded.projected_features[:, None, :, :] + query[:, :, None, :])  # [b, K, P, A]
+    scores = self.attention_score(hidden)[..., 0]  # [batch, K, P], float32
+    attention = jax.nn.softmax(scores, axis=-1)
+    context = jnp.einsum("bkp,bpc->bkc", attention.astype(self.dtype), encoded.features)
+    return context, attention
+
+  def _recur(self, encoded: Encoded, carry: LSTMCarry, word_gates: Array):
+    """One recurrent step on beam-shaped arrays.
+
+    Args:
+      encoded: from `encode`.
+      carry: c, h each [batch, K, H], float32.
+      word_gates: the embedding's share of the LSTM gates, bias included, [batch, K, 4H].
+
+    Returns:
+      (new carry, (h [batch, K, H], gated context z [batch, K, C], attention [batch, K, P])).
+    """
+    hid, att = self.hidden_dim, self.attention_dim
+    projected_h = self.hidden_proj(carry.h.astype(self.dtype))  # [batch, K, 4H + A (+ 1)]
+    hidden_gates = projected_h[..., :4 * hid]
+    query = projected_h[..., 4 * hid:4 * hid + att]
+    context, attention = self._attend(encoded, query)
+    if self.gate:
+      beta = jax.nn.sigmoid(projected_h[..., 4 * hid + att:].astype(jnp.float32) + self.gate_bias)
+      context = (beta * context.astype(jnp.float32)).astype(self.dtype)
+    gates = (word_gates.astype(jnp.float32) + hidden_gates.astype(jnp.float32) +
+             self.context_gates(context).astype(jnp.float32))
+    in_gate, forget_gate, cell_input, out_gate = jnp.split(gates, 4, axis=-1)
+    c = jax.nn.sigmoid(forget_gate) * carry.c + jax.nn.sigmoid(in_gate) * jnp.tanh(cell_input)
+    h = jax.nn.sigmoid(out_gate) * jnp.tanh(c)
+    return LSTMCarry(c=c, h=h), (h, context, attention)
+
+  def _deep_output(self, h: Array, context: Array, embedded: Array, deterministic: bool) -> Array:
+    """logits = W_o dropout(tanh(L_h dropout(h) [+ L_z z] [+ E y])), float32, [..., V]."""
+    out = self.hidden_out(self.dropout(h.astype(self.dtype), deterministic=deterministic))
+    if self.ctx2out:
+      out = out + self.context_out(context)
+    if self.prev2out:
+      out = out + embedded
+    out = self.dropout(jnp.tanh(out), deterministic=deterministic)
+    return self.logits_out(out)
+
+  def step(self, encoded: Encoded, carry: LSTMCarry, tokens: Array,
+           deterministic: bool = True) -> tuple[Array, LSTMCarry, Array]:
+    """One decoding step for one or K sequences per image.
+
+    Args:
+      encoded: from `encode`, [batch, P, ...] (not repeated per beam).
+      carry: from `initial_carry` or the previous step: each [batch, H], or [batch, K, H] for K beams.
+      tokens: the previous token ids, [batch] or [batch, K].
+      deterministic: disables dropout.
+
+    Returns:
+      (logits [batch, (K,) V] float32, new carry, attention [batch, (K,) P] float32).
+    """
+    tokens = jnp.asarray(tokens)
+    single = tokens.ndim == 1
+    if single:
+      tokens = tokens[:, None]
+      carry = LSTMCarry(*(x[:, None, :] for x in carry))
+    embedded = self.embedding(tokens)  # [batch, K, E]
+    carry, (h, context, attention) = self._recur(encoded, carry, self.input_gates(embedded))
+    logits = self._deep_output(h, context, embedded, deterministic)
+    if single:
+      logits, attention = logits[:, 0], attention[:, 0]
+      carry = LSTMCarry(*(x[:, 0] for x in carry))
+    return logits, carry, attention
+
+  # -- teacher forcing ---------------------------------------------------------------------------------
+
+  def __call__(self, features: Array, input_tokens: Array, *,
+               deterministic: bool) -> tuple[Array, Array]:
+    """Teacher-forced decoding of whole captions with `nn.scan` over time.
+
+    Args:
+      features: [batch, P, C] or [batch, h, w, C].
+      input_tokens: [batch, T], <bos> w1 ... (the caption shifted right).
+      deterministic: disables dropout (pass False for training, with a "dropout" rng).
+
+    Returns:
+      logits [batch, T, V] float32 and attention weights [batch, T, P] float32.
+    """
+    encoded = self.encode(features)
+    carry = self.initial_carry(encoded, beam=1)
+    embedded = self.embedding(input_tokens)  # [batch, T, E]
+    word_gates = self.input_gates(embedded)  # [batch, T, 4H]: one matmul for all steps
+
+    def body(module, carry, encoded, word_gates_t):  # word_gates_t: [batch, 4H]
+      carry, (h, context, attention) = module._recur(encoded, carry, word_gates_t[:, None, :])
+      return carry, (h[:, 0], context[:, 0], attention[:, 0])
+
+    scan = nn.scan(body, variable_broadcast="params", split_rngs={"params": False},
+                   in_axes=(nn.broadcast, 1), out_axes=1, unroll=self.unroll)
+    _, (hidden, context, attention) = scan(self, carry, encoded, word_gates)
+    logits = self._deep_output(hidden, context, embedded, deterministic)  # [batch, T, V]
+    return logits, attention

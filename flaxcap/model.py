@@ -1,0 +1,198 @@
+"""The captioning model (encoder + attention decoder) and its loss.
+
+`Captioner` runs images through a CNN encoder to a feature grid and the `Decoder` over it.  Training with a
+frozen encoder can skip the encoder and feed cached features to `decode_features`.  The loss is the
+"Show, Attend and Tell" objective: masked token cross-entropy plus the doubly stochastic attention term
+alpha_c * mean_{image, location} (1 - sum_t alpha_t)^2.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from flaxcap import decoder as decoder_lib
+from flaxcap import errors
+
+Array = jax.Array
+
+PAD_ID = 0  # the padding token id, `flaxcap.vocab.PAD`; padded target positions are masked out
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class Captioner(nn.Module):
+  """Encoder + soft-attention decoder.
+
+  Attributes:
+    encoder: a linen module, `encoder(images, train=...) -> features [batch, h, w, C]`.
+    decoder: the `Decoder`.
+    encoder_trainable: False (a frozen encoder) stops gradients at the features and runs the encoder in
+      inference mode even while training; True runs it with `train=train`.
+  """
+  encoder: nn.Module
+  decoder: decoder_lib.Decoder
+  encoder_trainable: bool = False
+
+  def encode_images(self, images: Array, *, train: bool = False) -> Array:
+    """images [batch, H, W, 3] -> feature grid [batch, h, w, C]."""
+    features = self.encoder(images, train=train and self.encoder_trainable)
+    if not self.encoder_trainable:
+      features = jax.lax.stop_gradient(features)
+    return features
+
+  def __call__(self, images: Array, input_tokens: Array, *, train: bool) -> tuple[Array, Array]:
+    """Teacher-forced captioning from images.
+
+    Args:
+      images: [batch, H, W, 3], as the encoder takes them.
+      input_tokens: [batch, T], <bos> w1 ... (see `teacher_forcing_tokens`).
+      train: enables dropout (needs a "dropout" rng) and, for a trainable encoder, its training mode.
+
+    Returns:
+      logits [batch, T, V] float32 and attention [batch, T, P] float32.
+    """
+    features = self.encode_images(images, train=train)
+    return self.decoder(features, input_tokens, deterministic=not train)
+
+  def decode_features(self, features: Array, input_tokens: Array, *,
+                      deterministic: bool) -> tuple[Array, Array]:
+    """Teacher-forced captioning from precomputed (cached) features [batch, P, C] or [batch, h, w, C].
+
+    Returns logits [batch, T, V] and attention [batch, T, P]; uses only the decoder's parameters.
+    """
+    return self.decoder(features, input_tokens, deterministic=deterministic)
+
+  # Decoding entry points for `apply(..., method=...)`: images -> Encoded, then the decoder's step.
+
+  def encode(self, images: Array) -> decoder_lib.Encoded:
+    """images [batch, H, W, 3] -> `Encoded` (features [batch, P, C], projected [batch, P, A])."""
+    return self.decoder.encode(self.encode_images(images, train=False))
+
+  def encode_features(self, features: Array) -> decoder_lib.Encoded:
+    """Cached features [batch, P, C] or [batch, h, w, C] -> `Encoded`."""
+    return self.decoder.encode(features)
+
+  def initial_carry(self, encoded: decoder_lib.Encoded, beam: int | None = None):
+    """See `Decoder.initial_carry`."""
+    return self.decoder.initial_carry(encoded, beam)
+
+  def step(self, encoded: decoder_lib.Encoded, carry, tokens: Array, deterministic: bool = True):
+    """See `Decoder.step`: (logits [batch, (K,) V], new carry, attention [batch, (K,) P])."""
+    return self.decoder.step(encoded, carry, tokens, deterministic=deterministic)
+
+
+def _dtype(config, field: str):
+  value = config
+  for part in field.split("."):
+    value = value[part]
+  if value not in _DTYPES:
+    raise errors.ConfigError(f"config.{field} = {value!r}: use one of {sorted(_DTYPES)}")
+  return _DTYPES[value]
+
+
+def create_decoder(config, vocab_size: int) -> decoder_lib.Decoder:
+  """The `Decoder` from `config.decoder` (`config.half_precision` forces bfloat16 compute)."""
+  if vocab_size < 4:
+    raise errors.ConfigError(f"vocab_size = {vocab_size}: a vocabulary holds at least the 4 special tokens")
+  dec = config.decoder
+  for field in ("embed_dim", "hidden_dim", "attention_dim"):
+    if int(dec[field]) <= 0:
+      raise errors.ConfigError(f"config.decoder.{field} = {dec[field]!r}: must be a positive integer")
+  if not 0.0 <= float(dec.dropout_rate) < 1.0:
+    raise errors.ConfigError(f"config.decoder.dropout_rate = {dec.dropout_rate!r}: must be in [0, 1)")
+  activation = dec.get("attention_activation", "tanh")
+  if activation not in ("tanh", "relu"):
+    raise errors.ConfigError(f"config.decoder.attention_activation = {activation!r}: use tanh or relu")
+  dtype = jnp.bfloat16 if config.get("half_precision", False) else _dtype(config, "decoder.dtype")
+  return decoder_lib.Decoder(
+      vocab_size=int(vocab_size), embed_dim=int(dec.embed_dim), hidden_dim=int(dec.hidden_dim),
+      attention_dim=int(dec.attention_dim), dropout_rate=float(dec.dropout_rate), gate=bool(dec.gate),
+      prev2out=bool(dec.prev2out), ctx2out=bool(dec.ctx2out), attention_activation=activation,
+      dtype=dtype)
+
+
+def create_model(config, vocab_size: int, encoder: nn.Module | None = None) -> Captioner:
+  """Builds the `Captioner` from a config.
+
+  Args:
+    config: the `ml_collections.ConfigDict` of `configs/default.py` (reads encoder.*, decoder.*,
+      half_precision).
+    vocab_size: V.
+    encoder: an encoder module to use instead of `encoders.create_encoder(config.encoder.name, ...)`.
+
+  Raises:
+    ConfigError: a decoder field or dtype holds a value that cannot be used.
+  """
+  if encoder is None:
+    from flaxcap import encoders  # pylint: disable=g-import-not-at-top  (built in parallel; heavy)
+    dtype = jnp.bfloat16 if config.get("half_precision", False) else _dtype(config, "encoder.dtype")
+    encoder = encoders.create_encoder(config.encoder.name, feature_stage=config.encoder.feature_stage,
+                                      dtype=dtype)
+  return Captioner(encoder=encoder, decoder=create_decoder(config, vocab_size),
+                   encoder_trainable=bool(tuple(config.encoder.trainable_stages)))
+
+
+def teacher_forcing_tokens(tokens: Array) -> tuple[Array, Array]:
+  """Splits padded captions into decoder inputs and targets.
+
+  Args:
+    tokens: [batch, max_len] int, <bos> w1 .. wn <eos> <pad> ...
+
+  Returns:
+    input_tokens tokens[:, :-1] and target_tokens tokens[:, 1:], each [batch, max_len - 1].
+  """
+  return tokens[:, :-1], tokens[:, 1:]
+
+
+def caption_loss(logits: Array, target_tokens: Array, attention: Array, *, alpha_c: float,
+                 label_smoothing: float = 0.0) -> tuple[Array, dict[str, Array]]:
+  """Masked token cross-entropy plus the doubly stochastic attention term.
+
+      loss = sum_{b,t} m_bt CE_bt / sum m  +  alpha_c * mean_{b, p} (1 - sum_t m_bt alpha_btp)^2
+
+  where m_bt = (target_bt != PAD_ID).  The attention mean runs over the images with at least one real
+  token (all-padding rows, e.g. filler in a last batch, count for nothing) and over the P locations.
+
+  Args:
+    logits: [batch, T, V].
+    target_tokens: [batch, T] int, PAD_ID where there is nothing to predict.
+    attention: [batch, T, P], the attention weights of each step.
+    alpha_c: weight of the attention term (0 turns it off).
+    label_smoothing: eps of label smoothing: targets (1 - eps) one-hot + eps / V.
+
+  Returns:
+    (loss scalar, metrics) with metrics float32 scalars: "loss"; "cross_entropy", the mean token negative
+    log-likelihood without smoothing; "attention_reg", the mean (1 - sum_t alpha)^2 before alpha_c;
+    "accuracy", the share of real tokens whose argmax is right; "num_tokens", the count of real tokens.
+  """
+  logits = logits.astype(jnp.float32)
+  attention = attention.astype(jnp.float32)
+  mask = (target_tokens != PAD_ID).astype(jnp.float32)  # [batch, T]
+  num_tokens = jnp.sum(mask)
+  token_denominator = jnp.maximum(num_tokens, 1.0)
+
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, target_tokens)  # [batch, T]
+  cross_entropy = jnp.sum(nll * mask) / token_denominator
+  if label_smoothing:
+    labels = optax.smooth_labels(jax.nn.one_hot(target_tokens, logits.shape[-1]), label_smoothing)
+    smoothed = optax.softmax_cross_entropy(logits, labels)
+    token_loss = jnp.sum(smoothed * mask) / token_denominator
+  else:
+    token_loss = cross_entropy
+
+  attention_total = jnp.einsum("btp,bt->bp", attention, mask)  # [batch, P]
+  image_mask = (jnp.sum(mask, axis=1) > 0).astype(jnp.float32)  # [batch]
+  num_cells = jnp.maximum(jnp.sum(image_mask), 1.0) * attention.shape[-1]
+  attention_reg = jnp.sum(image_mask[:, None] * jnp.square(1.0 - attention_total)) / num_cells
+
+  loss = token_loss + alpha_c * attention_reg
+  correct = (jnp.argmax(logits, axis=-1) == target_tokens).astype(jnp.float32)
+  metrics = {
+      "loss": loss,
+      "cross_entropy": cross_entropy,
+      "attention_reg": attention_reg,
+      "accuracy": jnp.sum(correct * mask) / token_denominator,
+      "num_tokens": num_tokens,
+  }
+  return loss, metrics

@@ -1,0 +1,225 @@
+"""Tests of flaxcap/decoder.py: teacher forcing vs stepping, beams, encode-once, dropout, bf16."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxcap import decoder as decoder_lib
+from flaxcap.decoder import Decoder, Encoded, LSTMCarry
+
+# Distinct sizes so that a kernel's shape names the layer it belongs to.
+BATCH, GRID_H, GRID_W, CHANNELS = 3, 3, 4, 6
+TIME, VOCAB, EMBED, HIDDEN, ATTN = 5, 17, 14, 16, 10
+POSITIONS = GRID_H * GRID_W
+
+
+def make_decoder(**overrides):
+  kwargs = dict(vocab_size=VOCAB, embed_dim=EMBED, hidden_dim=HIDDEN, attention_dim=ATTN,
+                dropout_rate=0.3)
+  kwargs.update(overrides)
+  return Decoder(**kwargs)
+
+
+def rng_key(seed):
+  """An "rbg" key: on the CPU, threefry's random bits take seconds to compile, rbg's do not."""
+  return jax.random.key(seed, impl="rbg")
+
+
+def make_inputs(seed=0):
+  rng = np.random.default_rng(seed)
+  features = jnp.asarray(rng.normal(size=(BATCH, GRID_H, GRID_W, CHANNELS)), jnp.float32)
+  tokens = jnp.asarray(rng.integers(0, VOCAB, size=(BATCH, TIME)), jnp.int32)
+  return features, tokens
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_setup(gate=True, prev2out=True, ctx2out=True, attention_activation="tanh"):
+  decoder = make_decoder(gate=gate, prev2out=prev2out, ctx2out=ctx2out,
+                         attention_activation=attention_activation)
+  features, tokens = make_inputs()
+  variables = jax.jit(functools.partial(decoder.init, deterministic=True))(
+      rng_key(42), features, tokens)
+  return decoder, variables, features, tokens
+
+
+def stepped_decode(decoder, variables, features, tokens):
+  """The reference: a Python loop over `step`, one token at a time."""
+  encoded = decoder.apply(variables, features, method=Decoder.encode)
+  carry = decoder.apply(variables, encoded, method=Decoder.initial_carry)
+  all_logits, all_attention = [], []
+  for t in range(tokens.shape[1]):
+    logits, carry, attention = decoder.apply(variables, encoded, carry, tokens[:, t], method=Decoder.step)
+    all_logits.append(logits)
+    all_attention.append(attention)
+  return jnp.stack(all_logits, axis=1), jnp.stack(all_attention, axis=1)
+
+
+@pytest.mark.parametrize("options", [
+    dict(),
+    dict(gate=False, prev2out=False, ctx2out=False, attention_activation="relu"),
+])
+def test_teacher_forcing_equals_step_loop(options):
+  decoder, variables, features, tokens = _cached_setup(**options)
+  logits, attention = jax.jit(functools.partial(decoder.apply, deterministic=True))(
+      variables, features, tokens)
+  ref_logits, ref_attention = jax.jit(functools.partial(stepped_decode, decoder))(
+      variables, features, tokens)
+  assert logits.shape == (BATCH, TIME, VOCAB) and logits.dtype == jnp.float32
+  assert attention.shape == (BATCH, TIME, POSITIONS) and attention.dtype == jnp.float32
+  np.testing.assert_allclose(logits, ref_logits, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(attention, ref_attention, atol=1e-6)
+  np.testing.assert_allclose(attention.sum(-1), 1.0, atol=1e-5)
+  assert float(jnp.std(logits)) > 1e-3  # not a degenerate output
+
+
+def test_flat_and_grid_features_agree():
+  decoder, variables, features, tokens = _cached_setup()
+  flat = features.reshape(BATCH, POSITIONS, CHANNELS)
+  apply = jax.jit(functools.partial(decoder.apply, deterministic=True))
+  np.testing.assert_allclose(apply(variables, features, tokens)[0], apply(variables, flat, tokens)[0],
+                             atol=1e-6)
+  np.testing.assert_array_equal(decoder_lib.flatten_features(features)[:, GRID_W + 1],
+                                features[:, 1, 1])
+
+
+def test_encode_shapes_and_initial_carry():
+  decoder, variables, features, _ = _cached_setup()
+  encoded = decoder.apply(variables, features, method=Decoder.encode)
+  assert isinstance(encoded, Encoded)
+  assert encoded.features.shape == (BATCH, POSITIONS, CHANNELS)
+  assert encoded.projected_features.shape == (BATCH, POSITIONS, ATTN)
+  carry = decoder.apply(variables, encoded, method=Decoder.initial_carry)
+  assert isinstance(carry, LSTMCarry)
+  c, h = carry  # unpacks like the (c, h) tuple of the contract
+  assert c.shape == h.shape == (BATCH, HIDDEN)
+  beams = decoder.apply(variables, encoded, 4, method=Decoder.initial_carry)
+  assert beams.c.shape == beams.h.shape == (BATCH, 4, HIDDEN)
+  np.testing.assert_array_equal(beams.h, jnp.broadcast_to(h[:, None], beams.h.shape))
+  # Independent check of h0 = tanh(W mean_p f + b)[H:].
+  params = variables["params"]["init_state"]
+  mean = np.asarray(features).reshape(BATCH, POSITIONS, CHANNELS).mean(1)
+  expected = np.tanh(mean @ np.asarray(params["kernel"]) + np.asarray(params["bias"]))
+  np.testing.assert_allclose(c, expected[:, :HIDDEN], atol=1e-5)
+  np.testing.assert_allclose(h, expected[:, HIDDEN:], atol=1e-5)
+
+
+def test_beam_step_equals_separate_steps():
+  decoder, variables, features, _ = _cached_setup()
+  beam = 4
+  encoded = decoder.apply(variables, features, method=Decoder.encode)
+  rng = np.random.default_rng(7)
+  carry = LSTMCarry(c=jnp.asarray(rng.normal(size=(BATCH, beam, HIDDEN)), jnp.float32),
+                    h=jnp.asarray(rng.normal(size=(BATCH, beam, HIDDEN)), jnp.float32))
+  tokens = jnp.asarray(rng.integers(0, VOCAB, size=(BATCH, beam)), jnp.int32)
+  step = jax.jit(functools.partial(decoder.apply, method=Decoder.step))
+  logits, new_carry, attention = step(variables, encoded, carry, tokens)
+  assert logits.shape == (BATCH, beam, VOCAB)
+  assert attention.shape == (BATCH, beam, POSITIONS)
+  assert new_carry.h.shape == (BATCH, beam, HIDDEN)
+  for k in range(beam):
+    single = LSTMCarry(c=carry.c[:, k], h=carry.h[:, k])
+    ref_logits, ref_carry, ref_attention = step(variables, encoded, single, tokens[:, k])
+    np.testing.assert_allclose(logits[:, k], ref_logits, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(attention[:, k], ref_attention, atol=1e-6)
+    np.testing.assert_allclose(new_carry.c[:, k], ref_carry.c, atol=1e-5)
+    np.testing.assert_allclose(new_carry.h[:, k], ref_carry.h, atol=1e-5)
+  # Beams that differ attend differently: the beam axis is real, not broadcast.
+  assert float(jnp.abs(attention[:, 0] - attention[:, 1]).max()) > 1e-4
+
+
+def _dot_operand_shapes(jaxpr, in_scan=False):
+  """Yields (operand shapes, inside a scan body?) for every dot_general, nested jaxprs included."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      yield tuple(tuple(v.aval.shape) for v in eqn.invars), in_scan
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          yield from _dot_operand_shapes(sub, in_scan or eqn.primitive.name == "scan")
+
+
+def test_features_projected_once_and_heavy_matmuls_outside_the_scan():
+  decoder, variables, features, tokens = _cached_setup()
+  jaxpr = jax.make_jaxpr(functools.partial(decoder.apply, deterministic=True))(
+      variables, features, tokens).jaxpr
+  dots = list(_dot_operand_shapes(jaxpr))
+  assert any(in_scan for _, in_scan in dots), "expected a scan over time"
+  feature_kernel, vocab_kernel, word_gate_kernel = (CHANNELS, ATTN), (EMBED, VOCAB), (EMBED, 4 * HIDDEN)
+  uses = lambda kernel: [in_scan for shapes, in_scan in dots if kernel in shapes]
+  assert uses(feature_kernel) == [False]  # once, before the scan
+  assert uses(vocab_kernel) == [False]  # one vocabulary matmul for all T
+  assert uses(word_gate_kernel) == [False]  # the embeddings' gate input, for all T at once
+  # The scan body: one fused matmul of h and one of the context into the gates.
+  assert (HIDDEN, 4 * HIDDEN + ATTN + 1) in {s for shapes, in_scan in dots if in_scan for s in shapes}
+
+  encoded = decoder.apply(variables, features, method=Decoder.encode)
+  carry = decoder.apply(variables, encoded, 2, method=Decoder.initial_carry)
+  step_jaxpr = jax.make_jaxpr(functools.partial(decoder.apply, method=Decoder.step))(
+      variables, encoded, carry, tokens[:, :2]).jaxpr
+  step_dots = list(_dot_operand_shapes(step_jaxpr))
+  assert not [s for s, _ in step_dots if feature_kernel in s]  # step never re-projects the features
+  # ... and never tiles the features per beam.
+  assert not [s for s, _ in step_dots if (BATCH, 2, POSITIONS, CHANNELS) in s]
+
+
+def test_dropout_only_when_not_deterministic():
+  decoder, variables, features, tokens = _cached_setup()
+  apply = jax.jit(decoder.apply, static_argnames="deterministic")
+  rngs = lambda seed: {"dropout": rng_key(seed)}
+  fixed = apply(variables, features, tokens, deterministic=True)[0]
+  np.testing.assert_array_equal(fixed, apply(variables, features, tokens, deterministic=True,
+                                             rngs=rngs(1))[0])
+  noisy_1 = apply(variables, features, tokens, deterministic=False, rngs=rngs(1))[0]
+  noisy_2 = apply(variables, features, tokens, deterministic=False, rngs=rngs(2))[0]
+  assert float(jnp.abs(noisy_1 - fixed).max()) > 1e-3
+  assert float(jnp.abs(noisy_1 - noisy_2).max()) > 1e-3
+  np.testing.assert_array_equal(noisy_1, apply(variables, features, tokens, deterministic=False,
+                                               rngs=rngs(1))[0])
+  no_dropout = make_decoder(dropout_rate=0.0)
+  np.testing.assert_allclose(
+      no_dropout.apply(variables, features, tokens, deterministic=False, rngs=rngs(1))[0], fixed,
+      atol=1e-6)
+
+
+def test_gradients_finite_and_reach_every_parameter():
+  decoder, variables, features, tokens = _cached_setup()
+
+  def loss_fn(params):
+    logits, attention = decoder.apply({"params": params}, features, tokens, deterministic=False,
+                                      rngs={"dropout": rng_key(3)})
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 0]) + jnp.mean(attention[..., 0] ** 2)
+
+  grads = jax.jit(jax.grad(loss_fn))(variables["params"])
+  for path, grad in jax.tree_util.tree_leaves_with_path(grads):
+    assert np.all(np.isfinite(grad)), path
+    assert float(jnp.abs(grad).max()) > 0, path
+
+
+def test_bfloat16_close_to_float32():
+  decoder, variables, features, tokens = _cached_setup()
+  half = make_decoder(dtype=jnp.bfloat16)
+  half_variables = jax.eval_shape(functools.partial(half.init, deterministic=True),
+                                  rng_key(42), features, tokens)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(half_variables))
+  logits, attention = jax.jit(functools.partial(half.apply, deterministic=True))(
+      variables, features, tokens)
+  ref_logits, ref_attention = jax.jit(functools.partial(decoder.apply, deterministic=True))(
+      variables, features, tokens)
+  assert logits.dtype == jnp.float32 and attention.dtype == jnp.float32
+  np.testing.assert_allclose(attention.sum(-1), 1.0, atol=1e-5)
+  scale = float(jnp.abs(ref_logits).max())
+  assert float(jnp.abs(logits - ref_logits).max()) < 0.05 * scale + 0.02
+  assert float(jnp.abs(attention - ref_attention).max()) < 0.02
+
+
+def test_rejects_bad_shapes_and_options():
+  with pytest.raises(ValueError, match="features must be"):
+    decoder_lib.flatten_features(jnp.zeros((2, 3)))
+  features, tokens = make_inputs()
+  with pytest.raises(ValueError, match="attention_activation"):
+    make_decoder(attention_activation="gelu").init(rng_key(0), features, tokens,
+                                                   deterministic=True)
