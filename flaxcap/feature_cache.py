@@ -9,7 +9,7 @@ import concurrent.futures
 import json
 import os
 import pathlib
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 from absl import logging
 import einops
@@ -109,47 +109,3 @@ def cached_features(workdir: str | os.PathLike, config, split: str, records,
   meta_path.write_text(json.dumps({"description": description,
                                    "kept_ids": [r.image_id for r in kept]}))
   return np.load(features_path, mmap_mode="r"), kept
-
-
-def caption_batches(num_images: int, tokens: np.ndarray, *, batch_size: int, seed: int, epoch: int,
-                    captions_per_epoch: str, num_devices: int, process_index: int = 0,
-                    process_count: int = 1, skip_batches: int = 0
-                    ) -> Iterator[dict[str, np.ndarray]]:
-  """Yields one epoch of shuffled (image index, caption) batches for the cached-feature path.
-
-  Args:
-    num_images: rows of the feature array.
-    tokens: int32 [num_images, captions_per_image, max_len] padded captions (rows of all-pad are
-      missing captions and never chosen).
-    batch_size: global batch size (over all hosts and devices); a trailing partial batch is dropped.
-    seed, epoch: the order is a pure function of these, so a resumed run sees the same batches.
-    captions_per_epoch: "one" (a random caption of each image) or "all" (every caption once).
-    skip_batches: batches of this epoch already trained on (resuming mid-epoch).
-  Yields:
-    {"image_index": int32 [devices, per_device], "tokens": int32 [devices, per_device, max_len]}
-    for this host's share of the global batch.
-  """
-  rng = np.random.default_rng([seed, epoch])
-  has_caption = tokens[:, :, 0] != 0  # [num_images, captions_per_image]
-  if captions_per_epoch == "all":
-    image_index, caption_index = np.nonzero(has_caption)
-  elif captions_per_epoch == "one":
-    image_index = np.flatnonzero(has_caption.any(axis=1))
-    choice = rng.random((len(image_index), tokens.shape[1])) * has_caption[image_index]
-    caption_index = choice.argmax(axis=1)
-  else:
-    raise errors.ConfigError(f"config.data.captions_per_epoch={captions_per_epoch!r}: use 'one' or 'all'")
-  order = rng.permutation(len(image_index))
-  image_index, caption_index = image_index[order], caption_index[order]
-  if batch_size % (process_count * num_devices):
-    raise errors.ConfigError(f"config.batch_size={batch_size} is not divisible by "
-                             f"{process_count} hosts x {num_devices} devices")
-  per_host = batch_size // process_count
-  for batch in range(skip_batches, len(image_index) // batch_size):
-    rows = slice(batch * batch_size + process_index * per_host,
-                 batch * batch_size + (process_index + 1) * per_host)
-    yield {
-        "image_index": image_index[rows].reshape(num_devices, -1).astype(np.int32),
-        "tokens": tokens[image_index[rows], caption_index[rows]].reshape(
-            num_devices, per_host // num_devices, -1),
-    }

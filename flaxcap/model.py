@@ -145,6 +145,46 @@ def teacher_forcing_tokens(tokens: Array) -> tuple[Array, Array]:
   return tokens[:, :-1], tokens[:, 1:]
 
 
+def caption_loss_sums(logits: Array, target_tokens: Array, attention: Array, *,
+                      label_smoothing: float = 0.0) -> dict[str, Array]:
+  """The loss terms summed over a batch, with their counts, for exact averaging across devices.
+
+  Args:
+    logits: [batch, T, V].
+    target_tokens: [batch, T] int, PAD_ID where there is nothing to predict.
+    attention: [batch, T, P], the attention weights of each step.
+    label_smoothing: eps of label smoothing: targets (1 - eps) one-hot + eps / V.
+
+  Returns:
+    float32 scalars: "token_loss" (sum over real tokens of the (smoothed) cross-entropy),
+    "cross_entropy" (the same without smoothing), "attention_penalty" (sum over images with a real
+    token of mean_p (1 - sum_t m_bt alpha_btp)^2), "correct" (real tokens whose argmax is right),
+    "num_tokens" and "num_images" (images with at least one real token).
+  """
+  logits = logits.astype(jnp.float32)
+  attention = attention.astype(jnp.float32)
+  mask = (target_tokens != PAD_ID).astype(jnp.float32)  # [batch, T]
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, target_tokens)  # [batch, T]
+  cross_entropy = jnp.sum(nll * mask)
+  if label_smoothing:
+    labels = optax.smooth_labels(jax.nn.one_hot(target_tokens, logits.shape[-1]), label_smoothing)
+    token_loss = jnp.sum(optax.softmax_cross_entropy(logits, labels) * mask)
+  else:
+    token_loss = cross_entropy
+  attention_total = jnp.einsum("btp,bt->bp", attention, mask)  # [batch, P]
+  image_mask = (jnp.sum(mask, axis=1) > 0).astype(jnp.float32)  # [batch]
+  attention_penalty = jnp.sum(image_mask * jnp.mean(jnp.square(1.0 - attention_total), axis=-1))
+  correct = (jnp.argmax(logits, axis=-1) == target_tokens).astype(jnp.float32)
+  return {
+      "token_loss": token_loss,
+      "cross_entropy": cross_entropy,
+      "attention_penalty": attention_penalty,
+      "correct": jnp.sum(correct * mask),
+      "num_tokens": jnp.sum(mask),
+      "num_images": jnp.sum(image_mask),
+  }
+
+
 def caption_loss(logits: Array, target_tokens: Array, attention: Array, *, alpha_c: float,
                  label_smoothing: float = 0.0) -> tuple[Array, dict[str, Array]]:
   """Masked token cross-entropy plus the doubly stochastic attention term.
@@ -153,46 +193,21 @@ def caption_loss(logits: Array, target_tokens: Array, attention: Array, *, alpha
 
   where m_bt = (target_bt != PAD_ID).  The attention mean runs over the images with at least one real
   token (all-padding rows, e.g. filler in a last batch, count for nothing) and over the P locations.
-
-  Args:
-    logits: [batch, T, V].
-    target_tokens: [batch, T] int, PAD_ID where there is nothing to predict.
-    attention: [batch, T, P], the attention weights of each step.
-    alpha_c: weight of the attention term (0 turns it off).
-    label_smoothing: eps of label smoothing: targets (1 - eps) one-hot + eps / V.
+  Shapes and arguments as in `caption_loss_sums`; alpha_c weighs the attention term (0 turns it off).
 
   Returns:
     (loss scalar, metrics) with metrics float32 scalars: "loss"; "cross_entropy", the mean token negative
     log-likelihood without smoothing; "attention_reg", the mean (1 - sum_t alpha)^2 before alpha_c;
     "accuracy", the share of real tokens whose argmax is right; "num_tokens", the count of real tokens.
   """
-  logits = logits.astype(jnp.float32)
-  attention = attention.astype(jnp.float32)
-  mask = (target_tokens != PAD_ID).astype(jnp.float32)  # [batch, T]
-  num_tokens = jnp.sum(mask)
-  token_denominator = jnp.maximum(num_tokens, 1.0)
-
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits, target_tokens)  # [batch, T]
-  cross_entropy = jnp.sum(nll * mask) / token_denominator
-  if label_smoothing:
-    labels = optax.smooth_labels(jax.nn.one_hot(target_tokens, logits.shape[-1]), label_smoothing)
-    smoothed = optax.softmax_cross_entropy(logits, labels)
-    token_loss = jnp.sum(smoothed * mask) / token_denominator
-  else:
-    token_loss = cross_entropy
-
-  attention_total = jnp.einsum("btp,bt->bp", attention, mask)  # [batch, P]
-  image_mask = (jnp.sum(mask, axis=1) > 0).astype(jnp.float32)  # [batch]
-  num_cells = jnp.maximum(jnp.sum(image_mask), 1.0) * attention.shape[-1]
-  attention_reg = jnp.sum(image_mask[:, None] * jnp.square(1.0 - attention_total)) / num_cells
-
-  loss = token_loss + alpha_c * attention_reg
-  correct = (jnp.argmax(logits, axis=-1) == target_tokens).astype(jnp.float32)
+  sums = caption_loss_sums(logits, target_tokens, attention, label_smoothing=label_smoothing)
+  tokens = jnp.maximum(sums["num_tokens"], 1.0)
+  attention_reg = sums["attention_penalty"] / jnp.maximum(sums["num_images"], 1.0)
   metrics = {
-      "loss": loss,
-      "cross_entropy": cross_entropy,
+      "loss": sums["token_loss"] / tokens + alpha_c * attention_reg,
+      "cross_entropy": sums["cross_entropy"] / tokens,
       "attention_reg": attention_reg,
-      "accuracy": jnp.sum(correct * mask) / token_denominator,
-      "num_tokens": num_tokens,
+      "accuracy": sums["correct"] / tokens,
+      "num_tokens": sums["num_tokens"],
   }
-  return loss, metrics
+  return metrics["loss"], metrics

@@ -9,6 +9,7 @@
 
 import dataclasses
 import functools
+import itertools
 from typing import Any, Iterator
 
 from absl import logging
@@ -16,23 +17,13 @@ import jax
 import numpy as np
 
 from flaxcap import datasets
+from flaxcap import epoch_plan
 from flaxcap import decoding
 from flaxcap import errors
 from flaxcap import feature_cache
 from flaxcap import model as model_lib
 from flaxcap import pretrained
 from flaxcap import vocab as vocab_lib
-
-
-def caption_tokens(records, vocab: vocab_lib.Vocabulary, max_len: int) -> np.ndarray:
-  """Encodes every record's captions: int32 [num_records, max_captions, max_len], all-pad rows for
-  records with fewer captions than the most."""
-  max_captions = max(len(r.captions) for r in records)
-  tokens = np.zeros((len(records), max_captions, max_len), np.int32)
-  for row, record in enumerate(records):
-    for column, caption in enumerate(record.captions):
-      tokens[row, column] = vocab.encode(caption, max_len)
-  return tokens
 
 
 @dataclasses.dataclass
@@ -42,31 +33,39 @@ class TrainData:
   vocab: vocab_lib.Vocabulary
   train_records: list
   eval_records: list
-  train_tokens: np.ndarray  # int32 [num_train, captions, max_len]
+  captions: epoch_plan.CaptionTable | None  # the train captions, tokenized (frozen encoder)
   encoder: Any  # the encoder module
   encoder_variables: dict  # its pretrained variables
   feature_table: np.ndarray | None = None  # float16 [num_train, P, C] (frozen encoder)
   eval_features: np.ndarray | None = None  # float16 [num_eval, P, C] (frozen encoder)
 
-  def steps_per_epoch(self, batch_size: int) -> int:
-    has_caption = self.train_tokens[:, :, 0] != 0
-    per_epoch = (has_caption.sum() if self.config.data.captions_per_epoch == "all"
-                 else has_caption.any(axis=1).sum())
-    return int(per_epoch) // batch_size
+  def steps_per_epoch(self) -> int:
+    return epoch_plan.steps_per_epoch(self.captions, self.config.data.captions_per_epoch,
+                                      self.config.batch_size)
 
-  def train_batches(self, *, epoch: int, batch_size: int, num_devices: int,
+  def train_batches(self, *, epoch: int, num_devices: int,
                     skip_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """One epoch of batches shaped [num_devices, per_device, ...]; see `feature_cache.caption_batches`."""
-    if self.feature_table is not None:
-      return feature_cache.caption_batches(
-          len(self.feature_table), self.train_tokens, batch_size=batch_size, seed=self.config.seed,
-          epoch=epoch, captions_per_epoch=self.config.data.captions_per_epoch,
-          num_devices=num_devices, process_index=jax.process_index(),
-          process_count=jax.process_count(), skip_batches=skip_batches)
-    from flaxcap import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: fine-tuning only)
-    return input_pipeline.train_batches(
-        self.train_records, self.vocab, self.config, seed=self.config.seed, epoch=epoch,
-        num_devices=num_devices, skip_batches=skip_batches)
+    """One epoch of batches shaped [num_devices, per_device, ...], from batch `skip_batches` on.
+
+    Frozen encoder: {"image_index": int32, rows of `feature_table`; "tokens": int32 [..., max_len]}.
+    Fine-tuning: {"images": uint8 [..., H, W, 3]; "tokens"} from the tf.data pipeline.
+    Both follow `epoch_plan.plan_epoch`, a pure function of (seed, epoch).
+    """
+    config = self.config
+    if self.feature_table is None:
+      from flaxcap import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: fine-tuning only)
+      batches = input_pipeline.train_dataset(self.train_records, self.vocab, config, seed=config.seed,
+                                             num_devices=num_devices, epoch=epoch, num_epochs=1)
+      return itertools.islice(batches, skip_batches, None)
+    plan = epoch_plan.plan_epoch(
+        self.captions, captions_per_epoch=config.data.captions_per_epoch,
+        global_batch_size=config.batch_size, seed=config.seed, epoch=epoch,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    _, per_device = epoch_plan.batch_split(config.batch_size, num_devices, jax.process_count())
+    by_device = lambda rows: rows.reshape((num_devices, per_device) + rows.shape[1:])
+    return ({"image_index": by_device(plan.record_index[step]),
+             "tokens": by_device(self.captions.tokens[plan.caption_index[step]])}
+            for step in range(skip_batches, plan.steps))
 
   @functools.cached_property
   def _decoder(self):
@@ -125,7 +124,7 @@ def prepare(config, workdir) -> TrainData:
                len(eval_records), config.data.eval_split, len(vocab))
   encoder, encoder_variables = pretrained.create_pretrained_encoder(config)
   data = TrainData(config=config, vocab=vocab, train_records=train_records,
-                   eval_records=eval_records, train_tokens=np.zeros((0, 1, 1), np.int32),
+                   eval_records=eval_records, captions=None,
                    encoder=encoder, encoder_variables=encoder_variables)
   if not config.encoder.trainable_stages:
     encode = jax.jit(lambda images: encoder.apply(encoder_variables, images))
@@ -133,5 +132,5 @@ def prepare(config, workdir) -> TrainData:
         workdir, config, "train", train_records, encode)
     data.eval_features, data.eval_records = feature_cache.cached_features(
         workdir, config, "eval", eval_records, encode)
-  data.train_tokens = caption_tokens(data.train_records, vocab, config.data.max_len)
+  data.captions = epoch_plan.encode_captions(data.train_records, vocab, config.data.max_len)
   return data

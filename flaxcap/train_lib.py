@@ -98,7 +98,7 @@ def train_step(state: TrainState, batch, feature_table, *, model, alpha_c: float
     The new state, and metric sums over the global batch.
   """
   rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), lax.axis_index(AXIS))
-  input_tokens, target_tokens = model_lib.split_tokens(batch["tokens"])
+  input_tokens, target_tokens = model_lib.teacher_forcing_tokens(batch["tokens"])
 
   def loss_fn(params):
     if feature_table is not None:
@@ -116,7 +116,7 @@ def train_step(state: TrainState, batch, feature_table, *, model, alpha_c: float
     num_devices = lax.psum(1, AXIS)
     tokens_per_device = lax.psum(sums["num_tokens"], AXIS) / num_devices
     images_per_device = lax.psum(sums["num_images"], AXIS) / num_devices
-    loss = (sums["cross_entropy"] / tokens_per_device
+    loss = (sums["token_loss"] / tokens_per_device
             + alpha_c * sums["attention_penalty"] / images_per_device)
     return loss, (sums, new_model_state)
 
@@ -202,10 +202,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   data = train_data.prepare(config, workdir)
   model = model_lib.create_model(config, len(data.vocab))
   num_devices = jax.local_device_count()
-  steps_per_epoch = data.steps_per_epoch(config.batch_size)
-  if steps_per_epoch == 0:
-    raise errors.DataError(f"{config.data.root}: the {config.data.train_split} split has fewer "
-                           f"captions than one batch ({config.batch_size})")
+  steps_per_epoch = data.steps_per_epoch()
 
   store = checkpoints.CheckpointStore(workdir, keep=config.checkpoint.keep,
                                       best_metric=config.eval.best_metric)
@@ -229,8 +226,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     progress = tqdm.tqdm(total=steps_per_epoch, initial=skip_batches, desc=f"epoch {epoch + 1}",
                          unit="step", disable=not is_chief, dynamic_ncols=True)
     window_start, window_steps = time.time(), 0
-    for batch in data.train_batches(epoch=epoch, batch_size=config.batch_size,
-                                    num_devices=num_devices, skip_batches=skip_batches):
+    for batch in data.train_batches(epoch=epoch, num_devices=num_devices,
+                                    skip_batches=skip_batches):
       replicated_state, sums = p_train_step(replicated_state, batch, replicated_table)
       step += 1
       window_steps += 1
