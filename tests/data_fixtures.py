@@ -11,7 +11,7 @@ from PIL import Image
 
 GOOD_KINDS = ("rgb_jpeg", "gray_jpeg", "cmyk_jpeg", "rgba_png", "png16_gray", "png16_rgb", "gif_animated",
               "bmp", "palette_png_transparent")
-BROKEN_KINDS = ("truncated_jpeg", "empty", "text", "bomb_png")
+BROKEN_KINDS = ("truncated_jpeg", "garbled_jpeg", "empty", "text", "bomb_png")
 
 
 def pixels(seed: int, size=(40, 30)) -> np.ndarray:
@@ -70,6 +70,9 @@ def image_bytes(kind: str, seed: int = 0, size=(40, 30)) -> bytes:
   elif kind == "truncated_jpeg":  # header intact, scan data cut
     Image.fromarray(pixels(seed, (160, 120))).save(buffer, "JPEG", quality=95)
     return buffer.getvalue()[: len(buffer.getvalue()) * 2 // 3]
+  elif kind == "garbled_jpeg":  # JPEG start and end markers around noise
+    noise = np.random.default_rng(seed).integers(0, 256, size=600, dtype=np.uint8).tobytes()
+    return b"\xff\xd8\xff\xe0" + noise + b"\xff\xd9"
   elif kind == "empty":
     return b""
   elif kind == "text":

@@ -70,6 +70,7 @@ def test_animated_gif_gives_its_first_frame(tmp_path):
 
 @pytest.mark.parametrize("kind, message", [
     ("truncated_jpeg", "truncated or corrupt"),
+    ("garbled_jpeg", "truncated or corrupt|not an image"),
     ("empty", "empty file"),
     ("text", "not an image"),
     ("bomb_png", "decompression bomb"),
