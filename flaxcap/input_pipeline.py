@@ -297,8 +297,7 @@ def image_dataset(records_or_paths: Sequence, config, *, batch_size: int
     def absent():
       return tf.zeros([image_size, image_size, 3], tf.uint8), tf.constant(False)
 
-    image, ok = tf.cond(is_present, load, absent)
-    image = tf.where(ok, image, tf.zeros_like(image))
+    image, ok = tf.cond(is_present, load, absent)  # failed decodes are zeros already (1x1 placeholder)
     return {"images": image, "index": index, "mask": ok}
 
   examples = tf.data.Dataset.from_tensor_slices(
