@@ -19,17 +19,14 @@ decode images, and this module does not import TensorFlow.
 from __future__ import annotations
 
 import collections
-import csv
 import dataclasses
-import functools
 import hashlib
-import json
 import os
 import pathlib
-from typing import Iterator
 
 from absl import logging
 
+from flaxcap import caption_files
 from flaxcap import errors
 
 SPLITS = ("train", "dev", "test")
@@ -37,7 +34,6 @@ LAYOUTS = ("flickr8k", "kaggle", "karpathy", "coco", "tfds")
 _FLICKR8K_IMAGE_DIRS = ("Flicker8k_Dataset", "Flickr8k_Dataset", "Images", "images")
 _KARPATHY_SPLITS = {"train": "train", "val": "dev", "test": "test", "restval": "restval"}
 _COCO_SPLIT_NAMES = {"train": "train", "dev": "val", "test": "test"}
-_DATA_HINT = "see the README section 'Data' for the expected layouts"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,105 +53,8 @@ class CaptionRecord:
   split: str
 
 
-class _SkipLog:
-  """Collects what a reader skipped in one file and reports it as one warning."""
-
-  def __init__(self, path: pathlib.Path):
-    self.path = path
-    self.by_reason: dict[str, list[str]] = collections.defaultdict(list)
-
-  def add(self, where: str, reason: str) -> None:
-    self.by_reason[reason].append(where)
-
-  @property
-  def count(self) -> int:
-    return sum(len(places) for places in self.by_reason.values())
-
-  def warn(self) -> None:
-    if not self.by_reason:
-      return
-    parts = []
-    for reason, places in self.by_reason.items():
-      shown = ", ".join(places[:3]) + (f", ... ({len(places) - 3} more)" if len(places) > 3 else "")
-      parts.append(f"{len(places)} {reason} ({shown})")
-    logging.warning("%s: skipped %d item(s): %s", self.path, self.count, "; ".join(parts))
-
-
-def _resolve(root: pathlib.Path, value: str, default: str) -> pathlib.Path:
-  """`value` (or `default` when empty) as a path; relative paths are taken under `root`."""
-  path = pathlib.Path(os.path.expanduser(value or default))
-  return path if path.is_absolute() else root / path
-
-
-def _require_dir(path: pathlib.Path, what: str, field: str) -> pathlib.Path:
-  if not path.is_dir():
-    raise errors.DataError(f"{path}: {what} folder not found; put it there or set {field} ({_DATA_HINT})")
-  return path
-
-
-def _require_file(path: pathlib.Path, what: str, field: str) -> pathlib.Path:
-  if not path.is_file():
-    raise errors.DataError(f"{path}: {what} not found; put it there or set {field} ({_DATA_HINT})")
-  return path
-
-
-def _first_existing_dir(root: pathlib.Path, value: str, candidates, what: str) -> pathlib.Path:
-  """The image folder: `value` if set, else the first of `candidates` under root that exists."""
-  if value:
-    return _require_dir(_resolve(root, value, ""), what, "--config.data.images_dir")
-  for candidate in candidates:
-    if (root / candidate).is_dir():
-      return root / candidate
-  raise errors.DataError(
-      f"{root}: no image folder found (looked for {', '.join(candidates)}); "
-      f"set --config.data.images_dir ({_DATA_HINT})")
-
-
-class _FileIndex:
-  """Answers "does this image file exist?" with one directory listing per folder."""
-
-  def __init__(self):
-    self._listings: dict[pathlib.Path, frozenset[str]] = {}
-
-  def exists(self, path: pathlib.Path) -> bool:
-    folder = path.parent
-    if folder not in self._listings:
-      try:
-        self._listings[folder] = frozenset(os.listdir(folder))
-      except OSError:
-        self._listings[folder] = frozenset()
-    return path.name in self._listings[folder]
-
-
-def _text_lines(path: pathlib.Path) -> Iterator[tuple[int, str | None]]:
-  """(line number, text) of a UTF-8 file; BOM and CR stripped; text is None for undecodable lines."""
-  try:
-    data = path.read_bytes()
-  except OSError as e:
-    raise errors.DataError(f"{path}: cannot read ({e.strerror})") from None
-  if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-    raise errors.DataError(f"{path}: file is UTF-16; save it as UTF-8")
-  if data.startswith(b"\xef\xbb\xbf"):
-    data = data[3:]
-  for number, raw_line in enumerate(data.split(b"\n"), start=1):
-    try:
-      yield number, raw_line.rstrip(b"\r").decode("utf-8")
-    except UnicodeDecodeError:
-      yield number, None
-
-
-def _load_json(path: pathlib.Path, what: str, field: str):
-  _require_file(path, what, field)
-  try:
-    with open(path, "r", encoding="utf-8-sig") as f:
-      return json.load(f)
-  except json.JSONDecodeError as e:
-    raise errors.DataError(f"{path}:{e.lineno}:{e.colno}: {what} is not valid JSON ({e.msg})") from None
-  except (OSError, UnicodeDecodeError) as e:
-    raise errors.DataError(f"{path}: cannot read {what} ({e})") from None
-
-
-def _check_split(split: str, allowed=SPLITS) -> None:
+def check_split(split: str, allowed=SPLITS) -> None:
+  """Raises errors.ConfigError unless `split` is one of `allowed`."""
   if split not in allowed:
     raise errors.ConfigError(f"unknown split {split!r}; use one of {', '.join(allowed)}")
 
@@ -167,100 +66,6 @@ def _image_id(filename: str) -> str:
 def _records(ordered_names, captions_by_name, images_dir, split) -> list[CaptionRecord]:
   return [CaptionRecord(_image_id(name), str(images_dir / name), tuple(captions_by_name[name]), split)
           for name in ordered_names]
-
-
-def _read_caption_lines(path: pathlib.Path, images_dir: pathlib.Path, csv_format: bool):
-  """Reads Flickr8k.token.txt ("<name>#<n>\\t<caption>") or Kaggle captions.txt ("image,caption").
-
-  Parsed once per process while the file and the image folder are unchanged (so the train and dev
-  reads share one parse and one warning).
-
-  Returns:
-    {image file name: (captions, ...)} in file order, for images that exist in `images_dir`; shared
-    between calls, do not modify.
-  """
-  file_stat, folder_stat = path.stat(), images_dir.stat()
-  return _parse_caption_lines(path, file_stat.st_mtime_ns, file_stat.st_size, images_dir,
-                              folder_stat.st_mtime_ns, csv_format)
-
-
-@functools.lru_cache(maxsize=8)
-def _parse_caption_lines(path, unused_mtime, unused_size, images_dir, unused_folder_mtime, csv_format):
-  """`_read_caption_lines` without the cache."""
-  skips = _SkipLog(path)
-  captions = collections.OrderedDict()
-  lines_by_name = collections.defaultdict(list)
-  seen_keys = set()
-  for number, line in _text_lines(path):
-    where = f"line {number}"
-    if line is None:
-      skips.add(where, "lines not valid UTF-8")
-      continue
-    if not line.strip():
-      continue
-    if csv_format:
-      try:
-        fields = next(csv.reader([line]))
-      except csv.Error:
-        fields = []
-      if number == 1 and [f.strip().lower() for f in fields] == ["image", "caption"]:
-        continue
-      if len(fields) < 2 or not fields[0].strip():
-        skips.add(where, "malformed lines (expected 'image,caption')")
-        continue
-      name, caption = fields[0].strip(), ",".join(fields[1:]).strip()
-    else:
-      key, tab, caption = line.partition("\t")
-      if not tab:
-        key, _, caption = line.strip().partition(" ")
-      name, hash_sign, caption_number = key.strip().rpartition("#")
-      if not hash_sign or not name or not caption_number.isdigit():
-        skips.add(where, "malformed lines (expected '<image>#<n><TAB><caption>')")
-        continue
-      if (name, caption_number) in seen_keys:
-        skips.add(where, f"repeated caption ids ({key.strip()})")
-        continue
-      seen_keys.add((name, caption_number))
-      caption = caption.strip()
-    if not caption:
-      skips.add(where, "empty captions")
-      continue
-    captions.setdefault(name, []).append(caption)
-    lines_by_name[name].append(number)
-  files = _FileIndex()
-  for name in list(captions):
-    if not files.exists(images_dir / name):
-      del captions[name]
-      numbers = lines_by_name[name]
-      skips.add(f"lines {numbers[0]}-{numbers[-1]}: {name}" if len(numbers) > 1 else
-                f"line {numbers[0]}: {name}", f"captions of images missing from {images_dir}")
-  skips.warn()
-  if not captions:
-    raise errors.DataError(f"{path}: no usable captions (every line was skipped; see the warning above)")
-  return {name: tuple(texts) for name, texts in captions.items()}
-
-
-def _read_split_list(path: pathlib.Path, captions_by_name) -> list[str] | None:
-  """Image names of a Flickr_8k.*Images.txt file that have captions; None if the file is missing."""
-  if not path.is_file():
-    return None
-  skips = _SkipLog(path)
-  names, seen = [], set()
-  for number, line in _text_lines(path):
-    name = line.strip() if line is not None else None
-    if name is None:
-      skips.add(f"line {number}", "lines not valid UTF-8")
-    elif not name:
-      continue
-    elif name in seen:
-      skips.add(f"line {number}: {name}", "repeated images")
-    elif name not in captions_by_name:
-      skips.add(f"line {number}: {name}", "images with no captions (or no image file)")
-    else:
-      seen.add(name)
-      names.append(name)
-  skips.warn()
-  return names
 
 
 def read_flickr8k(root, split: str, *, images_dir: str = "", captions_file: str = "",
@@ -276,14 +81,16 @@ def read_flickr8k(root, split: str, *, images_dir: str = "", captions_file: str 
   Returns:
     Records in the split file's order; [] (with a log line) when Flickr_8k.<split>Images.txt is missing.
   """
-  _check_split(split)
-  root = _require_dir(pathlib.Path(os.path.expanduser(str(root))), "Flickr8k", "--config.data.root")
-  images = _first_existing_dir(root, images_dir, _FLICKR8K_IMAGE_DIRS, "Flickr8k image")
-  token_file = _require_file(_resolve(root, captions_file, "Flickr8k_text/Flickr8k.token.txt"),
-                             "Flickr8k caption file", "--config.data.captions_file")
-  captions = _read_caption_lines(token_file, images, csv_format=False)
-  split_path = _resolve(root, split_dir, "Flickr8k_text") / f"Flickr_8k.{split}Images.txt"
-  names = _read_split_list(split_path, captions)
+  check_split(split)
+  root = caption_files.require_dir(pathlib.Path(os.path.expanduser(str(root))), "Flickr8k",
+                                   "--config.data.root")
+  images = caption_files.first_existing_dir(root, images_dir, _FLICKR8K_IMAGE_DIRS, "Flickr8k image")
+  token_file = caption_files.require_file(
+      caption_files.resolve(root, captions_file, "Flickr8k_text/Flickr8k.token.txt"),
+      "Flickr8k caption file", "--config.data.captions_file")
+  captions = caption_files.read_caption_lines(token_file, images, csv_format=False)
+  split_path = caption_files.resolve(root, split_dir, "Flickr8k_text") / f"Flickr_8k.{split}Images.txt"
+  names = caption_files.read_split_list(split_path, captions)
   if names is None:
     logging.info("%s not found: the %s split is empty", split_path, split)
     return []
@@ -300,7 +107,7 @@ def hash_split(image_id: str, dev_fraction: float, test_fraction: float) -> str:
 
 def _karpathy_splits(json_path: pathlib.Path, restval_to_train: bool) -> dict[str, str]:
   """{image file name: split} from a Karpathy JSON."""
-  payload = _load_json(json_path, "Karpathy split JSON", "--config.data.split_file")
+  payload = caption_files.load_json(json_path, "Karpathy split JSON", "--config.data.split_file")
   entries = payload.get("images") if isinstance(payload, dict) else None
   if not isinstance(entries, list):
     raise errors.DataError(f"{json_path}: not a Karpathy JSON (no \"images\" list)")
@@ -329,19 +136,20 @@ def read_kaggle(root, split: str, *, images_dir: str = "", captions_file: str = 
   Returns:
     Records in the split folder's order, else in the CSV's order.
   """
-  _check_split(split)
-  root = _require_dir(pathlib.Path(os.path.expanduser(str(root))), "Kaggle dataset", "--config.data.root")
-  images = _first_existing_dir(root, images_dir, _FLICKR8K_IMAGE_DIRS, "Kaggle image")
-  csv_path = _require_file(_resolve(root, captions_file, "captions.txt"), "captions CSV",
-                           "--config.data.captions_file")
-  captions = _read_caption_lines(csv_path, images, csv_format=True)
+  check_split(split)
+  root = caption_files.require_dir(pathlib.Path(os.path.expanduser(str(root))), "Kaggle dataset",
+                                   "--config.data.root")
+  images = caption_files.first_existing_dir(root, images_dir, _FLICKR8K_IMAGE_DIRS, "Kaggle image")
+  csv_path = caption_files.require_file(caption_files.resolve(root, captions_file, "captions.txt"),
+                                        "captions CSV", "--config.data.captions_file")
+  captions = caption_files.read_caption_lines(csv_path, images, csv_format=True)
   if not split_file:
     names = [name for name in captions
              if hash_split(_image_id(name), hash_dev_fraction, hash_test_fraction) == split]
   else:
-    split_path = _resolve(root, split_file, "")
+    split_path = caption_files.resolve(root, split_file, "")
     if split_path.is_dir():
-      names = _read_split_list(split_path / f"Flickr_8k.{split}Images.txt", captions)
+      names = caption_files.read_split_list(split_path / f"Flickr_8k.{split}Images.txt", captions)
       if names is None:
         logging.info("%s not found: the %s split is empty", split_path / f"Flickr_8k.{split}Images.txt",
                      split)
@@ -370,14 +178,14 @@ def read_karpathy(json_path, images_root, split: str, *, restval_to_train: bool 
   Returns:
     Records in JSON order; ids are "cocoid" when present, else the file name without extension.
   """
-  _check_split(split, SPLITS if restval_to_train else SPLITS + ("restval",))
+  check_split(split, SPLITS if restval_to_train else SPLITS + ("restval",))
   json_path = pathlib.Path(json_path)
-  payload = _load_json(json_path, "Karpathy JSON", "--config.data.karpathy_json")
+  payload = caption_files.load_json(json_path, "Karpathy JSON", "--config.data.karpathy_json")
   entries = payload.get("images") if isinstance(payload, dict) else None
   if not isinstance(entries, list):
     raise errors.DataError(f"{json_path}: not a Karpathy JSON (no \"images\" list at the top)")
   images_root = pathlib.Path(images_root)
-  skips, files, records = _SkipLog(json_path), _FileIndex(), []
+  skips, files, records = caption_files.SkipLog(json_path), caption_files.FileIndex(), []
   for index, entry in enumerate(entries):
     where = f"images[{index}]"
     if (not isinstance(entry, dict) or not isinstance(entry.get("filename"), str)
@@ -422,13 +230,13 @@ def read_coco(captions_file, images_dir, split: str) -> list[CaptionRecord]:
     Records in the order of "images", captions in the order of "annotations"; ids are str(image id).
   """
   captions_file, images_dir = pathlib.Path(captions_file), pathlib.Path(images_dir)
-  payload = _load_json(captions_file, "COCO captions file", "--config.data.captions_file")
-  _require_dir(images_dir, "COCO image", "--config.data.images_dir")
+  payload = caption_files.load_json(captions_file, "COCO captions file", "--config.data.captions_file")
+  caption_files.require_dir(images_dir, "COCO image", "--config.data.images_dir")
   if not isinstance(payload, dict) or not isinstance(payload.get("images"), list) or not isinstance(
       payload.get("annotations"), list):
     raise errors.DataError(f"{captions_file}: not a COCO captions file (needs \"images\" and "
                            "\"annotations\" lists)")
-  skips = _SkipLog(captions_file)
+  skips = caption_files.SkipLog(captions_file)
   captions = collections.defaultdict(list)
   for index, annotation in enumerate(payload["annotations"]):
     if not isinstance(annotation, dict) or "image_id" not in annotation or not isinstance(
@@ -438,7 +246,7 @@ def read_coco(captions_file, images_dir, split: str) -> list[CaptionRecord]:
       skips.add(f"annotations[{index}]", "empty captions")
     else:
       captions[annotation["image_id"]].append(annotation["caption"].strip())
-  files, records, known_ids = _FileIndex(), [], set()
+  files, records, known_ids = caption_files.FileIndex(), [], set()
   for index, image in enumerate(payload["images"]):
     where = f"images[{index}]"
     if not isinstance(image, dict) or "id" not in image or not isinstance(image.get("file_name"), str):
@@ -496,22 +304,23 @@ def load_records(data_config, split: str) -> list[CaptionRecord]:
         hash_test_fraction=get("hash_test_fraction", 0.1),
         restval_to_train=get("restval_to_train", True))
   elif layout == "karpathy":
-    _require_dir(root, "dataset", "--config.data.root")
-    json_path = (_resolve(root, get("karpathy_json", ""), "") if get("karpathy_json", "")
+    caption_files.require_dir(root, "dataset", "--config.data.root")
+    json_path = (caption_files.resolve(root, get("karpathy_json", ""), "") if get("karpathy_json", "")
                  else _default_karpathy_json(root))
     images_dir = get("images_dir", "")
-    images_root = (_require_dir(_resolve(root, images_dir, ""), "image", "--config.data.images_dir")
+    images_root = (caption_files.require_dir(caption_files.resolve(root, images_dir, ""), "image",
+                                             "--config.data.images_dir")
                    if images_dir else _karpathy_images_root(root))
     records = read_karpathy(json_path, images_root, split,
                             restval_to_train=get("restval_to_train", True))
   elif layout == "coco":
-    _check_split(split)
-    _require_dir(root, "COCO", "--config.data.root")
+    check_split(split)
+    caption_files.require_dir(root, "COCO", "--config.data.root")
     coco_split = _COCO_SPLIT_NAMES[split]
-    captions_file = _resolve(root, get("captions_file", "").replace("{split}", coco_split),
-                             f"annotations/captions_{coco_split}2014.json")
-    images_dir = _resolve(root, get("images_dir", "").replace("{split}", coco_split),
-                          f"{coco_split}2014")
+    captions_file = caption_files.resolve(root, get("captions_file", "").replace("{split}", coco_split),
+                                          f"annotations/captions_{coco_split}2014.json")
+    images_dir = caption_files.resolve(root, get("images_dir", "").replace("{split}", coco_split),
+                                       f"{coco_split}2014")
     records = read_coco(captions_file, images_dir, split)
   elif layout == "tfds":
     from flaxcap import tfds_flickr8k  # pylint: disable=g-import-not-at-top  (imports TF)

@@ -1,4 +1,4 @@
-"""Robust image decoding with Pillow: any file a user points at -> uint8 [height, width, 3], or one clear error.
+"""Robust image decoding with Pillow: any image file -> uint8 [height, width, 3], or one clear error.
 
 Used by inference (no TensorFlow here) and as the fallback decoder of the tf.data pipeline. Every mode
 becomes RGB: grayscale, palette, CMYK, 16-bit (scaled to 8 bits), and alpha (composited over white).

@@ -116,7 +116,7 @@ def read_tfds(name: str, split: str, *, manual_dir: str = "", data_dir: str = ""
   Returns:
     One record per example, in TFDS order; image_path points into export_dir.
   """
-  datasets._check_split(split)  # pylint: disable=protected-access
+  datasets.check_split(split)
   try:
     builder = tfds.builder(name, data_dir=data_dir or None)
   except tfds.core.registered.DatasetNotFoundError as e:

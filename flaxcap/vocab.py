@@ -191,7 +191,8 @@ class Vocabulary:
           f"{path}: not a flaxcap vocabulary (expected a JSON object with \"format\": \"{_FILE_FORMAT}\")")
     if payload.get("version") != _FILE_VERSION:
       raise errors.DataError(
-          f"{path}: vocabulary version {payload.get('version')!r} is not supported (expected {_FILE_VERSION})")
+          f"{path}: vocabulary version {payload.get('version')!r} is not supported "
+          f"(expected {_FILE_VERSION})")
     words = payload.get("words")
     if not isinstance(words, list):
       raise errors.DataError(f"{path}: vocabulary has no \"words\" list")

@@ -16,9 +16,10 @@ NUM_RECORDS = 20
 
 
 def _table(captions_per_record=5):
-  records = [datasets.CaptionRecord(f"id{i}", f"/x/{i}.jpg",
-                                    tuple(f"image w{i} caption c{k}" for k in range(captions_per_record + i % 2)),
-                                    "train") for i in range(NUM_RECORDS)]
+  records = []
+  for i in range(NUM_RECORDS):
+    captions = tuple(f"image w{i} caption c{k}" for k in range(captions_per_record + i % 2))
+    records.append(datasets.CaptionRecord(f"id{i}", f"/x/{i}.jpg", captions, "train"))
   vocab = vocab_lib.Vocabulary.build([c for r in records for c in r.captions], min_count=1)
   return epoch_plan.encode_captions(records, vocab, max_len=8), records, vocab
 
