@@ -25,9 +25,9 @@ def get_config():
   config.data.tfds_data_dir = ""  # tfds layout: TFDS data dir ("" = ~/tensorflow_datasets)
   config.data.train_split = "train"
   config.data.eval_split = "dev"
-  config.data.captions_per_epoch = "one"  # one: a random caption per image each epoch; all: all five
+  config.data.captions_per_epoch = "one"  # one: a random caption per image each epoch; all: every caption
+  #   (epochs are fully shuffled in numpy, see flaxcap/epoch_plan.py: no shuffle buffer)
   config.data.max_len = 22  # caption tokens incl. <bos>/<eos>
-  config.data.shuffle_buffer = 8192
   config.data.augment = False  # random crop + colour jitter
   config.data.hflip = False  # horizontal flip swaps "left" and "right": off by default
   config.data.cache_features = True  # frozen encoder: compute features once, cache under workdir
