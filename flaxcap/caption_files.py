@@ -138,6 +138,11 @@ def read_caption_lines(path: pathlib.Path, images_dir: pathlib.Path, csv_format:
                               folder_stat.st_mtime_ns, csv_format)
 
 
+def clear_cache() -> None:
+  """Forgets parsed caption files, so the next read parses (and warns) again."""
+  _parse_caption_lines.cache_clear()
+
+
 @functools.lru_cache(maxsize=8)
 def _parse_caption_lines(path, unused_mtime, unused_size, images_dir, unused_folder_mtime, csv_format):
   """`read_caption_lines` without the cache."""

@@ -10,6 +10,7 @@ import data_fixtures
 import pytest
 
 from configs import default
+from flaxcap import caption_files
 from flaxcap import datasets
 from flaxcap import errors
 from flaxcap import vocab as vocab_lib
@@ -298,6 +299,7 @@ def test_datasets_module_does_not_import_tensorflow():
 
 @pytest.mark.real_data
 def test_real_flickr8k(flickr8k_root, caplog):
+  caption_files.clear_cache()  # another test may have parsed (and warned about) the real files
   config = _data_config(flickr8k_root, "flickr8k")
   train = datasets.load_records(config, "train")
   dev = datasets.load_records(config, "dev")
