@@ -10,20 +10,24 @@ def get_config():
 
   # Data: where the captions and images are, and how they are laid out.
   config.data = ml_collections.ConfigDict()
-  config.data.layout = "flickr8k"  # flickr8k | kaggle | karpathy | coco | tfds
-  config.data.root = "../shared/data/flickr8k"
-  config.data.images_dir = ""  # "" = the layout's default folder under root
-  config.data.captions_file = ""  # "" = the layout's default file under root
-  config.data.split_file = ""  # kaggle: a Karpathy JSON or a folder of Flickr_8k.*Images.txt
-  config.data.karpathy_json = ""  # karpathy layout: dataset_*.json ("" = root/dataset_flickr8k.json)
-  config.data.restval_to_train = True  # karpathy: fold "restval" into train
+  config.data.layout = "flickr8k"  # flickr8k | kaggle | karpathy | coco | tfds (README "Data")
+  config.data.root = "../shared/data/flickr8k"  # the dataset folder; relative paths below are under it
+  config.data.images_dir = ""  # "" = the layout's default image folder (coco: "{split}2014")
+  config.data.captions_file = ""  # "" = Flickr8k_text/Flickr8k.token.txt | captions.txt |
+  #   annotations/captions_{split}2014.json ({split} = train | val | test for coco)
+  config.data.split_file = ""  # flickr8k: folder of Flickr_8k.*Images.txt ("" = Flickr8k_text);
+  #   kaggle: that folder or a Karpathy dataset_*.json, "" = split by a hash of the image id
+  config.data.karpathy_json = ""  # karpathy layout: "" = root/dataset_flickr8k.json or the one dataset_*.json
+  config.data.restval_to_train = True  # karpathy / coco_captions: fold "restval" into train
   config.data.hash_dev_fraction = 0.1  # kaggle without split file: dev share by id hash
-  config.data.tfds_name = "flickr8k"  # tfds layout: the TFDS builder name
+  config.data.hash_test_fraction = 0.1  # kaggle without split file: test share by id hash
+  config.data.tfds_name = "flickr8k"  # tfds layout: flickr8k (prepared from root) | coco_captions
+  config.data.tfds_data_dir = ""  # tfds layout: TFDS data dir ("" = ~/tensorflow_datasets)
   config.data.train_split = "train"
   config.data.eval_split = "dev"
-  config.data.captions_per_epoch = "one"  # one: a random caption per image each epoch; all: all five
+  config.data.captions_per_epoch = "one"  # one: a random caption per image each epoch; all: every caption
+  #   (epochs are fully shuffled in numpy, see flaxcap/epoch_plan.py: no shuffle buffer)
   config.data.max_len = 22  # caption tokens incl. <bos>/<eos>
-  config.data.shuffle_buffer = 8192
   config.data.augment = False  # random crop + colour jitter
   config.data.hflip = False  # horizontal flip swaps "left" and "right": off by default
   config.data.cache_features = True  # frozen encoder: compute features once, cache under workdir

@@ -1,0 +1,142 @@
+"""Tests for flaxcap.vocab: tokenization, building, encode/decode, JSON round trip."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from flaxcap import errors
+from flaxcap import vocab as vocab_lib
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("A child in a pink dress is climbing up a set of stairs in an entry way .",
+     "a child in a pink dress is climbing up a set of stairs in an entry way".split()),
+    ("A man in a statefarm.com hat", ["a", "man", "in", "a", "statefarmcom", "hat"]),
+    ("Two dogs , one black & one white ; playing!", ["two", "dogs", "one", "black", "one", "white",
+                                                     "playing"]),
+    ("A dog's \"ball\" (red)", ["a", "dogs", "ball", "red"]),
+    ("  Tabs\tand\r\nnewlines  ", ["tabs", "and", "newlines"]),
+    ("A boy in a t-shirt", ["a", "boy", "in", "a", "tshirt"]),
+    ("Café « quoted » …", ["café", "quoted"]),
+    ("", []),
+    (" . , ! ", []),
+])
+def test_tokenize(text, expected):
+  assert vocab_lib.tokenize(text) == expected
+
+
+def test_tokenize_matches_karpathy_rule_on_ascii():
+  """Karpathy's neuraltalk2 rule: lower(), delete string.punctuation, split()."""
+  import string
+  rng = np.random.default_rng(0)
+  alphabet = list(string.ascii_letters + string.digits + string.punctuation + "  \t")
+  for _ in range(200):
+    text = "".join(rng.choice(alphabet, size=rng.integers(0, 40)))
+    reference = text.lower().translate(str.maketrans("", "", string.punctuation)).split()
+    assert vocab_lib.tokenize(text) == reference, text
+
+
+def _small_vocab(min_count=2, max_size=0):
+  captions = ["A dog runs .", "a dog jumps", "The dog runs!", "a cat sleeps", "A cat runs"]
+  return vocab_lib.Vocabulary.build(captions, min_count=min_count, max_size=max_size)
+
+
+def test_build_orders_by_count_then_word():
+  vocab = _small_vocab()
+  # counts: a 4, dog 3, runs 3, cat 2; the rest once.
+  assert vocab.words == ["<pad>", "<bos>", "<eos>", "<unk>", "a", "dog", "runs", "cat"]
+  assert (vocab_lib.PAD, vocab_lib.BOS, vocab_lib.EOS, vocab_lib.UNK) == (0, 1, 2, 3)
+  assert len(vocab) == 8
+  assert "dog" in vocab and "jumps" not in vocab
+
+
+def test_build_does_not_depend_on_caption_order():
+  captions = ["b b a a c", "c d", "a b d d"]
+  assert (vocab_lib.Vocabulary.build(captions, min_count=1) ==
+          vocab_lib.Vocabulary.build(captions[::-1], min_count=1))
+
+
+def test_build_default_min_count_is_five():
+  captions = ["dog"] * 5 + ["cat"] * 4
+  assert vocab_lib.Vocabulary.build(captions).words[4:] == ["dog"]
+
+
+def test_build_max_size_counts_special_tokens():
+  vocab = _small_vocab(min_count=1, max_size=6)
+  assert vocab.words == ["<pad>", "<bos>", "<eos>", "<unk>", "a", "dog"]
+  with pytest.raises(ValueError):
+    _small_vocab(max_size=3)
+
+
+def test_encode_pads_and_maps_unknown_words():
+  vocab = _small_vocab()
+  ids = vocab.encode("A dog flies", max_len=7)
+  assert ids.dtype == np.int32 and ids.shape == (7,)
+  np.testing.assert_array_equal(ids, [1, 4, 5, 3, 2, 0, 0])
+
+
+def test_encode_truncates_and_keeps_eos():
+  vocab = _small_vocab()
+  ids = vocab.encode("a dog runs a cat runs a dog", max_len=5)
+  np.testing.assert_array_equal(ids, [1, 4, 5, 6, 2])
+  np.testing.assert_array_equal(vocab.encode("", max_len=3), [1, 2, 0])
+  with pytest.raises(ValueError):
+    vocab.encode("a", max_len=1)
+
+
+def test_encode_batch_matches_encode():
+  vocab = _small_vocab()
+  texts = ["a dog", "cat runs fast", ""]
+  batch = vocab.encode_batch(texts, max_len=6)
+  assert batch.shape == (3, 6) and batch.dtype == np.int32
+  for row, text in zip(batch, texts):
+    np.testing.assert_array_equal(row, vocab.encode(text, 6))
+
+
+def test_decode_stops_at_eos_and_drops_bos_pad():
+  vocab = _small_vocab()
+  assert vocab.decode([1, 4, 5, 6, 2, 7, 7]) == "a dog runs"
+  assert vocab.decode(np.array([4, 0, 3, 7])) == "a <unk> cat"
+  assert vocab.decode([2, 4]) == ""
+  assert vocab.decode(vocab.encode("The cat runs", 10)) == "<unk> cat runs"
+  with pytest.raises(ValueError):
+    vocab.decode([99])
+
+
+def test_save_load_round_trip(tmp_path):
+  vocab = vocab_lib.Vocabulary.build(["ünïcode words here", "words here"], min_count=1)
+  path = tmp_path / "vocab.json"
+  vocab.save(path)
+  loaded = vocab_lib.Vocabulary.load(path)
+  assert loaded == vocab and loaded.words[4] == "here"
+  assert json.loads(path.read_text(encoding="utf-8"))["format"] == "flaxcap.vocabulary"
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "not found"),
+    ("{\"format\": \"flaxcap.vocabulary\",\n \"words\": [", ":2:"),
+    ("[1, 2, 3]", "not a flaxcap vocabulary"),
+    ("{\"format\": \"flaxcap.vocabulary\", \"version\": 9, \"words\": []}", "version 9"),
+    ("{\"format\": \"flaxcap.vocabulary\", \"version\": 1}", "no \"words\""),
+    ("{\"format\": \"flaxcap.vocabulary\", \"version\": 1, \"words\": [\"a\", \"b\"]}", "must start"),
+    ("{\"format\": \"flaxcap.vocabulary\", \"version\": 1, "
+     "\"words\": [\"<pad>\", \"<bos>\", \"<eos>\", \"<unk>\", \"x\", \"x\"]}", "repeats"),
+])
+def test_load_bad_file_raises_data_error_naming_it(tmp_path, content, message):
+  path = tmp_path / "vocab.json"
+  if content is not None:
+    path.write_text(content, encoding="utf-8")
+  with pytest.raises(errors.DataError, match=message) as info:
+    vocab_lib.Vocabulary.load(path)
+  assert str(path) in str(info.value)
+
+
+def test_vocab_module_does_not_import_tensorflow():
+  code = ("import sys; import flaxcap.vocab; "
+          "assert 'tensorflow' not in sys.modules and 'jax' not in sys.modules")
+  subprocess.run([sys.executable, "-c", code], check=True,
+                 cwd=pathlib.Path(__file__).resolve().parents[1])
