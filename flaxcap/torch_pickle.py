@@ -8,11 +8,11 @@
 * the zip format (torch.save's default): `<archive>/data.pkl` plus one `<archive>/data/<key>` entry of
   raw bytes per storage.
 
-Every pickle is loaded through `_RestrictedUnpickler`, which, like torch's `weights_only=True`, resolves
-only the few globals a state dict needs (`collections.OrderedDict`, `torch._utils._rebuild_tensor_v2`
-and friends, `torch.<Type>Storage`) to harmless stand-ins defined here. Any other global (`os.system`,
-`builtins.eval`, ...) raises `WeightsError` before anything is called, so a crafted `.pth` cannot run
-code.
+Every pickle is loaded through `_RestrictedUnpickler`, which, like torch's `weights_only=True`,
+resolves only the few globals a state dict needs (`collections.OrderedDict`,
+`torch._utils._rebuild_tensor_v2` and friends, `torch.<Type>Storage`) to harmless stand-ins defined
+here. Any other global (`os.system`, `builtins.eval`, ...) raises `WeightsError` before anything is
+called, so a crafted `.pth` cannot run code.
 """
 
 import collections
