@@ -24,7 +24,7 @@ import struct
 import zipfile
 from typing import Any
 
-import ml_dtypes
+import jax.numpy as jnp
 import numpy as np
 
 from flaxcap import errors
@@ -37,7 +37,7 @@ _STORAGE_DTYPES = {
     "DoubleStorage": np.dtype(np.float64),
     "FloatStorage": np.dtype(np.float32),
     "HalfStorage": np.dtype(np.float16),
-    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
+    "BFloat16Storage": np.dtype(jnp.bfloat16),  # ml_dtypes' bfloat16, which numpy lacks.
     "LongStorage": np.dtype(np.int64),
     "IntStorage": np.dtype(np.int32),
     "ShortStorage": np.dtype(np.int16),
@@ -221,7 +221,7 @@ def read_torch_file(path: str | os.PathLike) -> Any:
     path: a `.pth`/`.pt` file in torch's zip or legacy format.
 
   Returns:
-    The saved object with every tensor replaced by a numpy array (bfloat16 as `ml_dtypes.bfloat16`);
+    The saved object with every tensor replaced by a numpy array (bfloat16 as `jnp.bfloat16`);
     typically an `OrderedDict[str, np.ndarray]` state dict.
 
   Raises:
