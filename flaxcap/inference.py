@@ -21,7 +21,6 @@ from flaxcap import decoding
 from flaxcap import errors
 from flaxcap import images as images_lib
 from flaxcap import model as model_lib
-from flaxcap import pretrained
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -71,7 +70,7 @@ class Captioner:
           f"{path}: no model is shipped in this checkout yet; train one with train.py and pass "
           "--checkpoint runs/<name>")
     variables, config, vocab = checkpoints.load_for_inference(path)
-    encoder, encoder_variables = pretrained.create_pretrained_encoder(config)
+    encoder, encoder_variables = model_lib.pretrained_encoder(config)
     if "encoder" in variables["params"]:  # a fine-tuned encoder travels in the checkpoint
       encoder_variables = {"params": variables["params"]["encoder"]}
       if "batch_stats" in variables:
@@ -126,7 +125,7 @@ class Captioner:
           yield Failure(str(item), str(e))
           continue
       else:
-        pending.append(("", images_lib.resize_array(np.asarray(item), self.config.image_size)))
+        pending.append(("", images_lib.resize(np.asarray(item, np.uint8), self.config.image_size)))
       if len(pending) == batch_size:
         yield from self._caption_pending(pending, batch_size, beam_size, max_len, length_penalty)
         pending = []

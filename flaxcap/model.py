@@ -112,6 +112,28 @@ def create_decoder(config, vocab_size: int) -> decoder_lib.Decoder:
       dtype=dtype)
 
 
+def create_encoder(config) -> nn.Module:
+  """The encoder module named by `config.encoder` (`config.half_precision` forces bfloat16)."""
+  from flaxcap import encoders  # pylint: disable=g-import-not-at-top  (heavy; not needed by decoding)
+  dtype = jnp.bfloat16 if config.get("half_precision", False) else _dtype(config, "encoder.dtype")
+  return encoders.create_encoder(config.encoder.name, feature_stage=config.encoder.feature_stage,
+                                 dtype=dtype, trainable_stages=tuple(config.encoder.trainable_stages))
+
+
+def pretrained_encoder(config) -> tuple[nn.Module, dict]:
+  """The encoder of `config` and its variables: ImageNet weights (`config.encoder.weights` =
+  "imagenet"), a torchvision-format file (a path), or a random initialization ("none")."""
+  from flaxcap import pretrained  # pylint: disable=g-import-not-at-top
+  encoder = create_encoder(config)
+  images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.uint8)
+  weights = config.encoder.weights
+  if weights == "none":
+    return encoder, encoder.init(jax.random.key(config.seed), images)
+  variables = jax.eval_shape(encoder.init, jax.random.key(0), images)
+  return encoder, pretrained.load_pretrained(config.encoder.name, variables,
+                                             None if weights == "imagenet" else weights)
+
+
 def create_model(config, vocab_size: int, encoder: nn.Module | None = None) -> Captioner:
   """Builds the `Captioner` from a config.
 
@@ -119,17 +141,13 @@ def create_model(config, vocab_size: int, encoder: nn.Module | None = None) -> C
     config: the `ml_collections.ConfigDict` of `configs/default.py` (reads encoder.*, decoder.*,
       half_precision).
     vocab_size: V.
-    encoder: an encoder module to use instead of `encoders.create_encoder(config.encoder.name, ...)`.
+    encoder: an encoder module to use instead of `create_encoder(config)`.
 
   Raises:
     ConfigError: a decoder field or dtype holds a value that cannot be used.
   """
-  if encoder is None:
-    from flaxcap import encoders  # pylint: disable=g-import-not-at-top  (built in parallel; heavy)
-    dtype = jnp.bfloat16 if config.get("half_precision", False) else _dtype(config, "encoder.dtype")
-    encoder = encoders.create_encoder(config.encoder.name, feature_stage=config.encoder.feature_stage,
-                                      dtype=dtype)
-  return Captioner(encoder=encoder, decoder=create_decoder(config, vocab_size),
+  return Captioner(encoder=encoder or create_encoder(config),
+                   decoder=create_decoder(config, vocab_size),
                    encoder_trainable=bool(tuple(config.encoder.trainable_stages)))
 
 

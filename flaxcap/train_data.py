@@ -22,11 +22,10 @@ from flaxcap import decoding
 from flaxcap import errors
 from flaxcap import feature_cache
 from flaxcap import model as model_lib
-from flaxcap import pretrained
 from flaxcap import vocab as vocab_lib
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class TrainData:
   """Everything the training loop reads; built by `prepare`."""
   config: Any
@@ -122,7 +121,7 @@ def prepare(config, workdir) -> TrainData:
                                      min_count=config.vocab.min_count, max_size=config.vocab.max_size)
   logging.info("%d train and %d %s images; vocabulary of %d words", len(train_records),
                len(eval_records), config.data.eval_split, len(vocab))
-  encoder, encoder_variables = pretrained.create_pretrained_encoder(config)
+  encoder, encoder_variables = model_lib.pretrained_encoder(config)
   data = TrainData(config=config, vocab=vocab, train_records=train_records,
                    eval_records=eval_records, captions=None,
                    encoder=encoder, encoder_variables=encoder_variables)

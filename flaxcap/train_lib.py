@@ -26,6 +26,7 @@ import optax
 import tqdm
 
 from flaxcap import checkpoints
+from flaxcap import encoders
 from flaxcap import errors
 from flaxcap import metrics as metrics_lib
 from flaxcap import model as model_lib
@@ -138,23 +139,33 @@ def summarize(sums: dict[str, np.ndarray], alpha_c: float) -> dict[str, float]:
           "perplexity": math.exp(min(cross_entropy, 50.0))}
 
 
+def param_labels(params, config):
+  """Labels for `create_optimizer`: the decoder, and the encoder's trainable or frozen stages."""
+  labels = {"decoder": jax.tree_util.tree_map(lambda _: "decoder", params["decoder"])}
+  if "encoder" in params:
+    labels["encoder"] = encoders.trainable_param_labels(
+        config.encoder.name, params["encoder"], config.encoder.trainable_stages)
+  return labels
+
+
 def create_train_state(config, model, data: train_data.TrainData, steps_per_epoch: int) -> TrainState:
   """Initializes the decoder (and the pretrained encoder when it is fine-tuned) and the optimizer."""
   init_rng, state_rng = jax.random.split(jax.random.key(config.seed))
   input_tokens = jnp.zeros((1, config.data.max_len - 1), jnp.int32)
   if data.feature_table is not None:
     features = jnp.zeros((1,) + data.feature_table.shape[1:], jnp.float32)
-    variables = model.init(init_rng, features, input_tokens, method=model_lib.Captioner.decode_features)
-    variables = {"params": variables["params"]}
+    variables = model.init(init_rng, features, input_tokens, deterministic=True,
+                           method=model_lib.Captioner.decode_features)
+    params, batch_stats = dict(variables["params"]), {}
   else:
     images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.uint8)
-    variables = dict(model.init(init_rng, images, input_tokens, train=False))
-    variables = model_lib.with_encoder_variables(variables, data.encoder_variables)
-  labels = model_lib.param_labels(variables["params"], config.encoder.trainable_stages)
+    variables = model.init(init_rng, images, input_tokens, train=False)
+    params = dict(variables["params"], encoder=data.encoder_variables["params"])
+    batch_stats = {"encoder": data.encoder_variables.get("batch_stats", {})}
   return TrainState.create(
-      apply_fn=model.apply, params=variables["params"],
-      tx=create_optimizer(config, steps_per_epoch, labels),
-      batch_stats=variables.get("batch_stats", {}), rng=state_rng)
+      apply_fn=model.apply, params=params,
+      tx=create_optimizer(config, steps_per_epoch, param_labels(params, config)),
+      batch_stats=batch_stats, rng=state_rng)
 
 
 def evaluate(config, model, params, data: train_data.TrainData, *, metrics=("BLEU", "CIDEr"),

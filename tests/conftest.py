@@ -26,3 +26,25 @@ def flickr8k_root():
   if not (FLICKR8K_ROOT / "Flickr8k_text" / "Flickr8k.token.txt").exists():
     pytest.skip(f"real Flickr8k not found at {FLICKR8K_ROOT}")
   return FLICKR8K_ROOT
+
+
+@pytest.fixture(scope="session")
+def shapes_root(tmp_path_factory):
+  """A tiny synthetic Flickr8k-layout dataset of coloured shapes (see tests/shapes_data.py)."""
+  import shapes_data  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("shapes") / "data"
+  shapes_data.write_flickr8k_layout(root)
+  return root
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(shapes_root, tmp_path_factory):
+  """A training workdir of configs/tiny.py trained briefly on `shapes_root` (random encoder)."""
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from flaxcap import train_lib  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.data.root = str(shapes_root)
+  config.num_epochs = 2
+  workdir = tmp_path_factory.mktemp("tiny_run")
+  train_lib.train_and_evaluate(config, str(workdir))
+  return workdir

@@ -40,7 +40,3 @@ def write_flickr8k_layout(root: pathlib.Path, *, size: int = 64, num_images: int
   (text_dir / "Flickr_8k.trainImages.txt").write_text(names)
   (text_dir / "Flickr_8k.devImages.txt").write_text(names)
   return captions
-
-
-def random_photo(seed: int, size: int = 64) -> np.ndarray:
-  return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
