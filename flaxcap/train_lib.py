@@ -256,11 +256,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
           for name, value in logged.items():
             writer.add_scalar(f"train/{name}", value, step)
       if step % config.checkpoint.every_steps == 0:
-        store.save_latest(step, jax_utils.unreplicate(replicated_state), config, data.vocab)
+        store.save_latest(step, unreplicate(replicated_state), config, data.vocab)
     progress.close()
     skip_batches = 0
     epoch_sums.extend(guard.flush(store))
-    state = jax_utils.unreplicate(replicated_state)
+    state = unreplicate(replicated_state)
     store.save_latest(step, state, config, data.vocab)
     summary = summarize(_stack(epoch_sums), config.loss.alpha_c) if epoch_sums else {}
     if (epoch + 1) % config.eval.every_epochs == 0 or epoch + 1 == config.num_epochs:
@@ -290,6 +290,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   if writer:
     writer.close()
   return eval_metrics
+
+
+def unreplicate(tree):
+  """The first device's copy of a pmapped pytree (`flax.jax_utils.unreplicate` keeps a leading axis
+  when pmap ran on a subset of the local devices)."""
+  return jax.tree_util.tree_map(lambda x: x[0], tree)
 
 
 def _stack(sums_list):

@@ -53,13 +53,12 @@ class _RecordingWriter:
 
 
 def test_overfits_shapes_and_greedy_decodes_training_captions(shapes_root, tmp_path, monkeypatch):
-  import shapes_data  # pylint: disable=g-import-not-at-top
-  del shapes_data
   scalars = {}
   monkeypatch.setattr(train_lib, "_summary_writer", lambda workdir: _RecordingWriter(scalars))
-  config = _config(shapes_root, num_epochs=100, loss__alpha_c=0.0, optimizer__learning_rate=3e-3,
-                   optimizer__schedule="constant", eval__every_epochs=100, eval__patience=0,
-                   checkpoint__every_steps=1000, log_every_steps=2)
+  config = _config(shapes_root, num_epochs=30, loss__alpha_c=0.0, optimizer__learning_rate=3e-3,
+                   optimizer__schedule="constant", eval__every_epochs=30, eval__patience=0,
+                   checkpoint__every_steps=1000, log_every_steps=10,
+                   data__captions_per_epoch="all")  # 10 steps of 8 captions per epoch
   final = train_lib.train_and_evaluate(config, str(tmp_path))
   losses = scalars["train/loss"]
   assert losses[max(losses)] < 0.02 < losses[min(losses)]
@@ -89,7 +88,7 @@ def _run_steps(num_devices, config, feature_table, token_batches):
     batch = {"image_index": image_index.reshape(num_devices, -1),
              "tokens": tokens.reshape(num_devices, -1, tokens.shape[-1])}
     state, _ = step(state, batch, table)
-  return jax.device_get(jax_utils.unreplicate(state).params)
+  return jax.device_get(train_lib.unreplicate(state).params)
 
 
 def train_step_fn(state, batch, table, *, model):
@@ -228,5 +227,5 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(shapes_root, tmp_path
 def test_vocabulary_mismatch_with_checkpoint_is_an_error(shapes_root, tmp_path):
   train_lib.train_and_evaluate(_config(shapes_root, num_epochs=1), str(tmp_path))
   with pytest.raises(errors.CheckpointError, match="vocabulary"):
-    train_lib.train_and_evaluate(_config(shapes_root, num_epochs=2, vocab__min_count=6),
+    train_lib.train_and_evaluate(_config(shapes_root, num_epochs=2, vocab__min_count=30),
                                  str(tmp_path))
