@@ -9,7 +9,7 @@ import dataclasses
 import functools
 import os
 import pathlib
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator
 
 import einops
 import jax

@@ -10,7 +10,6 @@ import time
 
 from flax import jax_utils
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -229,3 +228,11 @@ def test_vocabulary_mismatch_with_checkpoint_is_an_error(shapes_root, tmp_path):
   with pytest.raises(errors.CheckpointError, match="vocabulary"):
     train_lib.train_and_evaluate(_config(shapes_root, num_epochs=2, vocab__min_count=30),
                                  str(tmp_path))
+
+
+def test_cached_feature_training_and_inference_never_import_tensorflow():
+  code = ("import sys; import flaxcap.train_lib, flaxcap.inference, flaxcap.decoding; "
+          "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'")
+  result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
