@@ -236,3 +236,19 @@ def test_cached_feature_training_and_inference_never_import_tensorflow():
   result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=120)
   assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_fine_tuning_trains_the_chosen_encoder_stages_from_images(shapes_root, tmp_path):
+  config = _config(shapes_root, num_epochs=1, encoder__trainable_stages=(8,),
+                   encoder__learning_rate=1e-2)
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  assert not (tmp_path / "features").exists()  # images went through the encoder every step
+  variables, _, _ = checkpoints.load_for_inference(tmp_path / checkpoints.LATEST_DIR)
+  _, pretrained = model_lib.pretrained_encoder(config)
+  trained_encoder = variables["params"]["encoder"]
+  changed = {name: any(not np.allclose(a, b) for a, b in zip(
+      jax.tree_util.tree_leaves(trained_encoder[name]),
+      jax.tree_util.tree_leaves(pretrained["params"][name]))) for name in pretrained["params"]}
+  assert changed, "no encoder parameters"
+  trained = {name for name, moved in changed.items() if moved}
+  assert trained and all(name.startswith("stage8_") for name in trained), trained
