@@ -307,7 +307,7 @@ PAGE = """<!doctype html>
   <div>
     <h2 id="caption"></h2>
     <div id="score"></div>
-    <h3>Every beam, best first (length-normalized log-probability)</h3>
+    <h3>Every beam, best first (log-probability, length penalty applied if set)</h3>
     <ol id="alternatives"></ol>
     <h3>Where it looked for each word</h3>
     <div id="attention-grid"></div>
