@@ -192,9 +192,9 @@ def test_sigkill_during_checkpointing_never_leaves_an_unloadable_directory(shape
     ("--config.encoder.name=alexnet", "alexnet"),
     ("--config.data.root=/nonexistent/flickr8k", "/nonexistent/flickr8k"),
 ])
-def test_cli_bad_config_is_one_line(override, message, tmp_path):
-  process = _train_cli(f"--workdir={tmp_path}", override)
-  _, stderr = process.communicate(timeout=120)
+def test_cli_bad_config_is_one_line(override, message, shapes_root, tmp_path):
+  process = _train_cli(f"--workdir={tmp_path}", f"--config.data.root={shapes_root}", override)
+  _, stderr = process.communicate(timeout=400)
   assert process.returncode == 1
   lines = [line for line in stderr.splitlines() if line.startswith("train.py: error:")]
   assert len(lines) == 1 and message in lines[0], stderr[-2000:]
