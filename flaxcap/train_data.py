@@ -75,10 +75,9 @@ class TrainData:
     return jax.jit(functools.partial(decoding.search, self._decoder, beam_size=beam_size,
                                      max_len=max_len, length_penalty=length_penalty))
 
-  def caption_eval_split(self, model, params, *, beam_size: int, max_len: int,
+  def caption_eval_split(self, params, *, beam_size: int, max_len: int,
                          length_penalty: float, batch_size: int) -> dict[str, str]:
     """Captions every eval image: {image_id: caption text} (batches padded to one shape)."""
-    del model
     if self.eval_features is not None:
       features = self.eval_features
     else:

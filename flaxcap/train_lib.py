@@ -168,11 +168,11 @@ def create_train_state(config, model, data: train_data.TrainData, steps_per_epoc
       batch_stats=batch_stats, rng=state_rng)
 
 
-def evaluate(config, model, params, data: train_data.TrainData, *, metrics=("BLEU", "CIDEr"),
+def evaluate(config, params, data: train_data.TrainData, *, metrics=("BLEU", "CIDEr"),
              beam_size=None) -> dict[str, float]:
   """Captions the eval split (greedy by default) and scores it against its references."""
   beam_size = beam_size or config.eval.beam_size
-  captions = data.caption_eval_split(model, params, beam_size=beam_size, max_len=config.eval.max_len,
+  captions = data.caption_eval_split(params, beam_size=beam_size, max_len=config.eval.max_len,
                                      length_penalty=config.eval.length_penalty,
                                      batch_size=config.eval.batch_size)
   references = {record.image_id: list(record.captions) for record in data.eval_records}
@@ -256,15 +256,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
           for name, value in logged.items():
             writer.add_scalar(f"train/{name}", value, step)
       if step % config.checkpoint.every_steps == 0:
-        store.save_latest(step, jax_utils.unreplicate(replicated_state), config, data.vocab)
+        store.save_latest(step, unreplicate(replicated_state), config, data.vocab)
     progress.close()
     skip_batches = 0
     epoch_sums.extend(guard.flush(store))
-    state = jax_utils.unreplicate(replicated_state)
+    state = unreplicate(replicated_state)
     store.save_latest(step, state, config, data.vocab)
     summary = summarize(_stack(epoch_sums), config.loss.alpha_c) if epoch_sums else {}
     if (epoch + 1) % config.eval.every_epochs == 0 or epoch + 1 == config.num_epochs:
-      eval_metrics = evaluate(config, model, state.params, data)
+      eval_metrics = evaluate(config, state.params, data)
       improved = store.offer_best(step, state, config, data.vocab, eval_metrics)
       if writer:
         for name, value in eval_metrics.items():
@@ -290,6 +290,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   if writer:
     writer.close()
   return eval_metrics
+
+
+def unreplicate(tree):
+  """The first device's copy of a pmapped pytree (`flax.jax_utils.unreplicate` keeps a leading axis
+  when pmap ran on a subset of the local devices)."""
+  return jax.tree_util.tree_map(lambda x: x[0], tree)
 
 
 def _stack(sums_list):

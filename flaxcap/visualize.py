@@ -1,5 +1,6 @@
 """Attention overlays: the photo with each word's attention map, one panel per word."""
 
+import io
 import math
 import os
 
@@ -15,6 +16,33 @@ def upsample_attention(attention: np.ndarray, size: tuple[int, int]) -> np.ndarr
   peak = float(attention.max()) or 1.0
   grid = Image.fromarray((attention / peak * 255).astype(np.uint8))
   return np.asarray(grid.resize(size[::-1], Image.BILINEAR), np.float32) / 255.0
+
+
+def blend_attention(image: np.ndarray, word_attention: np.ndarray, *, alpha: float = 0.5,
+                    colormap: str = "jet") -> np.ndarray:
+  """The photo with one word's attention coloured over it, as `save_attention_overlay` draws a panel.
+
+  Args:
+    image: uint8 [height, width, 3].
+    word_attention: [h, w] attention weights over the feature grid (upsampled, scaled to its peak).
+    alpha: weight of the colour map (0 = the photo alone).
+    colormap: a matplotlib colour map name.
+
+  Returns:
+    uint8 [height, width, 3].
+  """
+  heat = upsample_attention(np.asarray(word_attention, np.float32), image.shape[:2])
+  colours = matplotlib.colormaps[colormap](heat)[..., :3] * 255.0
+  blended = (1.0 - alpha) * image.astype(np.float32) + alpha * colours
+  return np.clip(blended.round(), 0, 255).astype(np.uint8)
+
+
+def encode_image(image: np.ndarray, *, image_format: str = "PNG", quality: int = 90) -> bytes:
+  """uint8 [height, width, 3] as encoded file bytes ("PNG", or "JPEG" at `quality`)."""
+  buffer = io.BytesIO()
+  options = {"quality": quality} if image_format.upper() == "JPEG" else {}
+  Image.fromarray(image).save(buffer, format=image_format, **options)
+  return buffer.getvalue()
 
 
 def save_attention_overlay(image: np.ndarray, words: list[str], attention: np.ndarray,

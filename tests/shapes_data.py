@@ -3,7 +3,6 @@
 import itertools
 import pathlib
 
-import numpy as np
 from PIL import Image, ImageDraw
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 60, 220), "yellow": (230, 210, 20)}

@@ -1,0 +1,33 @@
+"""Writes a compact inference copy of a trained model.
+
+  python export.py --checkpoint runs/flickr8k --out models/flickr8k
+
+The copy holds float16 decoder params, the config and the vocabulary; `infer.py --checkpoint` and
+`Captioner.load()` read it like a training workdir.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+
+from flaxcap import checkpoints
+from flaxcap import errors
+
+flags.DEFINE_string("checkpoint", None, "Training workdir or checkpoint directory.", required=True)
+flags.DEFINE_string("out", None, "Directory to write the exported model to.", required=True)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    out = checkpoints.export(flags.FLAGS.checkpoint, flags.FLAGS.out)
+  except errors.FlaxcapError as e:
+    print(f"export.py: error: {e}", file=sys.stderr)
+    sys.exit(1)
+  print(out)
+
+
+if __name__ == "__main__":
+  app.run(main)

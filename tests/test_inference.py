@@ -1,0 +1,133 @@
+"""Inference: Captioner.load, batched captioning with failures, export, and the infer.py CLI."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+import pytest
+
+import data_fixtures
+from flaxcap import checkpoints
+from flaxcap import errors
+from flaxcap import inference
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+BROKEN = {"notes.jpg": "text", "empty.jpg": "empty",
+          "truncated.jpg": "truncated_jpeg", "bomb.png": "bomb_png"}
+ODD_BUT_GOOD = ("cmyk_jpeg", "png16_rgb", "gif_animated", "gray_jpeg", "rgba_png")
+
+
+@pytest.fixture(scope="module")
+def captioner(tiny_checkpoint):
+  return inference.Captioner.load(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def photo_folder(shapes_root, tmp_path_factory):
+  """Good shape photos, odd-but-valid formats, and broken files, in nested folders."""
+  folder = tmp_path_factory.mktemp("photos")
+  shapes = sorted((shapes_root / "Flicker8k_Dataset").glob("*.jpg"))[:3]
+  for index, path in enumerate(shapes):
+    (folder / "nested" / f"shape{index}.jpg").parent.mkdir(parents=True, exist_ok=True)
+    (folder / "nested" / f"shape{index}.jpg").write_bytes(path.read_bytes())
+  for kind in ODD_BUT_GOOD:
+    suffix = {"png16_rgb": ".png", "gif_animated": ".gif", "rgba_png": ".png"}.get(kind, ".jpg")
+    data_fixtures.write_image(folder / f"{kind}{suffix}", kind, size=(70, 50))
+  for name, kind in BROKEN.items():
+    data_fixtures.write_image(folder / "broken" / name, kind)
+  return folder
+
+
+def test_captions_stream_in_order_and_report_failures(captioner, photo_folder):
+  paths = [str(p) for p in inference.find_images(photo_folder)] + [str(photo_folder / "gone.jpg")]
+  results = list(captioner.caption(paths, beam_size=3, batch_size=4))
+  by_source = {r.source: r for r in results}
+  assert set(by_source) == set(paths)
+  failures = {pathlib.Path(s).name: r for s, r in by_source.items()
+              if isinstance(r, inference.Failure)}
+  assert set(failures) == {"notes.jpg", "empty.jpg", "truncated.jpg", "bomb.png", "gone.jpg"}
+  for name, failure in failures.items():
+    assert name in failure.message and "\n" not in failure.message
+  assert "decompression bomb" in failures["bomb.png"].message
+  captions = [r for r in results if isinstance(r, inference.Caption)]
+  assert len(captions) == 3 + len(ODD_BUT_GOOD)
+  h, w = captioner.feature_grid_shape
+  for caption in captions:
+    assert caption.attention.shape == (len(caption.words), h, w)
+    np.testing.assert_allclose(caption.attention.sum(axis=(1, 2)), 1.0, atol=1e-4)
+    assert len(caption.alternatives) == 3
+    assert caption.alternatives[0] == (caption.text, caption.score)
+    assert [s for _, s in caption.alternatives] == sorted(
+        [s for _, s in caption.alternatives], reverse=True)
+
+
+def test_batch_padding_does_not_change_captions(captioner, shapes_root):
+  paths = [str(p) for p in sorted((shapes_root / "Flicker8k_Dataset").glob("*.jpg"))[:5]]
+  one_by_one = [next(captioner.caption([p], beam_size=3)).text for p in paths]
+  batched = [r.text for r in captioner.caption(paths, beam_size=3, batch_size=4)]
+  assert one_by_one == batched
+
+
+def test_arrays_and_paths_give_the_same_caption(captioner, shapes_root):
+  path = sorted((shapes_root / "Flicker8k_Dataset").glob("*.jpg"))[0]
+  array = np.asarray(Image.open(path).convert("RGB"))
+  from_path, from_array = captioner.caption([str(path), array], beam_size=2)
+  assert from_path.text == from_array.text and from_array.source == ""
+
+
+def test_export_round_trip(tiny_checkpoint, captioner, shapes_root, tmp_path):
+  out = checkpoints.export(tiny_checkpoint, tmp_path / "model")
+  exported = inference.Captioner.load(out)
+  assert exported.vocab == captioner.vocab
+  paths = [str(p) for p in sorted((shapes_root / "Flicker8k_Dataset").glob("*.jpg"))[:4]]
+  original = list(captioner.caption(paths, beam_size=3, batch_size=4))
+  compact = list(exported.caption(paths, beam_size=3, batch_size=4))
+  for a, b in zip(original, compact):  # float16 params: the same words, nearly the same scores
+    assert a.text == b.text
+    assert abs(a.score - b.score) < 0.05
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+  with pytest.raises(errors.CheckpointError, match="does not exist"):
+    inference.Captioner.load(tmp_path / "nope")
+  with pytest.raises(errors.CheckpointError, match="no complete checkpoint"):
+    inference.Captioner.load(tmp_path)
+
+
+def _infer(*args):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", XLA_FLAGS="")
+  return subprocess.run([sys.executable, str(REPO_ROOT / "infer.py"), *args], cwd=REPO_ROOT,
+                        env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_infer_cli_folder_json_overlays_and_exit_code(tiny_checkpoint, photo_folder, tmp_path):
+  result = _infer(f"--checkpoint={tiny_checkpoint}", f"--images={photo_folder}", "--json",
+                  f"--attention_out={tmp_path / 'overlays'}", "--beam_size=2")
+  assert result.returncode == 1, result.stderr[-2000:]
+  lines = [json.loads(line) for line in result.stdout.splitlines()]
+  assert len(lines) == 3 + len(ODD_BUT_GOOD)
+  assert all(set(line) == {"image", "caption", "score"} for line in lines)
+  errors_printed = [l for l in result.stderr.splitlines() if l.startswith("infer.py: error:")]
+  assert len(errors_printed) == 4, result.stderr[-3000:]  # notes, empty, truncated, bomb
+  assert "Traceback" not in result.stderr
+  overlays = sorted(p.name for p in (tmp_path / "overlays").glob("*.png"))
+  assert len(overlays) == len(lines)
+  overlay = Image.open(tmp_path / "overlays" / overlays[0])
+  assert overlay.size[0] > 200 and overlay.size[1] > 150
+
+
+def test_infer_cli_scores_a_dataset_split(tiny_checkpoint, shapes_root):
+  result = _infer(f"--checkpoint={tiny_checkpoint}", f"--dataset={shapes_root}", "--split=dev",
+                  "--beam_size=1")
+  assert result.returncode == 0, result.stderr[-2000:]
+  for metric in ("BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr"):
+    assert metric in result.stdout
+
+
+def test_infer_cli_without_inputs_is_a_usage_error():
+  result = _infer()
+  assert result.returncode != 0 and "--image" in result.stderr

@@ -1,0 +1,254 @@
+"""Training: overfitting a tiny set, 4 devices == 1 device, kill-and-resume, and bad input."""
+
+import functools
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+from flax import jax_utils
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from flaxcap import checkpoints
+from flaxcap import errors
+from flaxcap import feature_cache
+from flaxcap import model as model_lib
+from flaxcap import train_lib
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _config(shapes_root, **overrides):
+  config = tiny.get_config()
+  config.data.root = str(shapes_root)
+  for dotted, value in overrides.items():
+    target = config
+    *parents, leaf = dotted.split("__")
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = value
+  return config
+
+
+class _RecordingWriter:
+  """Stands in for the TensorBoard writer and keeps every scalar."""
+
+  def __init__(self, log):
+    self.log = log
+
+  def add_scalar(self, name, value, step):
+    self.log.setdefault(name, {})[step] = value
+
+  def flush(self):
+    pass
+
+  def close(self):
+    pass
+
+
+def test_overfits_shapes_and_greedy_decodes_training_captions(shapes_root, tmp_path, monkeypatch):
+  scalars = {}
+  monkeypatch.setattr(train_lib, "_summary_writer", lambda workdir: _RecordingWriter(scalars))
+  config = _config(shapes_root, num_epochs=30, loss__alpha_c=0.0, optimizer__learning_rate=3e-3,
+                   optimizer__schedule="constant", eval__every_epochs=30, eval__patience=0,
+                   checkpoint__every_steps=1000, log_every_steps=10,
+                   data__captions_per_epoch="all")  # 10 steps of 8 captions per epoch
+  final = train_lib.train_and_evaluate(config, str(tmp_path))
+  losses = scalars["train/loss"]
+  assert losses[max(losses)] < 0.02 < losses[min(losses)]
+  assert final["BLEU-4"] > 0.99
+
+  from flaxcap import inference  # pylint: disable=g-import-not-at-top
+  captioner = inference.Captioner.load(tmp_path)
+  token_file = shapes_root / "Flickr8k_text" / "Flickr8k.token.txt"
+  expected = {line.split("#")[0]: line.split("\t")[1].lower().rstrip(" .")
+              for line in token_file.read_text().splitlines()}
+  paths = [str(shapes_root / "Flicker8k_Dataset" / name) for name in sorted(expected)]
+  results = list(captioner.caption(paths, beam_size=1, batch_size=16))
+  assert [r.text for r in results] == [expected[name] for name in sorted(expected)]
+
+
+def _run_steps(num_devices, config, feature_table, token_batches):
+  """Runs `train_step` pmapped over the first `num_devices` devices on the same global batches."""
+  model = model_lib.create_model(config, vocab_size=20)
+  data = type("Data", (), {"feature_table": feature_table, "encoder_variables": None})()
+  state = train_lib.create_train_state(config, model, data, steps_per_epoch=10)
+  devices = jax.local_devices()[:num_devices]
+  step = jax.pmap(functools.partial(train_step_fn, model=model), axis_name=train_lib.AXIS,
+                  devices=devices)
+  state = jax_utils.replicate(state, devices=devices)
+  table = jax_utils.replicate(feature_table, devices=devices)
+  for image_index, tokens in token_batches:
+    batch = {"image_index": image_index.reshape(num_devices, -1),
+             "tokens": tokens.reshape(num_devices, -1, tokens.shape[-1])}
+    state, _ = step(state, batch, table)
+  return jax.device_get(train_lib.unreplicate(state).params)
+
+
+def train_step_fn(state, batch, table, *, model):
+  return train_lib.train_step(state, batch, table, model=model, alpha_c=1.0, label_smoothing=0.1)
+
+
+def test_four_devices_match_one_device():
+  assert jax.local_device_count() >= 4, "conftest forces 4 host devices"
+  config = tiny.get_config()
+  rng = np.random.default_rng(0)
+  feature_table = rng.normal(size=(32, 4, 16)).astype(np.float32)
+  batches = []
+  for _ in range(3):
+    tokens = rng.integers(4, 20, size=(8, config.data.max_len)).astype(np.int32)
+    tokens[:, 0] = 1
+    lengths = rng.integers(3, config.data.max_len, size=8)  # uneven: devices hold different counts
+    for row, length in enumerate(lengths):
+      tokens[row, length] = 2
+      tokens[row, length + 1:] = 0
+    batches.append((rng.integers(0, 32, size=8).astype(np.int32), tokens))
+  one = _run_steps(1, config, feature_table, batches)
+  four = _run_steps(4, config, feature_table, batches)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6),
+                         one, four)
+  moved = jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+      lambda a, b: float(np.abs(a - b).max()), one,
+      _run_steps(1, config, feature_table, batches[:1])))
+  assert max(moved) > 0  # the steps did change the parameters
+
+
+class _Killed(Exception):
+  pass
+
+
+def test_kill_and_resume_gives_the_same_losses(shapes_root, tmp_path, monkeypatch):
+  config = _config(shapes_root, batch_size=4, num_epochs=3, log_every_steps=1,
+                   checkpoint__every_steps=3, eval__every_epochs=10)
+  uninterrupted, resumed = {}, {}
+  monkeypatch.setattr(train_lib, "_summary_writer", lambda w: _RecordingWriter(uninterrupted))
+  train_lib.train_and_evaluate(config, str(tmp_path / "a"))
+
+  kill_at = 6  # mid-epoch 2 (4 steps per epoch)
+  original_save = checkpoints.CheckpointStore.save_latest
+
+  def save_then_die(self, step, *args):
+    original_save(self, step, *args)
+    if step == kill_at:
+      raise _Killed()
+
+  monkeypatch.setattr(checkpoints.CheckpointStore, "save_latest", save_then_die)
+  monkeypatch.setattr(train_lib, "_summary_writer", lambda w: _RecordingWriter({}))
+  with pytest.raises(_Killed):
+    train_lib.train_and_evaluate(config, str(tmp_path / "b"))
+  monkeypatch.setattr(checkpoints.CheckpointStore, "save_latest", original_save)
+  monkeypatch.setattr(train_lib, "_summary_writer", lambda w: _RecordingWriter(resumed))
+  train_lib.train_and_evaluate(config, str(tmp_path / "b"))
+
+  after = {step: loss for step, loss in uninterrupted["train/loss"].items() if step > kill_at}
+  assert sorted(resumed["train/loss"]) == sorted(after)
+  np.testing.assert_allclose([resumed["train/loss"][s] for s in sorted(after)],
+                             [after[s] for s in sorted(after)], rtol=1e-5)
+  final_a = checkpoints.load_for_inference(tmp_path / "a" / checkpoints.LATEST_DIR)[0]
+  final_b = checkpoints.load_for_inference(tmp_path / "b" / checkpoints.LATEST_DIR)[0]
+  jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
+                         final_a, final_b)
+
+
+def _train_cli(*args, **kwargs):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", XLA_FLAGS="")
+  return subprocess.Popen([sys.executable, str(REPO_ROOT / "train.py"),
+                           "--config", str(REPO_ROOT / "configs" / "tiny.py"), *args],
+                          cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, **kwargs)
+
+
+def test_sigkill_during_checkpointing_never_leaves_an_unloadable_directory(shapes_root, tmp_path):
+  workdir = tmp_path / "run"
+  steps_dir = workdir / checkpoints.LATEST_DIR
+  for delay in (0.0, 0.7):
+    process = _train_cli(f"--workdir={workdir}", f"--config.data.root={shapes_root}",
+                         "--config.num_epochs=1000", "--config.checkpoint.every_steps=1",
+                         "--config.eval.every_epochs=1000")
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+      if steps_dir.is_dir() and len([p for p in steps_dir.iterdir() if p.name.isdigit()]) >= 2:
+        break
+      time.sleep(0.05)
+    time.sleep(delay)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    variables, config, vocab = checkpoints.load_for_inference(steps_dir)
+    assert "decoder" in variables["params"] and len(vocab) > 4
+  # A half-written step directory, as a kill mid-save leaves it, is ignored.
+  latest = max(int(p.name) for p in steps_dir.iterdir() if p.name.isdigit())
+  (steps_dir / f"{latest + 1}.orbax-checkpoint-tmp-1234").mkdir()
+  (steps_dir / f"{latest + 1}.orbax-checkpoint-tmp-1234" / "state").write_text("garbage")
+  variables, _, _ = checkpoints.load_for_inference(steps_dir)
+  assert "decoder" in variables["params"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.encoder.name=alexnet", "alexnet"),
+    ("--config.data.root=/nonexistent/flickr8k", "/nonexistent/flickr8k"),
+])
+def test_cli_bad_config_is_one_line(override, message, tmp_path):
+  process = _train_cli(f"--workdir={tmp_path}", override)
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == 1
+  lines = [line for line in stderr.splitlines() if line.startswith("train.py: error:")]
+  assert len(lines) == 1 and message in lines[0], stderr[-2000:]
+  assert "Traceback" not in stderr
+
+
+def test_empty_split_is_an_error(shapes_root, tmp_path):
+  (shapes_root.parent / "empty").mkdir(exist_ok=True)
+  config = _config(shapes_root, data__eval_split="test")  # no Flickr_8k.testImages.txt
+  with pytest.raises(errors.DataError, match="'test' split is empty"):
+    train_lib.train_and_evaluate(config, str(tmp_path))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(shapes_root, tmp_path, monkeypatch):
+  config = _config(shapes_root, num_epochs=1)
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  good_step = max(int(p.name) for p in (tmp_path / checkpoints.LATEST_DIR).iterdir()
+                  if p.name.isdigit())
+  original = feature_cache.cached_features
+  monkeypatch.setattr(feature_cache, "cached_features", lambda *a: (
+      lambda features, records: (np.full_like(features, np.nan), records))(*original(*a)))
+  config.num_epochs = 2
+  with pytest.raises(errors.TrainingError, match=f"at step {good_step + 1}.*{good_step}"):
+    train_lib.train_and_evaluate(config, str(tmp_path))
+  variables, _, _ = checkpoints.load_for_inference(tmp_path / checkpoints.LATEST_DIR)
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(variables))
+
+
+def test_vocabulary_mismatch_with_checkpoint_is_an_error(shapes_root, tmp_path):
+  train_lib.train_and_evaluate(_config(shapes_root, num_epochs=1), str(tmp_path))
+  with pytest.raises(errors.CheckpointError, match="vocabulary"):
+    train_lib.train_and_evaluate(_config(shapes_root, num_epochs=2, vocab__min_count=30),
+                                 str(tmp_path))
+
+
+def test_cached_feature_training_and_inference_never_import_tensorflow():
+  code = ("import sys; import flaxcap.train_lib, flaxcap.inference, flaxcap.decoding; "
+          "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'")
+  result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_fine_tuning_trains_the_chosen_encoder_stages_from_images(shapes_root, tmp_path):
+  config = _config(shapes_root, num_epochs=1, encoder__trainable_stages=(8,),
+                   encoder__learning_rate=1e-2)
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  assert not (tmp_path / "features").exists()  # images went through the encoder every step
+  variables, _, _ = checkpoints.load_for_inference(tmp_path / checkpoints.LATEST_DIR)
+  _, pretrained = model_lib.pretrained_encoder(config)
+  trained_encoder = variables["params"]["encoder"]
+  changed = {name: any(not np.allclose(a, b) for a, b in zip(
+      jax.tree_util.tree_leaves(trained_encoder[name]),
+      jax.tree_util.tree_leaves(pretrained["params"][name]))) for name in pretrained["params"]}
+  assert changed, "no encoder parameters"
+  trained = {name for name, moved in changed.items() if moved}
+  assert trained and all(name.startswith("stage8_") for name in trained), trained

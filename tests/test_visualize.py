@@ -1,0 +1,66 @@
+"""Tests of flaxcap/visualize.py's overlays: blended in numpy, checked against matplotlib's drawing."""
+
+import io
+
+import matplotlib
+from matplotlib import pyplot as plt
+import numpy as np
+from PIL import Image
+
+from flaxcap import visualize
+
+
+def _random_photo(height=48, width=64, seed=0) -> np.ndarray:
+  return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def _matplotlib_overlay(image: np.ndarray, heat: np.ndarray, alpha: float) -> np.ndarray:
+  """The reference: matplotlib draws the photo, then the heat map through `jet` at `alpha`."""
+  height, width = image.shape[:2]
+  figure = plt.figure(figsize=(width / 100, height / 100), dpi=100)
+  axis = figure.add_axes((0, 0, 1, 1))
+  axis.axis("off")
+  axis.imshow(image, interpolation="nearest")
+  axis.imshow(heat, cmap="jet", alpha=alpha, vmin=0.0, vmax=1.0, interpolation="nearest")
+  figure.canvas.draw()
+  rendered = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+  plt.close(figure)
+  return rendered
+
+
+def test_blend_attention_matches_matplotlib_drawing_the_same_overlay():
+  photo = _random_photo()
+  word_attention = np.random.default_rng(1).random((3, 4)).astype(np.float32)
+  blended = visualize.blend_attention(photo, word_attention, alpha=0.5)
+  heat = visualize.upsample_attention(word_attention, photo.shape[:2])
+  reference = _matplotlib_overlay(photo, heat, alpha=0.5)
+  assert blended.shape == photo.shape and blended.dtype == np.uint8
+  difference = np.abs(blended.astype(int) - reference.astype(int))
+  assert difference.max() <= 2, difference.max()
+
+
+def test_blend_attention_peak_is_hot_and_unattended_is_cold():
+  photo = np.full((40, 60, 3), 128, np.uint8)
+  word_attention = np.zeros((4, 6), np.float32)
+  word_attention[0, 0] = 0.7  # scaled to the peak: full heat
+  blended = visualize.blend_attention(photo, word_attention, alpha=0.5)
+  jet = matplotlib.colormaps["jet"]
+  np.testing.assert_allclose(blended[0, 0], 64 + 127.5 * np.asarray(jet(1.0)[:3]), atol=1)
+  np.testing.assert_allclose(blended[-1, -1], 64 + 127.5 * np.asarray(jet(0.0)[:3]), atol=1)
+
+
+def test_blend_attention_with_alpha_zero_is_the_photo():
+  photo = _random_photo(seed=2)
+  word_attention = np.random.default_rng(3).random((2, 2))
+  np.testing.assert_array_equal(visualize.blend_attention(photo, word_attention, alpha=0.0), photo)
+
+
+def test_encode_image_png_is_lossless_and_jpeg_is_close():
+  photo = np.asarray(Image.fromarray(_random_photo(3, 4, seed=4)).resize((128, 96)))  # smooth
+  png = visualize.encode_image(photo)
+  assert png.startswith(b"\x89PNG")
+  np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), photo)
+  jpeg = visualize.encode_image(photo, image_format="JPEG", quality=95)
+  assert jpeg.startswith(b"\xff\xd8")
+  decoded = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")).astype(int)
+  assert np.abs(decoded - photo).mean() < 3
