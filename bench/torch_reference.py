@@ -218,7 +218,7 @@ class CaptionPipeline:
     """uint8 [1, size, size, 3] on the device."""
     with Image.open(path) as image:
       image = image.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
-    return torch.from_numpy(np.asarray(image)).to(self.device)[None]
+    return torch.from_numpy(np.array(image)).to(self.device)[None]
 
   @torch.inference_mode()
   def encode(self, pixels: torch.Tensor) -> torch.Tensor:
