@@ -13,7 +13,6 @@ bench/results/input_pipeline.json with the table and the machine's load at the t
 """
 
 import argparse
-import json
 import os
 import pathlib
 import platform
@@ -27,6 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from absl import logging  # noqa: E402
 
+from bench import common  # noqa: E402
 from configs import default  # noqa: E402
 from flaxcap import datasets  # noqa: E402
 from flaxcap import images  # noqa: E402
@@ -110,10 +110,8 @@ def main():
       "cpus": cpus, "load_average_1_5_15min": load_average, "python": platform.python_version(),
       "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": table,
   }
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(result, indent=2) + "\n")
-  print(f"wrote {out}")
+  result["machine"] = common.machine(torch_too=False)
+  common.write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -8,20 +8,19 @@ timed `--repeats` times and the fastest run is kept; METEOR runs once per side.
   python bench/metrics.py --flickr8k ../shared/data/flickr8k --out bench/results/metrics.json
 """
 
-import json
 import os
 import pathlib
 import platform
 import shutil
 import subprocess
 import sys
-import time
 
 from absl import app
 from absl import flags
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from bench import common  # noqa: E402  pylint: disable=g-import-not-at-top
 from flaxcap import metrics  # noqa: E402  pylint: disable=g-import-not-at-top
 from flaxcap import ptb_tokenizer  # noqa: E402  pylint: disable=g-import-not-at-top
 
@@ -48,12 +47,8 @@ def _dev_captions(root: pathlib.Path):
 
 def _timed(function, repeats):
   """(fastest wall time in seconds, the last result)."""
-  best, result = float("inf"), None
-  for _ in range(repeats):
-    start = time.perf_counter()
-    result = function()
-    best = min(best, time.perf_counter() - start)
-  return best, result
+  timing = common.time_calls(function, repeats=repeats, warmup=0)
+  return timing.min_s, timing.result
 
 
 def main(argv):
@@ -136,10 +131,8 @@ def main(argv):
                       "java": java_version, "cpus": os.cpu_count(),
                       "machine": platform.machine()},
   }
-  out = pathlib.Path(_OUT.value)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(report, indent=2) + "\n")
-  print(f"wrote {out}")
+  report["machine"] = common.machine(torch_too=False)
+  common.write_json(_OUT.value, report)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ in the state: the step function closes over it at [batch, ...] and views the tok
 
 Beam search (the algorithm of the Flax WMT example, with fixed shapes and a `lax.scan`):
   * Each step expands the K live hypotheses of an image into K * vocab candidates and keeps the
-    2K best (`lax.top_k`), so that K live beams survive even when up to K candidates end at once.
+    2K best (`lax.top_k`; on the CPU `_top_k`, see there), so that K live beams survive even when
+    up to K candidates end at once.
   * A candidate ending in <eos> joins the finished set (the K best finished so far) if it ranks in
     the top K of the 2K; the remaining non-<eos> candidates, best first, fill the K live slots. (The
     Flax example admits <eos> candidates from all 2K ranks; with the top-K rule, as in Hugging
@@ -117,6 +118,31 @@ def _penalize(scores: jax.Array, length: jax.Array, alpha) -> jax.Array:
   return scores / _length_penalty(length, alpha)
 
 
+def _top_k(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """`lax.top_k` over the last axis (values best first, ties to the lower index); on the CPU by k
+  rounds of argmax.
+
+  XLA:CPU turns a top_k inside a loop into a full sort: 20 steps of top-10 over [32, 13000] took
+  2.5 s inside a `lax.scan` and 51 ms outside it, which made the sort most of a beam search's time
+  there. k passes of argmax over an order-preserving integer view of the floats are exact, match
+  `lax.top_k`'s order (NaN counts as largest, -inf entries are still returned, each index once),
+  and cost little for the small k of beam search. Other backends use `lax.top_k`.
+  """
+  if jax.default_backend() != "cpu":
+    return lax.top_k(values, k)
+  bits = lax.bitcast_convert_type(values.astype(jnp.float32), jnp.int32)
+  keys = jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)  # same order as the floats
+  taken = jnp.iinfo(jnp.int32).min  # below every float's key, -inf included
+  positions = lax.broadcasted_iota(jnp.int32, keys.shape, keys.ndim - 1)
+  indices = []
+  for _ in range(k):
+    index = jnp.argmax(keys, axis=-1).astype(jnp.int32)
+    indices.append(index)
+    keys = jnp.where(positions == index[..., None], taken, keys)
+  indices = jnp.stack(indices, axis=-1)
+  return jnp.take_along_axis(values, indices, axis=-1), indices
+
+
 def _check_log_probs(log_probs: jax.Array, rows: int) -> int:
   if log_probs.ndim != 2 or log_probs.shape[0] != rows:
     raise ValueError(f"step_fn must return log_probs of shape [{rows}, vocab]; "
@@ -157,7 +183,7 @@ def beam_search(step_fn: StepFn, init_state: PyTree, *, beam_size: int, max_len:
       raise ValueError("beam_search needs a vocabulary of at least 2 tokens.")
     # [batch, K * vocab] candidates; flat index = parent slot * vocab + token.
     candidates = live_scores[:, :, None] + log_probs.astype(jnp.float32).reshape(batch, k, vocab)
-    top_scores, top_index = lax.top_k(candidates.reshape(batch, k * vocab), 2 * k)  # [batch, 2K]
+    top_scores, top_index = _top_k(candidates.reshape(batch, k * vocab), 2 * k)  # [batch, 2K]
     top_slots = (top_index // vocab).astype(jnp.int32)
     top_tokens = (top_index % vocab).astype(jnp.int32)
     ends = top_tokens == eos_id
@@ -165,14 +191,14 @@ def beam_search(step_fn: StepFn, init_state: PyTree, *, beam_size: int, max_len:
     # Finished set: <eos> candidates among the top K ranks compete with the K finished so far.
     new_done = jnp.where(ends[:, :k], _penalize(top_scores[:, :k], step + 1, length_penalty),
                          neg_inf)
-    done_scores, pick = lax.top_k(jnp.concatenate([done_scores, new_done], axis=1), k)
+    done_scores, pick = _top_k(jnp.concatenate([done_scores, new_done], axis=1), k)
     done_steps = jnp.take_along_axis(
         jnp.concatenate([done_steps, jnp.full_like(done_steps, step)], axis=1), pick, axis=1)
     done_slots = jnp.take_along_axis(
         jnp.concatenate([done_slots, top_slots[:, :k]], axis=1), pick, axis=1)
 
     # Live set: the K best candidates that did not end.
-    live_scores, pick = lax.top_k(jnp.where(ends, neg_inf, top_scores), k)
+    live_scores, pick = _top_k(jnp.where(ends, neg_inf, top_scores), k)
     parents = jnp.take_along_axis(top_slots, pick, axis=1)  # [batch, K]
     tokens = jnp.take_along_axis(top_tokens, pick, axis=1)  # [batch, K]
     state = _take_rows(new_state, (batch_offsets + parents).reshape(-1))
@@ -188,7 +214,7 @@ def beam_search(step_fn: StepFn, init_state: PyTree, *, beam_size: int, max_len:
   _, _, live_scores, done_scores, done_steps, done_slots = carry
 
   # Hypotheses still live after max_len steps finish there (end step max_len = "no <eos>").
-  scores, pick = lax.top_k(jnp.concatenate(
+  scores, pick = _top_k(jnp.concatenate(
       [done_scores, _penalize(live_scores, jnp.int32(max_len), length_penalty)], axis=1), k)
   end_steps = jnp.take_along_axis(
       jnp.concatenate([done_steps, jnp.full_like(done_steps, max_len)], axis=1), pick, axis=1)

@@ -20,6 +20,12 @@ How the work is laid out, so that a train step is a few large matmuls plus a lea
     context into the LSTM gates.
   * `step` takes K beams per image as an extra axis and attends every beam against the image's single copy
     of the encoded features (an einsum with a beam axis), so beam search never tiles the feature grid.
+  * The context enters the step only through linear layers (the LSTM's context gates and L_z), so
+    `encode(..., project_context=True)` can push the grid through them once per image; a step then takes
+    the attention-weighted sum of those projections, [P, 4H + E] per image, instead of multiplying each
+    beam's context by the [C, 4H + E] weights. That pays when the search multiplies more context
+    vectors than the grid has locations (beam x steps > P; `decoding.search` decides): it removes the
+    largest matrices from every step (on a CPU, where small-row matmuls are slow, ~40% of a step).
 
 Parameters are float32; `dtype` sets the compute dtype (e.g. bfloat16).  Attention logits, the softmax, the
 LSTM cell state and the vocabulary logits are kept in float32.
@@ -44,9 +50,12 @@ class Encoded(NamedTuple):
   Attributes:
     features: the feature grid, flattened and cast to the compute dtype, [batch, P, C].
     projected_features: the features in the attention space, W_f f + b, [batch, P, A].
+    context_projections: None, or the features through the context's layers, [batch, P, 4H (+ E)]:
+      the LSTM's context gates, then L_z when ctx2out (see `Decoder.encode`).
   """
   features: Array
   projected_features: Array
+  context_projections: Array | None = None
 
 
 class LSTMCarry(NamedTuple):
@@ -125,17 +134,27 @@ class Decoder(nn.Module):
 
   # -- per image ---------------------------------------------------------------------------------------
 
-  def encode(self, features: Array) -> Encoded:
+  def encode(self, features: Array, project_context: bool = False) -> Encoded:
     """Projects the feature grid into the attention space, once per image.
 
     Args:
       features: [batch, P, C] or [batch, h, w, C].
+      project_context: also push every grid location through the context's layers (the LSTM's
+        context gates and L_z), so that `step` never multiplies a context vector by them; worth it
+        when beam size x steps > P (module docstring). The results are the same up to rounding.
 
     Returns:
-      `Encoded(features [batch, P, C], projected_features [batch, P, A])`, in the compute dtype.
+      `Encoded(features [batch, P, C], projected_features [batch, P, A], context_projections
+      [batch, P, 4H (+ E)] or None)`, in the compute dtype.
     """
     features = flatten_features(jnp.asarray(features)).astype(self.dtype)
-    return Encoded(features=features, projected_features=self.feature_proj(features))
+    context_projections = None
+    if project_context:
+      context_projections = self.context_gates(features)
+      if self.ctx2out:
+        context_projections = jnp.concatenate([context_projections, self.context_out(features)], -1)
+    return Encoded(features=features, projected_features=self.feature_proj(features),
+                   context_projections=context_projections)
 
   def initial_carry(self, encoded: Encoded, beam: int | None = None) -> LSTMCarry:
     """The initial LSTM state from the mean feature.
@@ -164,13 +183,15 @@ class Decoder(nn.Module):
       query: the projected hidden state W_ha h, [batch, K, A].
 
     Returns:
-      context [batch, K, C] (compute dtype), attention weights [batch, K, P] (float32).
+      context [batch, K, C] (compute dtype), or with `encoded.context_projections` the same weighted
+      sum of those, [batch, K, 4H (+ E)]; attention weights [batch, K, P] (float32).
     """
     activation = _ATTENTION_ACTIVATIONS[self.attention_activation]
     hidden = activation(encoded.projected_features[:, None, :, :] + query[:, :, None, :])  # [b, K, P, A]
     scores = self.attention_score(hidden)[..., 0]  # [batch, K, P], float32
     attention = jax.nn.softmax(scores, axis=-1)
-    context = jnp.einsum("bkp,bpc->bkc", attention.astype(self.dtype), encoded.features)
+    values = encoded.features if encoded.context_projections is None else encoded.context_projections
+    context = jnp.einsum("bkp,bpc->bkc", attention.astype(self.dtype), values)
     return context, attention
 
   def _recur(self, encoded: Encoded, carry: LSTMCarry, word_gates: Array):
@@ -182,7 +203,8 @@ class Decoder(nn.Module):
       word_gates: the embedding's share of the LSTM gates, bias included, [batch, K, 4H].
 
     Returns:
-      (new carry, (h [batch, K, H], gated context z [batch, K, C], attention [batch, K, P])).
+      (new carry, (h [batch, K, H], gated context z [batch, K, C] (or its projections [batch, K, 4H
+      (+ E)] when `encoded` has them), attention [batch, K, P])).
     """
     hid, att = self.hidden_dim, self.attention_dim
     projected_h = self.hidden_proj(carry.h.astype(self.dtype))  # [batch, K, 4H + A (+ 1)]
@@ -192,18 +214,24 @@ class Decoder(nn.Module):
     if self.gate:
       beta = jax.nn.sigmoid(projected_h[..., 4 * hid + att:].astype(jnp.float32) + self.gate_bias)
       context = (beta * context.astype(jnp.float32)).astype(self.dtype)
+    context_gates = (self.context_gates(context) if encoded.context_projections is None
+                     else context[..., :4 * hid])
     gates = (word_gates.astype(jnp.float32) + hidden_gates.astype(jnp.float32) +
-             self.context_gates(context).astype(jnp.float32))
+             context_gates.astype(jnp.float32))
     in_gate, forget_gate, cell_input, out_gate = jnp.split(gates, 4, axis=-1)
     c = jax.nn.sigmoid(forget_gate) * carry.c + jax.nn.sigmoid(in_gate) * jnp.tanh(cell_input)
     h = jax.nn.sigmoid(out_gate) * jnp.tanh(c)
     return LSTMCarry(c=c, h=h), (h, context, attention)
 
-  def _deep_output(self, h: Array, context: Array, embedded: Array, deterministic: bool) -> Array:
-    """logits = W_o dropout(tanh(L_h dropout(h) [+ L_z z] [+ E y])), float32, [..., V]."""
+  def _deep_output(self, h: Array, context: Array, embedded: Array, deterministic: bool,
+                   context_projected: bool = False) -> Array:
+    """logits = W_o dropout(tanh(L_h dropout(h) [+ L_z z] [+ E y])), float32, [..., V].
+
+    `context_projected`: `context` holds [context gates | L_z z] (from `context_projections`).
+    """
     out = self.hidden_out(self.dropout(h.astype(self.dtype), deterministic=deterministic))
     if self.ctx2out:
-      out = out + self.context_out(context)
+      out = out + (context[..., 4 * self.hidden_dim:] if context_projected else self.context_out(context))
     if self.prev2out:
       out = out + embedded
     out = self.dropout(jnp.tanh(out), deterministic=deterministic)
@@ -229,7 +257,8 @@ class Decoder(nn.Module):
       carry = LSTMCarry(*(x[:, None, :] for x in carry))
     embedded = self.embedding(tokens)  # [batch, K, E]
     carry, (h, context, attention) = self._recur(encoded, carry, self.input_gates(embedded))
-    logits = self._deep_output(h, context, embedded, deterministic)
+    logits = self._deep_output(h, context, embedded, deterministic,
+                               context_projected=encoded.context_projections is not None)
     if single:
       logits, attention = logits[:, 0], attention[:, 0]
       carry = LSTMCarry(*(x[:, 0] for x in carry))

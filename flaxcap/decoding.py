@@ -2,7 +2,9 @@
 
 The encoded features of an image are computed once and closed over by the step function: the search
 carries only the LSTM state per beam, and the step attends each image's K beams against that image's
-features without copying them K times.
+features without copying them K times. When the search multiplies more context vectors than the grid
+has locations (beam_size x max_len > P, e.g. beam 3 over EfficientNet's 7x7 grid), the grid is pushed
+through the decoder's context layers once per image (`Decoder.encode(..., project_context=True)`).
 """
 
 import functools
@@ -29,7 +31,9 @@ def search(decoder: decoder_lib.Decoder, decoder_params, features, *, beam_size:
     [batch, beam] and attention [batch, beam, max_len, P].
   """
   variables = {"params": decoder_params}
-  encoded = decoder.apply(variables, features, method=decoder_lib.Decoder.encode)
+  grid_locations = decoder_lib.flatten_features(features).shape[1]
+  encoded = decoder.apply(variables, features, beam_size * max_len > grid_locations,
+                          method=decoder_lib.Decoder.encode)
   carry = decoder.apply(variables, encoded, method=decoder_lib.Decoder.initial_carry)
   batch = jax.tree_util.tree_leaves(carry)[0].shape[0]
 

@@ -160,6 +160,29 @@ def to_numpy(result):
 
 
 # ----------------------------------------------------------------------------------------------
+# The top-k that beam search uses (k rounds of argmax on the CPU).
+
+
+def test_top_k_matches_lax_top_k_with_ties_and_infinities():
+  rng = np.random.default_rng(3)
+  values = rng.integers(-3, 4, size=(5, 40)).astype(np.float32) / 2  # many ties
+  values[1, ::3] = -np.inf
+  values[2] = -np.inf  # a row with nothing finite: every index still comes back once
+  values[3, 7] = np.inf
+  values[4] = rng.normal(size=40).astype(np.float32) * 1e-30  # tiny and negative zero-ish values
+  values[4, :2] = [0.0, -0.0]
+  for k in (1, 3, 12):
+    scores, indices = jax.jit(bs._top_k, static_argnums=1)(jnp.asarray(values), k)
+    ref_scores, ref_indices = jax.lax.top_k(jnp.asarray(values), k)
+    np.testing.assert_array_equal(scores, ref_scores)
+    np.testing.assert_array_equal(indices, ref_indices)
+    assert indices.dtype == jnp.int32
+    # Independent reference: a stable sort, best first, ties to the lower index.
+    order = np.argsort(-values, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(indices[:4], order[:4])
+
+
+# ----------------------------------------------------------------------------------------------
 # Beam search.
 
 

@@ -130,6 +130,33 @@ def test_beam_step_equals_separate_steps():
   assert float(jnp.abs(attention[:, 0] - attention[:, 1]).max()) > 1e-4
 
 
+@pytest.mark.parametrize("options", [dict(), dict(gate=False, ctx2out=False)])
+def test_projected_context_step_equals_plain_step(options):
+  decoder, variables, features, _ = _cached_setup(**options)
+  beam = 3
+  plain = decoder.apply(variables, features, method=Decoder.encode)
+  projected = decoder.apply(variables, features, True, method=Decoder.encode)
+  assert plain.context_projections is None
+  width = 4 * HIDDEN + (EMBED if options.get("ctx2out", True) else 0)
+  assert projected.context_projections.shape == (BATCH, POSITIONS, width)
+  # Independent check: the context gates are a bias-free linear map of each grid location.
+  kernel = np.asarray(variables["params"]["context_gates"]["kernel"])
+  np.testing.assert_allclose(projected.context_projections[..., :4 * HIDDEN],
+                             np.asarray(plain.features) @ kernel, atol=1e-5)
+  rng = np.random.default_rng(11)
+  carry = LSTMCarry(c=jnp.asarray(rng.normal(size=(BATCH, beam, HIDDEN)), jnp.float32),
+                    h=jnp.asarray(rng.normal(size=(BATCH, beam, HIDDEN)), jnp.float32))
+  tokens = jnp.asarray(rng.integers(0, VOCAB, size=(BATCH, beam)), jnp.int32)
+  step = jax.jit(functools.partial(decoder.apply, method=Decoder.step))
+  logits, new_carry, attention = step(variables, plain, carry, tokens)
+  p_logits, p_carry, p_attention = step(variables, projected, carry, tokens)
+  np.testing.assert_allclose(p_logits, logits, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(p_carry.c, new_carry.c, atol=1e-5)
+  np.testing.assert_allclose(p_carry.h, new_carry.h, atol=1e-5)
+  np.testing.assert_allclose(p_attention, attention, atol=1e-6)
+  assert float(jnp.std(logits)) > 1e-3
+
+
 def _dot_operand_shapes(jaxpr, in_scan=False):
   """Yields (operand shapes, inside a scan body?) for every dot_general, nested jaxprs included."""
   for eqn in jaxpr.eqns:

@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 from PIL import Image
 import pytest
@@ -40,6 +41,11 @@ def photo_folder(shapes_root, tmp_path_factory):
   for name, kind in BROKEN.items():
     data_fixtures.write_image(folder / "broken" / name, kind)
   return folder
+
+
+def test_loaded_weights_live_on_the_device(captioner):
+  leaves = jax.tree.leaves((captioner.decoder_params, captioner.encoder_variables))
+  assert leaves and all(isinstance(leaf, jax.Array) for leaf in leaves)
 
 
 def test_captions_stream_in_order_and_report_failures(captioner, photo_folder):

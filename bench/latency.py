@@ -1,0 +1,205 @@
+"""Single-image latency, file on disk to caption text, beam 3: flaxcap's Captioner vs the torch pipeline.
+
+Both pipelines start from the path of a JPEG and end with the caption string, one image at a time, after
+warm-up calls (flaxcap: compilation):
+
+  flaxcap  `flaxcap.inference.Captioner.caption([path], beam_size=3)`: Pillow decode (JPEG draft mode) +
+           resize to 224, then one jitted function: EfficientNet-Lite0 + `decoding.search`, then the text.
+  torch    Pillow decode + resize to 224, `efficientnet_lite_pytorch` Lite0 `extract_features`, the
+           tutorial's per-image beam search (`torch_reference.beam_search_per_image`), the text; eager,
+           under `torch.inference_mode()`.
+
+The model: by default EfficientNet-Lite0 with its ImageNet weights and a decoder with random weights
+built here (`workloads.end_captions_near` makes its captions 12 tokens long, as a trained model's are;
+the words are "w<id>"), the same weights in both pipelines. `--checkpoint DIR` loads a trained flaxcap
+model instead (`Captioner.load`); the torch pipeline then gets its decoder weights and the packaged
+ImageNet encoder (a fine-tuned encoder changes the captions, not the speed).
+
+The image: --image, or by default a 500x375 JPEG (quality 90, Flickr8k's usual size) written to
+bench/results/ from the first Flickr8k photo, or from noise when the data set is absent.
+
+Besides the end-to-end medians the script times each stage on its own (decode + resize, encoder, search;
+flaxcap's stages as separately jitted functions), which is the profile BENCHMARKS.md discusses.
+
+    python bench/latency.py [--checkpoint DIR] [--image PHOTO.jpg] [--repeats 20]
+
+Prints a table and writes JSON (default bench/results/latency.json).
+"""
+
+import dataclasses
+import functools
+import os
+import pathlib
+import sys
+import time
+from typing import Callable
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from bench import common  # noqa: E402
+from bench import workloads  # noqa: E402
+from flaxcap import decoding  # noqa: E402
+from flaxcap import encoders  # noqa: E402
+from flaxcap import images as images_lib  # noqa: E402
+from flaxcap import inference  # noqa: E402
+from flaxcap import model as model_lib  # noqa: E402
+
+FLICKR8K_IMAGES = common.REPO_ROOT.parent / "shared" / "data" / "flickr8k" / "Flicker8k_Dataset"
+
+_IMAGE = flags.DEFINE_string("image", None, "The image file (default: see the module docstring).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None,
+                                  "A trained flaxcap model (default: random decoder weights, see above).")
+_BEAM_SIZE = flags.DEFINE_integer("beam_size", 3, "Beam width.")
+_MAX_LEN = flags.DEFINE_integer("max_len", 20, "Longest caption in tokens.")
+_REPEATS = flags.DEFINE_integer("repeats", 20, "Timed captions per pipeline (the median counts).")
+_PIPELINES = flags.DEFINE_list("pipelines", ["flaxcap", "torch"], "flaxcap and/or torch.")
+_OUTPUT = flags.DEFINE_string("output", "latency", "JSON path, or a name under bench/results/.")
+
+
+def default_image() -> pathlib.Path:
+  """A 500x375 JPEG made from the first Flickr8k photo (or noise), written once under bench/results/."""
+  path = common.RESULTS_DIR / "latency_image.jpg"
+  if not path.exists():
+    photos = sorted(FLICKR8K_IMAGES.glob("*.jpg")) if FLICKR8K_IMAGES.is_dir() else []
+    if photos:
+      image = Image.open(photos[0]).convert("RGB").resize((500, 375), Image.Resampling.BICUBIC)
+    else:
+      image = Image.fromarray(workloads.random_images(1, 500)[0, :375])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, quality=90)
+  return path
+
+
+@dataclasses.dataclass
+class Pipeline:
+  """A file-to-text function and its stages, each runnable on its own for the profile."""
+  name: str
+  caption: Callable[[str], str]  # path -> caption text
+  stages: dict[str, Callable[[], object]]  # stage name -> a call that runs it (and waits)
+  description: str
+
+
+def flaxcap_model(checkpoint: str | None, caption_length: int = 12):
+  """(Captioner, decoder params as numpy, description); see the module docstring."""
+  if checkpoint:
+    captioner = inference.Captioner.load(checkpoint)
+    return captioner, jax.tree.map(np.asarray, captioner.decoder_params), f"checkpoint {checkpoint}"
+  sizes = workloads.SIZES["lite0"]
+  config = workloads.config_for(sizes, dropout=0.0)
+  config.encoder.weights = "imagenet"
+  config.eval.max_len, config.eval.length_penalty = 20, 0.0
+  decoder = model_lib.create_decoder(config, sizes.vocab)
+  params = workloads.end_captions_near(workloads.init_decoder_params(decoder, sizes), length=caption_length)
+  encoder, encoder_variables = model_lib.pretrained_encoder(config)
+  captioner = inference.Captioner(config, workloads.synthetic_vocab(sizes.vocab), params, encoder,
+                                  encoder_variables)
+  return captioner, params, ("EfficientNet-Lite0 ImageNet weights + random decoder weights (captions of "
+                             f"{caption_length} tokens), vocabulary {sizes.vocab}")
+
+
+def flaxcap_pipeline(captioner, *, path: str, beam_size: int, max_len: int) -> Pipeline:
+  size = captioner.config.image_size
+
+  def caption(image_path):
+    result = next(iter(captioner.caption([image_path], beam_size=beam_size, max_len=max_len)))
+    if isinstance(result, inference.Failure):
+      raise RuntimeError(result.message)
+    return result.text
+
+  image = images_lib.load_image(path, size)[None]
+  encode = jax.jit(captioner.encoder.apply)
+  features = encode(captioner.encoder_variables, image)
+  search = jax.jit(functools.partial(decoding.search, captioner.decoder, beam_size=beam_size,
+                                     max_len=max_len))
+  stages = {
+      "decode + resize": lambda: images_lib.load_image(path, size),
+      "encoder": lambda: encode(captioner.encoder_variables, image).block_until_ready(),
+      "search": lambda: search(captioner.decoder_params, features).tokens.block_until_ready(),
+  }
+  return Pipeline("flaxcap", caption, stages, "Captioner.caption([path]) (one jitted encoder + search)")
+
+
+def torch_pipeline(captioner, decoder_params, *, path: str, beam_size: int, max_len: int) -> Pipeline:
+  """`torch_reference.CaptionPipeline` with the flaxcap model's decoder weights and vocabulary."""
+  from bench import torch_reference  # pylint: disable=g-import-not-at-top
+  config, vocab = captioner.config, captioner.vocab
+  channels = encoders.feature_shape(config.encoder.name, config.image_size,
+                                    config.encoder.feature_stage)[-1]
+  device = common.torch_device()
+  dec = config.decoder
+  decoder = torch_reference.SoftAttentionDecoder(len(vocab), channels, embed_dim=dec.embed_dim,
+                                                 hidden_dim=dec.hidden_dim,
+                                                 attention_dim=dec.attention_dim, dropout=0.0)
+  torch_reference.load_flaxcap_decoder_params(decoder, decoder_params)
+  encoder = torch_reference.efficientnet_lite(config.encoder.name, pretrained=True)
+  pipeline = torch_reference.CaptionPipeline(encoder.to(device), decoder.to(device), list(vocab.words),
+                                             image_size=config.image_size, beam_size=beam_size,
+                                             max_len=max_len)
+  pixels = pipeline.load(path)
+  features = pipeline.encode(pixels)
+  stages = {"decode + resize": lambda: pipeline.load(path),
+            "encoder": lambda: (pipeline.encode(pixels), common.torch_sync(device)),
+            "search": lambda: pipeline.search(features)}
+  return Pipeline("torch", pipeline, stages,
+                  "Pillow + efficientnet_lite_pytorch + per-image beam search, eager")
+
+
+# The printed table (also rendered by bench/report.py).
+COLUMNS = [common.Column("pipeline", "pipeline"), common.Column("stage", "stage"),
+           common.Column("ms", "median ms", ".1f"), common.Column("min_ms", "min ms", ".1f"),
+           common.Column("vs_torch", "speed-up vs torch", ".2f"),
+           common.Column("setup_s", "load + 1st call s", ".1f")]
+
+
+def main(argv):
+  del argv
+  common.configure_torch()
+  path = str(_IMAGE.value or default_image())
+  beam_size, max_len, repeats = _BEAM_SIZE.value, _MAX_LEN.value, _REPEATS.value
+  info = common.machine()
+  print(common.machine_line(info), flush=True)
+  captioner, decoder_params, model_description = flaxcap_model(_CHECKPOINT.value)
+  builders = {
+      "flaxcap": lambda: flaxcap_pipeline(captioner, path=path, beam_size=beam_size, max_len=max_len),
+      "torch": lambda: torch_pipeline(captioner, decoder_params, path=path, beam_size=beam_size,
+                                      max_len=max_len),
+  }
+  rows, texts = [], {}
+  for name in _PIPELINES.value:
+    start = time.perf_counter()
+    pipeline = builders[name]()
+    texts[name] = pipeline.caption(path)  # warm-up: compiles flaxcap's function for this shape
+    setup_s = time.perf_counter() - start
+    timing = common.time_calls(lambda: pipeline.caption(path), repeats=repeats, warmup=1)
+    rows.append({"pipeline": name, "stage": "file -> caption text", "ms": timing.median_s * 1e3,
+                 "min_ms": timing.min_s * 1e3, "setup_s": setup_s, "timing": timing.as_dict(),
+                 "description": pipeline.description})
+    for stage, run in pipeline.stages.items():
+      stage_timing = common.time_calls(run, repeats=repeats, warmup=2)
+      rows.append({"pipeline": name, "stage": f"  {stage}", "ms": stage_timing.median_s * 1e3,
+                   "min_ms": stage_timing.min_s * 1e3, "timing": stage_timing.as_dict()})
+  for row in rows:
+    other = next((r for r in rows if r["stage"] == row["stage"] and r["pipeline"] == "torch"), None)
+    row["vs_torch"] = other["ms"] / row["ms"] if other and row["pipeline"] != "torch" else None
+  print()
+  image_size = Image.open(path).size
+  common.print_table(rows, COLUMNS, title=(
+      f"one image file ({pathlib.Path(path).name}, {image_size[0]}x{image_size[1]}) -> caption, beam "
+      f"{beam_size}, max_len {max_len}, median of {repeats} after warm-up; model: {model_description}; "
+      f"{common.machine_line(info)}"))
+  for name, text in texts.items():
+    print(f"{name} caption: {text}")
+  common.write_json(_OUTPUT.value, {
+      "benchmark": "latency", "machine": info, "image": path, "image_size": image_size,
+      "file_bytes": os.path.getsize(path), "beam_size": beam_size, "max_len": max_len,
+      "repeats": repeats, "model": model_description, "captions": texts,
+      "target_ms": 50.0, "rows": rows})
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,131 @@
+"""Memory: peak device memory of a train step (GPU) and peak resident memory of inference (CPU and GPU).
+
+Every measurement runs in a fresh child process (`python bench/memory.py --child=NAME`), because a
+process's peaks only ever grow:
+
+  infer_flaxcap, infer_torch   the pipelines of bench/latency.py built and run on one image file (beam 3)
+                               three times; peak RSS (`getrusage` ru_maxrss) after the imports and at the
+                               end. The torch child imports neither jax nor flaxcap's model, and its
+                               decoder keeps torch's own random weights (captions run to max_len 20).
+  train_<part>_<framework>_<dtype>
+                               (GPU only) bench/training.py's train step at --train_batch (128) run for
+                               3 steps: jax's `peak_bytes_in_use` of the device / torch's
+                               `max_memory_allocated`; parts: decoder (tutorial sizes 14x14x2048) and
+                               full (EfficientNet-Lite0 fine-tuned at 224 px)
+
+On the CPU the train-step rows are skipped (no device memory to speak of: the host's RSS includes
+everything else in the process).
+
+    python bench/memory.py [--train_batch 128]
+
+Prints a table and writes JSON (default bench/results/memory.json).
+"""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+from absl import app
+from absl import flags
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from bench import common  # noqa: E402
+
+_CHILD = flags.DEFINE_string("child", None, "Internal: run one measurement and print it as JSON.")
+_TRAIN_BATCH = flags.DEFINE_integer("train_batch", 128, "Batch of the train-step rows (GPU).")
+_OUTPUT = flags.DEFINE_string("output", "memory", "JSON path, or a name under bench/results/.")
+
+_MARK = "MEMORY_RESULT "
+
+
+def _child(name: str) -> dict:
+  """Runs one measurement in this (fresh) process."""
+  if name == "infer_flaxcap":  # jax only: torch is not imported
+    from bench import latency  # pylint: disable=g-import-not-at-top
+    after_imports = common.peak_rss_bytes()
+    path = str(latency.default_image())
+    captioner, _, _ = latency.flaxcap_model(None)
+    caption = latency.flaxcap_pipeline(captioner, path=path, beam_size=3, max_len=20).caption
+  elif name == "infer_torch":  # torch only: neither jax nor flaxcap's model is imported here
+    from bench import torch_reference  # pylint: disable=g-import-not-at-top
+    common.configure_torch()
+    after_imports = common.peak_rss_bytes()
+    path = str(common.RESULTS_DIR / "latency_image.jpg")
+    if not pathlib.Path(path).exists():
+      raise FileNotFoundError(f"{path}: run infer_flaxcap (or bench/latency.py) first")
+    words = ["<pad>", "<bos>", "<eos>", "<unk>"] + [f"w{i}" for i in range(4, 2600)]
+    caption = torch_reference.CaptionPipeline(
+        torch_reference.efficientnet_lite("efficientnet_lite0", pretrained=True),
+        torch_reference.SoftAttentionDecoder(len(words), 1280, dropout=0.0), words,
+        beam_size=3, max_len=20)
+  if name.startswith("infer_"):
+    for _ in range(3):
+      caption(path)
+    return {"peak_rss_after_imports": after_imports, "peak_rss": common.peak_rss_bytes()}
+  _, part, framework, dtype = name.split("_", 3)
+  from bench import training  # pylint: disable=g-import-not-at-top
+  from bench import workloads  # pylint: disable=g-import-not-at-top
+  common.configure_torch()
+  sizes = workloads.SIZES["tutorial" if part == "decoder" else "lite0"]
+  batch = _TRAIN_BATCH.value
+  if framework == "torch":
+    import torch  # pylint: disable=g-import-not-at-top
+    device = common.torch_device()
+    torch.cuda.reset_peak_memory_stats(device)
+    training.time_torch_step(part, sizes, dtype, batch, 1)
+    device_peak = common.torch_peak_memory_bytes(device)
+  else:
+    training.time_flaxcap_step(part, framework, sizes, dtype, batch, 1)
+    device_peak = common.peak_device_memory_bytes()
+  return {"peak_device_bytes": device_peak, "peak_rss": common.peak_rss_bytes(), "batch": batch,
+          "grid": f"{sizes.grid}x{sizes.grid}x{sizes.channels}"}
+
+
+# The printed table (also rendered by bench/report.py).
+COLUMNS = [common.Column("measurement", "measurement"),
+           common.Column("peak_rss_after_imports_mib", "RSS after imports MiB", ",.0f"),
+           common.Column("peak_rss_mib", "peak RSS MiB", ",.0f"),
+           common.Column("peak_device_bytes_mib", "peak device MiB", ",.0f"),
+           common.Column("error", "error")]
+
+
+def main(argv):
+  del argv
+  if _CHILD.value:
+    print(_MARK + json.dumps(_child(_CHILD.value)), flush=True)
+    return
+  gpu = common.on_gpu()
+  info = common.machine()
+  print(common.machine_line(info), flush=True)
+  children = ["infer_flaxcap", "infer_torch"]
+  if gpu:
+    children += [f"train_{part}_{framework}_{dtype}" for part in ("decoder", "full")
+                 for dtype in ("float32", "bfloat16") for framework in ("flaxcap", "torch")]
+  rows = []
+  for name in children:
+    print(f"{name} ...", flush=True)
+    command = [sys.executable, __file__, f"--child={name}", f"--train_batch={_TRAIN_BATCH.value}"]
+    if common.TORCH_THREADS.value:
+      command.append(f"--torch_threads={common.TORCH_THREADS.value}")
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(_MARK)]
+    if done.returncode or not lines:
+      print(done.stderr[-3000:], file=sys.stderr)
+      rows.append({"measurement": name, "error": f"exit code {done.returncode}"})
+      continue
+    result = json.loads(lines[-1][len(_MARK):])
+    rows.append({"measurement": name, **result,
+                 **{f"{key}_mib": value / 2**20 for key, value in result.items()
+                    if isinstance(value, int) and key.startswith("peak")}})
+  print()
+  common.print_table(rows, COLUMNS, title=(
+      f"peak memory, each row a fresh process; inference: one image file -> caption, beam 3 (bench/"
+      f"latency.py's pipelines); train rows (GPU only): batch {_TRAIN_BATCH.value}; "
+      f"{common.machine_line(info)}"))
+  common.write_json(_OUTPUT.value, {"benchmark": "memory", "machine": info, "rows": rows,
+                                    "train_batch": _TRAIN_BATCH.value})
+
+
+if __name__ == "__main__":
+  app.run(main)

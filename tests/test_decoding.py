@@ -1,0 +1,53 @@
+"""Tests of flaxcap/decoding.py: the decoder's step driven by beam_search, context projected or not."""
+
+import functools
+
+import einops
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxcap import beam_search as bs
+from flaxcap import decoding
+from flaxcap import vocab as vocab_lib
+from flaxcap.decoder import Decoder
+
+BATCH, GRID_H, GRID_W, CHANNELS, VOCAB = 2, 2, 3, 8, 23  # P = 6 grid locations
+
+
+def _plain_search(decoder, params, features, *, beam_size, max_len):
+  """The reference: beam_search over Decoder.step with the grid encoded the plain way."""
+  variables = {"params": params}
+  encoded = decoder.apply(variables, features, method=Decoder.encode)
+  assert encoded.context_projections is None
+  carry = decoder.apply(variables, encoded, method=Decoder.initial_carry)
+
+  def step_fn(flat_carry, flat_tokens):
+    beams = functools.partial(einops.rearrange, pattern="(b k) ... -> b k ...", b=BATCH)
+    flat = functools.partial(einops.rearrange, pattern="b k ... -> (b k) ...")
+    logits, new_carry, attention = decoder.apply(
+        variables, encoded, jax.tree.map(beams, flat_carry), beams(flat_tokens), method=Decoder.step)
+    return jax.nn.log_softmax(flat(logits)), jax.tree.map(flat, new_carry), flat(attention)
+
+  return bs.beam_search(step_fn, carry, beam_size=beam_size, max_len=max_len, bos_id=vocab_lib.BOS,
+                        eos_id=vocab_lib.EOS)
+
+
+@pytest.mark.parametrize("beam_size,max_len", [(3, 5), (2, 3)])  # beam x steps > P = 6, then < P
+def test_search_equals_plain_beam_search(beam_size, max_len):
+  decoder = Decoder(vocab_size=VOCAB, embed_dim=12, hidden_dim=16, attention_dim=10, dropout_rate=0.0)
+  rng = np.random.default_rng(5)
+  features = jnp.asarray(rng.normal(size=(BATCH, GRID_H, GRID_W, CHANNELS)), jnp.float32)
+  tokens = jnp.zeros((BATCH, max_len), jnp.int32)
+  params = decoder.init(jax.random.key(0), features, tokens, deterministic=True)["params"]
+  params = jax.tree.map(lambda x: 3.0 * x, params)  # sharper distributions: no near-ties
+  result = jax.jit(functools.partial(decoding.search, decoder, beam_size=beam_size, max_len=max_len))(
+      params, features)
+  reference = jax.jit(functools.partial(_plain_search, decoder, beam_size=beam_size, max_len=max_len))(
+      params, features)
+  np.testing.assert_array_equal(result.tokens, reference.tokens)
+  np.testing.assert_array_equal(result.lengths, reference.lengths)
+  np.testing.assert_allclose(result.scores, reference.scores, rtol=1e-5)
+  np.testing.assert_allclose(result.aux, reference.aux, atol=1e-5)
+  assert len(set(map(tuple, np.asarray(result.tokens)[:, 0]))) > 1  # not a degenerate model
