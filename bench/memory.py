@@ -16,7 +16,7 @@ process's peaks only ever grow:
 On the CPU the train-step rows are skipped (no device memory to speak of: the host's RSS includes
 everything else in the process).
 
-    python bench/memory.py [--train_batch 128]
+    python bench/memory.py [--train_batch 128] [--memory_output memory]
 
 Prints a table and writes JSON (default bench/results/memory.json).
 """
@@ -33,8 +33,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from bench import common  # noqa: E402
 
 _CHILD = flags.DEFINE_string("child", None, "Internal: run one measurement and print it as JSON.")
+_ROWS = flags.DEFINE_list("rows", None, "Measurements to run, e.g. infer_flaxcap,train_decoder_flaxcap_float32 "
+                          "(default: the inference rows, and on a GPU all eight train rows).")
 _TRAIN_BATCH = flags.DEFINE_integer("train_batch", 128, "Batch of the train-step rows (GPU).")
-_OUTPUT = flags.DEFINE_string("output", "memory", "JSON path, or a name under bench/results/.")
+# Not "output": the infer_flaxcap child imports bench/latency.py, which defines that flag.
+_OUTPUT = flags.DEFINE_string("memory_output", "memory", "JSON path, or a name under bench/results/.")
 
 _MARK = "MEMORY_RESULT "
 
@@ -102,6 +105,8 @@ def main(argv):
   if gpu:
     children += [f"train_{part}_{framework}_{dtype}" for part in ("decoder", "full")
                  for dtype in ("float32", "bfloat16") for framework in ("flaxcap", "torch")]
+  if _ROWS.value:
+    children = _ROWS.value
   rows = []
   for name in children:
     print(f"{name} ...", flush=True)
