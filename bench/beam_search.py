@@ -51,6 +51,8 @@ _CAPTION_LENGTH = flags.DEFINE_integer("caption_length", 12,
 _REPEATS = flags.DEFINE_integer("repeats", None, "Timed calls per row (default: 3 on the CPU, 20 on a GPU).")
 _LOOP_IMAGES = flags.DEFINE_integer("loop_images", None,
                                     "Images the per-image loop is timed on (default: 8 on the CPU, 32 on a GPU).")
+_UNROLL = flags.DEFINE_integer("unroll", 1, "Decoding steps per scan iteration in flaxcap's search "
+                               "(>= max_len: no loop at all).")
 _METHODS = flags.DEFINE_list("methods", ["flaxcap", "torch_batched", "torch_loop"], "What to time.")
 _OUTPUT = flags.DEFINE_string("output", "beam_search", "JSON path, or a name under bench/results/.")
 
@@ -106,7 +108,8 @@ def main(argv):
       for beam in beam_sizes:
         row_key = {"dtype": dtype, "batch": batch, "beam": beam}
         search = jax.jit(lambda p, f, beam=beam: decoding.search(decoder, p, f, beam_size=beam,
-                                                                 max_len=max_len))
+                                                                 max_len=max_len,
+                                                                 unroll=_UNROLL.value))
         start = time.perf_counter()
         result = jax.block_until_ready(search(params, features_jax))
         compile_s = time.perf_counter() - start  # compilation + one call
@@ -115,7 +118,7 @@ def main(argv):
           timing = common.time_calls(lambda: search(params, features_jax).tokens.block_until_ready(),
                                      repeats=repeats, warmup=1)
           timing.first_s = compile_s
-          row = dict(row_key, method="flaxcap", timing=timing.as_dict(),
+          row = dict(row_key, method="flaxcap", unroll=_UNROLL.value, timing=timing.as_dict(),
                      mean_length=float(np.mean(np.asarray(result.lengths)[:, 0])))
           flops = roofline.decode_step_flops(sizes, batch, beam) * max_len
           moved = roofline.decode_step_bytes(sizes, batch, beam, dtype)["total"] * max_len

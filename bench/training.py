@@ -60,6 +60,8 @@ _FULL_BATCH_SIZES = flags.DEFINE_string("full_batch_sizes", None,
 _DTYPES = flags.DEFINE_list("dtypes", None, "float32 and/or bfloat16 (default: float32 on the CPU, "
                             "both on a GPU).")
 _STEPS = flags.DEFINE_integer("steps", None, "Timed steps per row (default: 2 on the CPU, 20 on a GPU).")
+_DECODER_UNROLL = flags.DEFINE_integer("decoder_unroll", 1, "flaxcap: time steps per iteration of the "
+                                       "decoder's teacher-forced scan (config.decoder.unroll).")
 _OUTPUT = flags.DEFINE_string("output", "training", "JSON path, or a name under bench/results/.")
 
 
@@ -117,9 +119,10 @@ class NaiveDecoder(nn.Module):
 # -- one row per (part, framework, dtype, batch) --------------------------------------------------------
 
 
-def time_flaxcap_step(part, framework, sizes, dtype, batch, steps):
+def time_flaxcap_step(part, framework, sizes, dtype, batch, steps, decoder_unroll=1):
   """Times train_lib.train_step (pmapped over one device); returns (Timing, first loss, last loss)."""
   config = workloads.config_for(sizes, dtype=dtype, fine_tune_encoder=part == "full")
+  config.decoder.unroll = decoder_unroll
   model = model_lib.create_model(config, sizes.vocab)
   if framework == "jax_naive":
     model = model.clone(decoder=NaiveDecoder(sizes.vocab, sizes.dim,
@@ -223,7 +226,8 @@ def main(argv):
           if framework == "torch":
             timing, first_loss, last_loss = time_torch_step(part, sizes, dtype, batch, steps)
           else:
-            timing, first_loss, last_loss = time_flaxcap_step(part, framework, sizes, dtype, batch, steps)
+            timing, first_loss, last_loss = time_flaxcap_step(part, framework, sizes, dtype, batch, steps,
+                                                              _DECODER_UNROLL.value)
           tokens = workloads.real_target_tokens(workloads.random_tokens(batch, sizes))
           row = {"part": part, "framework": framework, "dtype": dtype, "batch": batch,
                  "grid": f"{sizes.grid}x{sizes.grid}x{sizes.channels}", "vocab": sizes.vocab,
@@ -249,6 +253,7 @@ def main(argv):
                      f"median; {common.machine_line(info)}")
   common.write_json(_OUTPUT.value, {
       "benchmark": "training", "machine": info, "peaks": peaks, "steps": steps,
+      "decoder_unroll": _DECODER_UNROLL.value,
       "sizes": {"decoder": dataclasses.asdict(decoder_sizes), "full": dataclasses.asdict(full_sizes)},
       "notes": "images/s = batch / median step time; tokens/s = real target tokens / median step time; "
                "flops: analytic decoder count (bench/roofline.py), 3x forward; 'loss': cross-entropy + "

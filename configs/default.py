@@ -58,6 +58,7 @@ def get_config():
   config.decoder.ctx2out = True  # deep output: add the context vector
   config.decoder.attention_activation = "tanh"  # tanh (the paper) | relu, inside the additive attention
   config.decoder.dtype = "float32"  # float32 | bfloat16 compute
+  config.decoder.unroll = 1  # time steps per iteration of the teacher-forced scan (speed only)
 
   config.loss = ml_collections.ConfigDict()
   config.loss.alpha_c = 1.0  # doubly stochastic attention weight

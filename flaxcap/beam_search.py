@@ -151,7 +151,7 @@ def _check_log_probs(log_probs: jax.Array, rows: int) -> int:
 
 
 def beam_search(step_fn: StepFn, init_state: PyTree, *, beam_size: int, max_len: int,
-                bos_id: int, eos_id: int, length_penalty=0.0) -> BeamSearchResult:
+                bos_id: int, eos_id: int, length_penalty=0.0, unroll: int = 1) -> BeamSearchResult:
   """Beam search over `step_fn` for a batch of images (see the module docstring).
 
   Args:
@@ -163,6 +163,8 @@ def beam_search(step_fn: StepFn, init_state: PyTree, *, beam_size: int, max_len:
     bos_id: token fed at the first step.
     eos_id: token that ends a hypothesis.
     length_penalty: GNMT alpha (a float, or a traced scalar); 0 ranks by log-probability.
+    unroll: steps per iteration of the `lax.scan` (static; >= max_len unrolls the whole search:
+      no loop, at the price of a longer compilation). The results do not depend on it.
 
   Returns:
     BeamSearchResult with tokens [batch, K, max_len], scores [batch, K] best first,
@@ -210,7 +212,8 @@ def beam_search(step_fn: StepFn, init_state: PyTree, *, beam_size: int, max_len:
   carry = (_repeat_rows(init_state, k), jnp.full((batch * k,), bos_id, jnp.int32), live_scores,
            jnp.full((batch, k), -jnp.inf, jnp.float32), jnp.zeros((batch, k), jnp.int32),
            jnp.zeros((batch, k), jnp.int32))
-  carry, history = lax.scan(search_step, carry, jnp.arange(max_len, dtype=jnp.int32))
+  carry, history = lax.scan(search_step, carry, jnp.arange(max_len, dtype=jnp.int32),
+                            unroll=min(unroll, max_len))
   _, _, live_scores, done_scores, done_steps, done_slots = carry
 
   # Hypotheses still live after max_len steps finish there (end step max_len = "no <eos>").
@@ -276,7 +279,7 @@ def _back_trace(history, slots, end_steps, valid, *, eos_id):
 
 
 def _decode_one_per_row(step_fn, init_state, choose, *, copies, max_len, bos_id, eos_id,
-                        length_penalty=0.0) -> BeamSearchResult:
+                        length_penalty=0.0, unroll: int = 1) -> BeamSearchResult:
   """Extends `copies` hypotheses per image by one chosen token per step (greedy and sampling).
 
   `choose(log_probs [rows, vocab], step) -> tokens [rows]`. Scores are the summed model
@@ -304,7 +307,8 @@ def _decode_one_per_row(step_fn, init_state, choose, *, copies, max_len, bos_id,
   carry = (_repeat_rows(init_state, copies), jnp.full((rows,), bos_id, jnp.int32),
            jnp.zeros((rows,), jnp.float32), jnp.zeros((rows,), jnp.int32),
            jnp.zeros((rows,), bool))
-  carry, (tokens, aux) = lax.scan(decode_step, carry, jnp.arange(max_len, dtype=jnp.int32))
+  carry, (tokens, aux) = lax.scan(decode_step, carry, jnp.arange(max_len, dtype=jnp.int32),
+                                  unroll=min(unroll, max_len))
   _, _, scores, lengths, _ = carry
 
   def by_image(a):  # [T, rows, ...] -> [batch, copies, T, ...]
@@ -317,17 +321,18 @@ def _decode_one_per_row(step_fn, init_state, choose, *, copies, max_len, bos_id,
 
 
 def greedy_search(step_fn: StepFn, init_state: PyTree, *, max_len: int, bos_id: int,
-                  eos_id: int, length_penalty=0.0) -> BeamSearchResult:
+                  eos_id: int, length_penalty=0.0, unroll: int = 1) -> BeamSearchResult:
   """Most probable next token at every step until <eos>; shapes as `beam_search` with beam 1.
 
   Calls `step_fn` on [batch] rows (beam 1), so a step function written for `beam_search` works
   unchanged. `length_penalty` only rescales the returned scores; it never changes the tokens.
   Equals `beam_search(..., beam_size=1)` when length_penalty is 0 (with a penalty, beam search
-  may keep extending a hypothesis past greedy's <eos> and prefer the longer one).
+  may keep extending a hypothesis past greedy's <eos> and prefer the longer one). `unroll` as in
+  `beam_search`.
   """
   return _decode_one_per_row(step_fn, init_state, lambda log_probs, _: jnp.argmax(log_probs, -1),
                              copies=1, max_len=max_len, bos_id=bos_id, eos_id=eos_id,
-                             length_penalty=length_penalty)
+                             length_penalty=length_penalty, unroll=unroll)
 
 
 def _filter_logits(logits: jax.Array, *, top_k: int, top_p: float) -> jax.Array:

@@ -19,13 +19,14 @@ from flaxcap import vocab as vocab_lib
 
 
 def search(decoder: decoder_lib.Decoder, decoder_params, features, *, beam_size: int, max_len: int,
-           length_penalty: float = 0.0) -> beam_search.BeamSearchResult:
+           length_penalty: float = 0.0, unroll: int = 1) -> beam_search.BeamSearchResult:
   """Beam (or greedy, when `beam_size` is 1) search from encoder features.
 
   Args:
     decoder: the (unbound) decoder module.
     decoder_params: its parameters.
     features: encoder features [batch, P, C] or [batch, h, w, C].
+    unroll: decoding steps per loop iteration (`beam_search.beam_search`); same results.
   Returns:
     `BeamSearchResult` with tokens [batch, beam, max_len], scores [batch, beam], lengths
     [batch, beam] and attention [batch, beam, max_len, P].
@@ -49,4 +50,5 @@ def search(decoder: decoder_lib.Decoder, decoder_params, features, *, beam_size:
 
   search_fn = beam_search.greedy_search if beam_size == 1 else functools.partial(
       beam_search.beam_search, beam_size=beam_size, length_penalty=length_penalty)
-  return search_fn(step_fn, carry, max_len=max_len, bos_id=vocab_lib.BOS, eos_id=vocab_lib.EOS)
+  return search_fn(step_fn, carry, max_len=max_len, bos_id=vocab_lib.BOS, eos_id=vocab_lib.EOS,
+                   unroll=unroll)

@@ -109,7 +109,7 @@ def create_decoder(config, vocab_size: int) -> decoder_lib.Decoder:
       vocab_size=int(vocab_size), embed_dim=int(dec.embed_dim), hidden_dim=int(dec.hidden_dim),
       attention_dim=int(dec.attention_dim), dropout_rate=float(dec.dropout_rate), gate=bool(dec.gate),
       prev2out=bool(dec.prev2out), ctx2out=bool(dec.ctx2out), attention_activation=activation,
-      dtype=dtype)
+      dtype=dtype, unroll=int(dec.get("unroll", 1)))
 
 
 def create_encoder(config) -> nn.Module:

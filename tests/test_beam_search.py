@@ -250,6 +250,21 @@ def test_greedy_equals_beam_size_one_and_argmax_reference():
       np.testing.assert_allclose(greedy.aux["hash"][row, 0, :len(tokens)], hashes, rtol=1e-5)
 
 
+@pytest.mark.parametrize("unroll", [2, MAX_LEN])
+def test_unrolled_searches_give_the_same_results(unroll):
+  table, embed = random_tables(SEEDS[1])
+  step_fn = markov_step_fn(jnp.asarray(table), jnp.asarray(embed))
+  init_state = markov_init_state(table)
+  for search, kwargs in ((bs.beam_search, {"beam_size": 3, "length_penalty": 0.6}),
+                         (bs.greedy_search, {})):
+    rolled, unrolled = (to_numpy(jax.jit(functools.partial(
+        search, step_fn, max_len=MAX_LEN, bos_id=BOS, eos_id=EOS, unroll=u, **kwargs))(init_state))
+                        for u in (1, unroll))
+    for field in ("tokens", "scores", "lengths"):
+      np.testing.assert_array_equal(getattr(unrolled, field), getattr(rolled, field))
+    np.testing.assert_allclose(unrolled.aux["hash"], rolled.aux["hash"], rtol=1e-6)
+
+
 def eos_after_bos_table(seed, eos_probability):
   table, embed = random_tables(seed)
   probs = np.exp(table.astype(np.float64))

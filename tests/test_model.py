@@ -167,6 +167,9 @@ def test_create_model_from_config(monkeypatch):
   model = model_lib.create_model(config, vocab_size=VOCAB, encoder=TinyConvEncoder())
   assert model.decoder.hidden_dim == config.decoder.hidden_dim
   assert model.decoder.dtype == jnp.float32 and not model.encoder_trainable
+  assert model.decoder.unroll == 1
+  config.decoder.unroll = 3
+  assert model_lib.create_model(config, vocab_size=VOCAB, encoder=TinyConvEncoder()).decoder.unroll == 3
 
   calls = []
   fake_encoders = types.ModuleType("flaxcap.encoders")
