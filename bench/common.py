@@ -144,8 +144,18 @@ def torch_peak_memory_bytes(device) -> int | None:
 
 
 def peak_rss_bytes() -> int:
-  """Peak resident set size of this process (Linux reports ru_maxrss in KiB)."""
-  return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+  """Peak resident set size of this process: VmHWM from /proc/self/status where there is one.
+
+  Not `ru_maxrss`: Linux keeps it across fork + exec, so a child started by a big parent (memory.py's
+  rows) would report the parent's peak.
+  """
+  try:
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) * 1024  # kB
+  except OSError:
+    pass
+  return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
 
 
 # -- the record of where a number came from ------------------------------------------------------------

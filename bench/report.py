@@ -2,7 +2,8 @@
 
     python bench/report.py [--results bench/results] > /tmp/tables.md
 
-Each section names the machine, the versions and the command behind its numbers (from the JSON), then
+A section renders `<script>.json` and every `<script>_*.json` beside it (runs with other flags, e.g.
+`--output=beam_search_unroll20`). Each section names the machine, the versions and the command behind its numbers (from the JSON), then
 the table with the columns its script prints. Results that are absent are listed as not measured.
 """
 
@@ -10,6 +11,8 @@ import argparse
 import json
 import pathlib
 import sys
+
+from absl import flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from bench import common  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -29,22 +32,34 @@ def describe(machine: dict) -> str:
           f"Python {machine['python']}, {versions}; {machine['time']}")
 
 
+def columns_of(name: str) -> list:
+  """The COLUMNS of bench/<name>.py. The scripts define flags of the same names (--output, --batch_sizes),
+  so each one's flags are dropped again after its import."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  defined_before = set(flags.FLAGS)
+  module = importlib.import_module(f"bench.{name}")
+  for flag_name in set(flags.FLAGS) - defined_before:
+    delattr(flags.FLAGS, flag_name)
+  return module.COLUMNS
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--results", default=str(common.RESULTS_DIR))
   args = parser.parse_args()
-  import importlib  # pylint: disable=g-import-not-at-top
   for name, title in SECTIONS:
-    path = pathlib.Path(args.results) / f"{name}.json"
+    results = pathlib.Path(args.results)
+    paths = sorted(results.glob(f"{name}.json")) + sorted(results.glob(f"{name}_*.json"))
     print(f"### {title}\n")
-    if not path.exists():
-      print(f"Not measured ({path} is absent).\n")
+    if not paths:
+      print(f"Not measured (no {results / name}*.json).\n")
       continue
-    result = json.loads(path.read_text())
-    module = importlib.import_module(f"bench.{name}")
-    print(f"Machine: {describe(result['machine'])}.  ")
-    print(f"Command: `python {result['machine']['command']}`\n")
-    print(common.markdown_table(result["rows"], module.COLUMNS) + "\n")
+    columns = columns_of(name)
+    for path in paths:
+      result = json.loads(path.read_text())
+      print(f"Machine: {describe(result['machine'])}.  ")
+      print(f"Command: `python {result['machine']['command']}`\n")
+      print(common.markdown_table(result["rows"], columns) + "\n")
 
 
 if __name__ == "__main__":
