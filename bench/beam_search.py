@@ -53,6 +53,9 @@ _LOOP_IMAGES = flags.DEFINE_integer("loop_images", None,
                                     "Images the per-image loop is timed on (default: 8 on the CPU, 32 on a GPU).")
 _UNROLL = flags.DEFINE_integer("unroll", 1, "Decoding steps per scan iteration in flaxcap's search "
                                "(>= max_len: no loop at all).")
+_DUMP_HLO = flags.DEFINE_bool("dump_hlo", False, "Write the compiled HLO of each flaxcap search to "
+                               "bench/results/beam_search_hlo_<dtype>_b<batch>_k<beam>_u<unroll>.txt "
+                               "(to count the kernels of a decoding step).")
 _METHODS = flags.DEFINE_list("methods", ["flaxcap", "torch_batched", "torch_loop"], "What to time.")
 _OUTPUT = flags.DEFINE_string("output", "beam_search", "JSON path, or a name under bench/results/.")
 
@@ -110,6 +113,10 @@ def main(argv):
         search = jax.jit(lambda p, f, beam=beam: decoding.search(decoder, p, f, beam_size=beam,
                                                                  max_len=max_len,
                                                                  unroll=_UNROLL.value))
+        if _DUMP_HLO.value:
+          hlo = search.lower(params, features_jax).compile().as_text()
+          name = f"beam_search_hlo_{dtype}_b{batch}_k{beam}_u{_UNROLL.value}.txt"
+          (common.RESULTS_DIR / name).write_text(hlo)
         start = time.perf_counter()
         result = jax.block_until_ready(search(params, features_jax))
         compile_s = time.perf_counter() - start  # compilation + one call
