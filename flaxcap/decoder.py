@@ -266,8 +266,18 @@ class Decoder(nn.Module):
     out = self.dropout(jnp.tanh(out), deterministic=deterministic)
     return self.logits_out(out)
 
+  def word_gate_table(self) -> Array:
+    """The embedding's share of the LSTM gates for every token, bias included: [V, 4H].
+
+    Computed once per set of parameters (e.g. when a model is loaded), it turns the word's matmul in
+    every decoding `step` into a row lookup (`step(..., word_gates=table)`); on a CPU the [4H x E]
+    weights are a quarter of the bytes a step streams.
+    """
+    return self.input_gates(self.embedding.embedding.astype(self.dtype))
+
   def step(self, encoded: Encoded, carry: LSTMCarry, tokens: Array,
-           deterministic: bool = True) -> tuple[Array, LSTMCarry, Array]:
+           deterministic: bool = True, word_gates: Array | None = None
+           ) -> tuple[Array, LSTMCarry, Array]:
     """One decoding step for one or K sequences per image.
 
     Args:
@@ -275,6 +285,8 @@ class Decoder(nn.Module):
       carry: from `initial_carry` or the previous step: each [batch, H], or [batch, K, H] for K beams.
       tokens: the previous token ids, [batch] or [batch, K].
       deterministic: disables dropout.
+      word_gates: None, or `word_gate_table()` [V, 4H], looked up instead of multiplying (the same
+        up to rounding).
 
     Returns:
       (logits [batch, (K,) V] float32, new carry, attention [batch, (K,) P] float32).
@@ -285,7 +297,8 @@ class Decoder(nn.Module):
       tokens = tokens[:, None]
       carry = LSTMCarry(*(x[:, None, :] for x in carry))
     embedded = self.embedding(tokens)  # [batch, K, E]
-    carry, (h, context, attention) = self._recur(encoded, carry, self.input_gates(embedded))
+    gates = self.input_gates(embedded) if word_gates is None else jnp.take(word_gates, tokens, axis=0)
+    carry, (h, context, attention) = self._recur(encoded, carry, gates)
     logits = self._deep_output(h, context, embedded, deterministic,
                                context_projected=encoded.context_projections is not None)
     if single:
