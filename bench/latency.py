@@ -130,7 +130,8 @@ def flaxcap_pipeline(captioner, *, path: str, beam_size: int, max_len: int) -> P
   stages = {
       "decode + resize": lambda: images_lib.load_image(path, size),
       "encoder": lambda: encode(captioner.encoder_variables, image).block_until_ready(),
-      "search": lambda: search(captioner.decoder_params, features).tokens.block_until_ready(),
+      "search": lambda: search(captioner.decoder_params, features,
+                               word_gate_table=captioner.word_gate_table).tokens.block_until_ready(),
   }
   return Pipeline("flaxcap", caption, stages, "Captioner.caption([path]) (one jitted encoder + search)")
 

@@ -83,6 +83,9 @@ class Captioner:
     self.decoder_params = jax.device_put(decoder_params)
     self.encoder = encoder
     self.encoder_variables = jax.device_put(encoder_variables)
+    # Each decoding step looks its words' LSTM gate inputs up in this [V, 4H] table (computed once).
+    self.word_gate_table = jax.jit(functools.partial(
+        self.decoder.apply, method="word_gate_table"))({"params": self.decoder_params})
 
   @property
   def feature_grid_shape(self) -> tuple[int, int]:
@@ -109,10 +112,11 @@ class Captioner:
 
   @functools.lru_cache(maxsize=16)
   def _compiled(self, beam_size: int, max_len: int, length_penalty: float):
-    def caption_batch(encoder_variables, decoder_params, images):
+    def caption_batch(encoder_variables, decoder_params, word_gate_table, images):
       grid = self.encoder.apply(encoder_variables, images)
       return decoding.search(self.decoder, decoder_params, grid, beam_size=beam_size,
-                             max_len=max_len, length_penalty=length_penalty)
+                             max_len=max_len, length_penalty=length_penalty,
+                             word_gate_table=word_gate_table)
     return jax.jit(caption_batch, compiler_options=compiler_options())
 
   def caption_arrays(self, images: np.ndarray, *, beam_size: int = 3, max_len: int | None = None,
@@ -121,7 +125,8 @@ class Captioner:
     max_len = max_len or self.config.eval.max_len
     length_penalty = self.config.eval.length_penalty if length_penalty is None else length_penalty
     search = self._compiled(int(beam_size), int(max_len), float(length_penalty))
-    result = search(self.encoder_variables, self.decoder_params, jnp.asarray(images))
+    result = search(self.encoder_variables, self.decoder_params, self.word_gate_table,
+                    jnp.asarray(images))
     height, width = self.feature_grid_shape
     tokens, scores, lengths, attention = jax.device_get(
         (result.tokens, result.scores, result.lengths, result.aux))
