@@ -316,7 +316,7 @@ def assert_same_results(a, b):
 def test_early_stop_gives_the_full_searchs_results(length_penalty):
   max_len = 12
   stopped_early = 0
-  for beam_size in (1, 3, 5):
+  for beam_size in (1, 4):
     search = functools.partial(counting_search, kind="beam", beam_size=beam_size,
                                max_len=max_len, length_penalty=length_penalty)
     for seed in SEEDS:
