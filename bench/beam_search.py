@@ -8,7 +8,8 @@ can be compared caption for caption. Methods:
 
   flaxcap        `flaxcap.decoding.search` under `jax.jit`: the encoded features once per image, the K
                  beams attending the image's single copy, the whole batch in one `lax.scan` of max_len
-                 steps (no early exit); greedy_search at beam 1
+                 steps (on the CPU the steps after no live hypothesis can win are skipped by a
+                 `lax.cond`; elsewhere all run); greedy_search at beam 1
   torch_batched  `torch_reference.beam_search_batched`: the same algorithm in eager torch, stopping as
                  soon as no live hypothesis can win
   torch_loop     `torch_reference.beam_search_per_image`: the tutorial's per-image Python loop; it is
@@ -39,6 +40,7 @@ from bench import common  # noqa: E402
 from bench import roofline  # noqa: E402
 from bench import workloads  # noqa: E402
 from flaxcap import decoding  # noqa: E402
+from flaxcap import inference  # noqa: E402
 
 _BATCH_SIZES = flags.DEFINE_string("batch_sizes", None,
                                    "Comma-separated batch sizes (default: 1,32 on the CPU, 1,32,256 on a GPU).")
@@ -112,7 +114,8 @@ def main(argv):
         row_key = {"dtype": dtype, "batch": batch, "beam": beam}
         search = jax.jit(lambda p, f, beam=beam: decoding.search(decoder, p, f, beam_size=beam,
                                                                  max_len=max_len,
-                                                                 unroll=_UNROLL.value))
+                                                                 unroll=_UNROLL.value),
+                         compiler_options=inference.compiler_options())  # as the Captioner's
         if _DUMP_HLO.value:
           hlo = search.lower(params, features_jax).compile().as_text()
           name = f"beam_search_hlo_{dtype}_b{batch}_k{beam}_u{_UNROLL.value}.txt"

@@ -9,19 +9,23 @@ warm-up calls (flaxcap: compilation):
            tutorial's per-image beam search (`torch_reference.beam_search_per_image`), the text; eager,
            under `torch.inference_mode()`.
 
-The model: by default EfficientNet-Lite0 with its ImageNet weights and a decoder with random weights
-built here (`workloads.end_captions_near` makes its captions 12 tokens long, as a trained model's are;
-the words are "w<id>"), the same weights in both pipelines. `--checkpoint DIR` loads a trained flaxcap
-model instead (`Captioner.load`); the torch pipeline then gets its decoder weights and the packaged
-ImageNet encoder (a fine-tuned encoder changes the captions, not the speed).
+The model: by default (`--model=random`) EfficientNet-Lite0 with its ImageNet weights and a decoder with
+random weights built here (`workloads.end_captions_near` makes its captions 12 tokens long, as a trained
+model's are; the words are "w<id>"), the same weights in both pipelines. `--model=shipped` loads the
+model shipped in models/flickr8k (`Captioner.load()`, the issue-8 target: <= 50 ms file -> caption),
+`--checkpoint DIR` another trained flaxcap model; the torch pipeline then gets its decoder weights and
+the packaged ImageNet encoder (a fine-tuned encoder changes the captions, not the speed). A trained
+model's beam search stops once no live hypothesis can win (on the CPU), so its time depends on where
+its captions end; the random decoder's always end at 12 tokens.
 
 The image: --image, or by default a 500x375 JPEG (quality 90, Flickr8k's usual size) written to
 bench/results/ from the first Flickr8k photo, or from noise when the data set is absent.
 
 Besides the end-to-end medians the script times each stage on its own (decode + resize, encoder, search;
-flaxcap's stages as separately jitted functions), which is the profile BENCHMARKS.md discusses.
+flaxcap's stages as separately jitted functions, compiled with the Captioner's XLA options), which is the
+profile BENCHMARKS.md discusses.
 
-    python bench/latency.py [--checkpoint DIR] [--image PHOTO.jpg] [--repeats 20]
+    python bench/latency.py [--model=shipped | --checkpoint DIR] [--image PHOTO.jpg] [--repeats 20]
 
 Prints a table and writes JSON (default bench/results/latency.json).
 """
@@ -52,8 +56,10 @@ from flaxcap import model as model_lib  # noqa: E402
 FLICKR8K_IMAGES = common.REPO_ROOT.parent / "shared" / "data" / "flickr8k" / "Flicker8k_Dataset"
 
 _IMAGE = flags.DEFINE_string("image", None, "The image file (default: see the module docstring).")
+_MODEL = flags.DEFINE_enum("model", "random", ["random", "shipped"],
+                           "random: random decoder weights (see above); shipped: models/flickr8k.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
-                                  "A trained flaxcap model (default: random decoder weights, see above).")
+                                  "A trained flaxcap model (overrides --model).")
 _BEAM_SIZE = flags.DEFINE_integer("beam_size", 3, "Beam width.")
 _MAX_LEN = flags.DEFINE_integer("max_len", 20, "Longest caption in tokens.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed captions per pipeline (the median counts).")
@@ -84,8 +90,10 @@ class Pipeline:
   description: str
 
 
-def flaxcap_model(checkpoint: str | None, caption_length: int = 12):
+def flaxcap_model(checkpoint: str | None, caption_length: int = 12, *, shipped: bool = False):
   """(Captioner, decoder params as numpy, description); see the module docstring."""
+  if shipped and not checkpoint:
+    checkpoint = str(inference.default_checkpoint())
   if checkpoint:
     captioner = inference.Captioner.load(checkpoint)
     return captioner, jax.tree.map(np.asarray, captioner.decoder_params), f"checkpoint {checkpoint}"
@@ -112,14 +120,18 @@ def flaxcap_pipeline(captioner, *, path: str, beam_size: int, max_len: int) -> P
     return result.text
 
   image = images_lib.load_image(path, size)[None]
-  encode = jax.jit(captioner.encoder.apply)
+  options = inference.compiler_options()  # as the Captioner's own function
+  encode = jax.jit(captioner.encoder.apply, compiler_options=options)
   features = encode(captioner.encoder_variables, image)
   search = jax.jit(functools.partial(decoding.search, captioner.decoder, beam_size=beam_size,
-                                     max_len=max_len))
+                                     max_len=max_len,
+                                     length_penalty=captioner.config.eval.length_penalty),
+                   compiler_options=options)
   stages = {
       "decode + resize": lambda: images_lib.load_image(path, size),
       "encoder": lambda: encode(captioner.encoder_variables, image).block_until_ready(),
-      "search": lambda: search(captioner.decoder_params, features).tokens.block_until_ready(),
+      "search": lambda: search(captioner.decoder_params, features,
+                               word_gate_table=captioner.word_gate_table).tokens.block_until_ready(),
   }
   return Pipeline("flaxcap", caption, stages, "Captioner.caption([path]) (one jitted encoder + search)")
 
@@ -163,7 +175,8 @@ def main(argv):
   beam_size, max_len, repeats = _BEAM_SIZE.value, _MAX_LEN.value, _REPEATS.value
   info = common.machine()
   print(common.machine_line(info), flush=True)
-  captioner, decoder_params, model_description = flaxcap_model(_CHECKPOINT.value)
+  captioner, decoder_params, model_description = flaxcap_model(_CHECKPOINT.value,
+                                                               shipped=_MODEL.value == "shipped")
   builders = {
       "flaxcap": lambda: flaxcap_pipeline(captioner, path=path, beam_size=beam_size, max_len=max_len),
       "torch": lambda: torch_pipeline(captioner, decoder_params, path=path, beam_size=beam_size,

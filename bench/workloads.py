@@ -9,8 +9,9 @@ both with LSTM/attention/embedding 512, a vocabulary of 2,600 words (Flickr8k wi
 about that many) and captions of max_len 22 tokens with <bos> and <eos> (21 teacher-forced steps).
 
 Random weights make a decoder whose captions never end (each step <eos> has a ~1/V chance), which would
-flatter flaxcap: its searches always run max_len steps, while the per-image loop and the batched torch
-search stop when every hypothesis has ended. `end_captions_near` edits a random decoder so that its
+flatter flaxcap: its searches run max_len steps (on a GPU; on the CPU they skip the steps after the
+result is settled), while the per-image loop and the batched torch search stop when every hypothesis has
+ended. `end_captions_near` edits a random decoder so that its
 captions end after a set number of tokens, as a trained model's do; both frameworks get the same
 weights.
 """

@@ -58,8 +58,17 @@ aux) once; carrying token and aux histories in the scan and re-gathering them ev
 Flax example does for tokens) would move O(max_len**2 * batch * beam * aux).
 
 All K beams of an image start from the same state, so beams 1..K-1 start at score -inf and the
-first step only expands beam 0. The scan always runs `max_len` steps (no early exit): on a GPU a
-data-dependent stop costs a host round trip per step, and captions are short.
+first step only expands beam 0.
+
+Early stop: once no live hypothesis of any image can still enter its finished set, the remaining
+steps change nothing that is returned. With `early_stop` (the default on the CPU) each of the scan's
+`max_len` iterations is a `lax.cond` that skips the step function from then on and emits zeros for
+the steps not taken (which the back trace never reads), so the results are identical to the full
+scan's; a trained captioner's captions end after ~12 of 20 steps. A live hypothesis with raw score s
+can only end with a score <= s, so it can finish no better than max(s / penalty(L)) over the lengths
+L still possible (the penalty is monotonic in L, so the first or the last). The stop is off by default
+on other backends, where a data-dependent branch costs a host round trip per step. Greedy search and
+sampling skip the steps after every row has produced <eos> the same way.
 """
 
 from typing import Any, Callable, NamedTuple
@@ -150,8 +159,31 @@ def _check_log_probs(log_probs: jax.Array, rows: int) -> int:
   return log_probs.shape[1]
 
 
+def _default_early_stop(early_stop: bool | None) -> bool:
+  return jax.default_backend() == "cpu" if early_stop is None else bool(early_stop)
+
+
+def _scan_until(step_fn, is_over, carry, max_len: int, unroll: int):
+  """`lax.scan(step_fn, carry, arange(max_len), unroll=...)`, except that once `is_over(carry, step)`
+  is true the remaining iterations keep the carry and emit zeros instead of calling `step_fn`."""
+  steps = jnp.arange(max_len, dtype=jnp.int32)
+  unroll = min(unroll, max_len)
+  if is_over is None:
+    return lax.scan(step_fn, carry, steps, unroll=unroll)
+  output_shapes = jax.eval_shape(step_fn, carry, steps[0])[1]
+
+  def skip(carry, _):
+    return carry, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), output_shapes)
+
+  def maybe_step(carry, step):
+    return lax.cond(is_over(carry, step), skip, step_fn, carry, step)
+
+  return lax.scan(maybe_step, carry, steps, unroll=unroll)
+
+
 def beam_search(step_fn: StepFn, init_state: PyTree, *, beam_size: int, max_len: int,
-                bos_id: int, eos_id: int, length_penalty=0.0, unroll: int = 1) -> BeamSearchResult:
+                bos_id: int, eos_id: int, length_penalty=0.0, unroll: int = 1,
+                early_stop: bool | None = None) -> BeamSearchResult:
   """Beam search over `step_fn` for a batch of images (see the module docstring).
 
   Args:
@@ -165,6 +197,8 @@ def beam_search(step_fn: StepFn, init_state: PyTree, *, beam_size: int, max_len:
     length_penalty: GNMT alpha (a float, or a traced scalar); 0 ranks by log-probability.
     unroll: steps per iteration of the `lax.scan` (static; >= max_len unrolls the whole search:
       no loop, at the price of a longer compilation). The results do not depend on it.
+    early_stop: skip the steps after no live hypothesis can win (None: on the CPU only); the
+      results are the same either way (module docstring).
 
   Returns:
     BeamSearchResult with tokens [batch, K, max_len], scores [batch, K] best first,
@@ -212,8 +246,16 @@ def beam_search(step_fn: StepFn, init_state: PyTree, *, beam_size: int, max_len:
   carry = (_repeat_rows(init_state, k), jnp.full((batch * k,), bos_id, jnp.int32), live_scores,
            jnp.full((batch, k), -jnp.inf, jnp.float32), jnp.zeros((batch, k), jnp.int32),
            jnp.zeros((batch, k), jnp.int32))
-  carry, history = lax.scan(search_step, carry, jnp.arange(max_len, dtype=jnp.int32),
-                            unroll=min(unroll, max_len))
+
+  def is_over(carry, step):
+    """Whether no live hypothesis can still beat the worst of its image's K finished ones."""
+    _, _, live_scores, done_scores, _, _ = carry
+    best_end = jnp.maximum(_penalize(live_scores, step + 1, length_penalty),
+                           _penalize(live_scores, jnp.int32(max_len), length_penalty))
+    return jnp.all(jnp.min(done_scores, axis=1) >= jnp.max(best_end, axis=1))
+
+  carry, history = _scan_until(search_step, is_over if _default_early_stop(early_stop) else None,
+                               carry, max_len, unroll)
   _, _, live_scores, done_scores, done_steps, done_slots = carry
 
   # Hypotheses still live after max_len steps finish there (end step max_len = "no <eos>").
@@ -279,7 +321,7 @@ def _back_trace(history, slots, end_steps, valid, *, eos_id):
 
 
 def _decode_one_per_row(step_fn, init_state, choose, *, copies, max_len, bos_id, eos_id,
-                        length_penalty=0.0, unroll: int = 1) -> BeamSearchResult:
+                        length_penalty=0.0, unroll: int = 1, early_stop=None) -> BeamSearchResult:
   """Extends `copies` hypotheses per image by one chosen token per step (greedy and sampling).
 
   `choose(log_probs [rows, vocab], step) -> tokens [rows]`. Scores are the summed model
@@ -307,8 +349,9 @@ def _decode_one_per_row(step_fn, init_state, choose, *, copies, max_len, bos_id,
   carry = (_repeat_rows(init_state, copies), jnp.full((rows,), bos_id, jnp.int32),
            jnp.zeros((rows,), jnp.float32), jnp.zeros((rows,), jnp.int32),
            jnp.zeros((rows,), bool))
-  carry, (tokens, aux) = lax.scan(decode_step, carry, jnp.arange(max_len, dtype=jnp.int32),
-                                  unroll=min(unroll, max_len))
+  all_done = lambda carry, step: jnp.all(carry[-1])  # every later step would emit zeros
+  carry, (tokens, aux) = _scan_until(
+      decode_step, all_done if _default_early_stop(early_stop) else None, carry, max_len, unroll)
   _, _, scores, lengths, _ = carry
 
   def by_image(a):  # [T, rows, ...] -> [batch, copies, T, ...]
@@ -321,18 +364,19 @@ def _decode_one_per_row(step_fn, init_state, choose, *, copies, max_len, bos_id,
 
 
 def greedy_search(step_fn: StepFn, init_state: PyTree, *, max_len: int, bos_id: int,
-                  eos_id: int, length_penalty=0.0, unroll: int = 1) -> BeamSearchResult:
+                  eos_id: int, length_penalty=0.0, unroll: int = 1,
+                  early_stop: bool | None = None) -> BeamSearchResult:
   """Most probable next token at every step until <eos>; shapes as `beam_search` with beam 1.
 
   Calls `step_fn` on [batch] rows (beam 1), so a step function written for `beam_search` works
   unchanged. `length_penalty` only rescales the returned scores; it never changes the tokens.
   Equals `beam_search(..., beam_size=1)` when length_penalty is 0 (with a penalty, beam search
   may keep extending a hypothesis past greedy's <eos> and prefer the longer one). `unroll` as in
-  `beam_search`.
+  `beam_search`; `early_stop`: skip the steps after every row has ended (None: on the CPU only).
   """
   return _decode_one_per_row(step_fn, init_state, lambda log_probs, _: jnp.argmax(log_probs, -1),
                              copies=1, max_len=max_len, bos_id=bos_id, eos_id=eos_id,
-                             length_penalty=length_penalty, unroll=unroll)
+                             length_penalty=length_penalty, unroll=unroll, early_stop=early_stop)
 
 
 def _filter_logits(logits: jax.Array, *, top_k: int, top_p: float) -> jax.Array:
@@ -353,7 +397,7 @@ def _filter_logits(logits: jax.Array, *, top_k: int, top_p: float) -> jax.Array:
 
 def sample(step_fn: StepFn, init_state: PyTree, *, rng: jax.Array, max_len: int, bos_id: int,
            eos_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           num_samples: int = 1) -> BeamSearchResult:
+           num_samples: int = 1, early_stop: bool | None = None) -> BeamSearchResult:
   """Draws `num_samples` captions per image: temperature, then top-k, then top-p (nucleus).
 
   Args:
@@ -364,6 +408,7 @@ def sample(step_fn: StepFn, init_state: PyTree, *, rng: jax.Array, max_len: int,
     top_k: keep the k most probable tokens (0: all; static).
     top_p: keep the smallest set of most probable tokens with probability >= top_p (1: all).
     num_samples: captions per image (static).
+    early_stop: skip the steps after every sample has ended (None: on the CPU only); same samples.
 
   Returns:
     BeamSearchResult with beam = num_samples in draw order (not sorted); scores are the samples'
@@ -380,4 +425,4 @@ def sample(step_fn: StepFn, init_state: PyTree, *, rng: jax.Array, max_len: int,
     return jax.random.categorical(jax.random.fold_in(rng, step), logits, axis=-1)
 
   return _decode_one_per_row(step_fn, init_state, choose, copies=num_samples, max_len=max_len,
-                             bos_id=bos_id, eos_id=eos_id)
+                             bos_id=bos_id, eos_id=eos_id, early_stop=early_stop)

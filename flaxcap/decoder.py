@@ -20,6 +20,9 @@ How the work is laid out, so that a train step is a few large matmuls plus a lea
     context into the LSTM gates.
   * `step` takes K beams per image as an extra axis and attends every beam against the image's single copy
     of the encoded features (an einsum with a beam axis), so beam search never tiles the feature grid.
+  * On the CPU a matmul of a few rows (a step of one image's beams) runs as one matrix-vector product per
+    row (`_few_rows_dot_general`): XLA:CPU packs the whole weight matrix for a small-row GEMM, which made
+    a beam-3 step's [3, 512] x [512, 2561] products ~4x slower than three matrix-vector products.
   * The context enters the step only through linear layers (the LSTM's context gates and L_z), so
     `encode(..., project_context=True)` can push the grid through them once per image; a step then takes
     the attention-weighted sum of those projections, [P, 4H + E] per image, instead of multiplying each
@@ -32,6 +35,7 @@ LSTM cell state and the vocabulary logits are kept in float32.
 """
 
 import functools
+import math
 from typing import Any, NamedTuple
 
 import einops
@@ -73,6 +77,30 @@ def flatten_features(features: Array) -> Array:
   return features
 
 
+# Up to this many rows, a CPU matmul runs as one matrix-vector product per row (measured crossover ~6-8).
+_MAX_ROWS_AS_VECTORS = 6
+
+
+def _few_rows_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+  """`lax.dot_general` for `nn.Dense`; on the CPU, inputs [..., C] of at most `_MAX_ROWS_AS_VECTORS`
+  rows times a kernel [C, N] become one [C] x [C, N] product per row.
+
+  XLA:CPU runs a GEMM of 2-6 rows by packing the whole kernel first; for the megabyte kernels of a
+  decoding step that made a beam-3 step several times slower than its matrix-vector products (which
+  stream the kernel once each). Same results up to float rounding (another summation order).
+  """
+  (lhs_contract, rhs_contract), (lhs_batch, _) = dimension_numbers
+  rows = math.prod(lhs.shape[:-1])
+  if (jax.default_backend() != "cpu" or not 1 < rows <= _MAX_ROWS_AS_VECTORS or lhs_batch
+      or rhs.ndim != 2 or tuple(lhs_contract) != (lhs.ndim - 1,) or tuple(rhs_contract) != (0,)):
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type)
+  vectors = lhs.reshape(rows, lhs.shape[-1])
+  products = [jax.lax.dot_general(vectors[i], rhs, (((0,), (0,)), ((), ())), precision=precision,
+                                  preferred_element_type=preferred_element_type) for i in range(rows)]
+  return jnp.stack(products).reshape(*lhs.shape[:-1], rhs.shape[1])
+
+
 def _lstm_bias_init(key, shape, dtype=jnp.float32):
   """Zero biases for the gates (i, f, g, o) except 1 for the forget gate."""
   del key
@@ -112,9 +140,10 @@ class Decoder(nn.Module):
     if self.attention_activation not in _ATTENTION_ACTIVATIONS:
       raise ValueError(f"attention_activation must be one of {sorted(_ATTENTION_ACTIVATIONS)}, "
                        f"got {self.attention_activation!r}")
-    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32)
+    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32,
+                              dot_general=_few_rows_dot_general)
     # float32 results from low-precision inputs, where the result feeds a softmax.
-    f32_dot = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
+    f32_dot = functools.partial(_few_rows_dot_general, preferred_element_type=jnp.float32)
     hid, att = self.hidden_dim, self.attention_dim
     self.embedding = nn.Embed(self.vocab_size, self.embed_dim, dtype=self.dtype, param_dtype=jnp.float32)
     self.feature_proj = dense(att, name="feature_proj")  # W_f: C -> A
@@ -237,8 +266,18 @@ class Decoder(nn.Module):
     out = self.dropout(jnp.tanh(out), deterministic=deterministic)
     return self.logits_out(out)
 
+  def word_gate_table(self) -> Array:
+    """The embedding's share of the LSTM gates for every token, bias included: [V, 4H].
+
+    Computed once per set of parameters (e.g. when a model is loaded), it turns the word's matmul in
+    every decoding `step` into a row lookup (`step(..., word_gates=table)`); on a CPU the [4H x E]
+    weights are a quarter of the bytes a step streams.
+    """
+    return self.input_gates(self.embedding.embedding.astype(self.dtype))
+
   def step(self, encoded: Encoded, carry: LSTMCarry, tokens: Array,
-           deterministic: bool = True) -> tuple[Array, LSTMCarry, Array]:
+           deterministic: bool = True, word_gates: Array | None = None
+           ) -> tuple[Array, LSTMCarry, Array]:
     """One decoding step for one or K sequences per image.
 
     Args:
@@ -246,6 +285,8 @@ class Decoder(nn.Module):
       carry: from `initial_carry` or the previous step: each [batch, H], or [batch, K, H] for K beams.
       tokens: the previous token ids, [batch] or [batch, K].
       deterministic: disables dropout.
+      word_gates: None, or `word_gate_table()` [V, 4H], looked up instead of multiplying (the same
+        up to rounding).
 
     Returns:
       (logits [batch, (K,) V] float32, new carry, attention [batch, (K,) P] float32).
@@ -256,7 +297,8 @@ class Decoder(nn.Module):
       tokens = tokens[:, None]
       carry = LSTMCarry(*(x[:, None, :] for x in carry))
     embedded = self.embedding(tokens)  # [batch, K, E]
-    carry, (h, context, attention) = self._recur(encoded, carry, self.input_gates(embedded))
+    gates = self.input_gates(embedded) if word_gates is None else jnp.take(word_gates, tokens, axis=0)
+    carry, (h, context, attention) = self._recur(encoded, carry, gates)
     logits = self._deep_output(h, context, embedded, deterministic,
                                context_projected=encoded.context_projections is not None)
     if single:

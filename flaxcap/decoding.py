@@ -19,7 +19,8 @@ from flaxcap import vocab as vocab_lib
 
 
 def search(decoder: decoder_lib.Decoder, decoder_params, features, *, beam_size: int, max_len: int,
-           length_penalty: float = 0.0, unroll: int = 1) -> beam_search.BeamSearchResult:
+           length_penalty: float = 0.0, unroll: int = 1,
+           word_gate_table=None) -> beam_search.BeamSearchResult:
   """Beam (or greedy, when `beam_size` is 1) search from encoder features.
 
   Args:
@@ -27,6 +28,8 @@ def search(decoder: decoder_lib.Decoder, decoder_params, features, *, beam_size:
     decoder_params: its parameters.
     features: encoder features [batch, P, C] or [batch, h, w, C].
     unroll: decoding steps per loop iteration (`beam_search.beam_search`); same results.
+    word_gate_table: None, or `Decoder.word_gate_table` of these params [V, 4H], computed once
+      outside: each step then looks its words up instead of multiplying (same up to rounding).
   Returns:
     `BeamSearchResult` with tokens [batch, beam, max_len], scores [batch, beam], lengths
     [batch, beam] and attention [batch, beam, max_len, P].
@@ -43,7 +46,8 @@ def search(decoder: decoder_lib.Decoder, decoder_params, features, *, beam_size:
     unflatten = functools.partial(einops.rearrange, pattern="(b k) ... -> b k ...", b=batch, k=beams)
     carry = jax.tree_util.tree_map(unflatten, flat_carry)
     logits, new_carry, attention = decoder.apply(
-        variables, encoded, carry, unflatten(flat_tokens), method=decoder_lib.Decoder.step)
+        variables, encoded, carry, unflatten(flat_tokens), word_gates=word_gate_table,
+        method=decoder_lib.Decoder.step)
     flatten = functools.partial(einops.rearrange, pattern="b k ... -> (b k) ...")
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
     return flatten(log_probs), jax.tree_util.tree_map(flatten, new_carry), flatten(attention)

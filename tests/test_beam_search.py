@@ -265,6 +265,83 @@ def test_unrolled_searches_give_the_same_results(unroll):
     np.testing.assert_allclose(unrolled.aux["hash"], rolled.aux["hash"], rtol=1e-6)
 
 
+def ending_tables(seed, *, max_len, eos_boost):
+  """Like `random_tables`, with <eos> made more likely (by exp(eos_boost)), so captions end early."""
+  table, embed = random_tables(seed, max_len=max_len)
+  logits = table.astype(np.float64)
+  logits[..., EOS] += eos_boost
+  return (logits - np.log(np.exp(logits).sum(-1, keepdims=True))).astype(np.float32), embed
+
+
+STEP_CALLS = []  # one entry per step_fn call of `counted_search`, from a debug callback
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "beam_size", "max_len", "length_penalty",
+                                             "early_stop"))
+def counted_search(table, embed, *, kind, beam_size=1, max_len, length_penalty=0.0,
+                   early_stop):
+  """beam_search, greedy_search or sample ("beam", "greedy", "sample") on the Markov model, with
+  every call of the step function recorded in STEP_CALLS."""
+
+  def counted_step_fn(state, tokens):
+    jax.debug.callback(lambda: STEP_CALLS.append(1))
+    return markov_step_fn(table, embed)(state, tokens)
+
+  common = dict(max_len=max_len, bos_id=BOS, eos_id=EOS, early_stop=early_stop)
+  init_state = markov_init_state(table)
+  if kind == "beam":
+    return bs.beam_search(counted_step_fn, init_state, beam_size=beam_size,
+                          length_penalty=length_penalty, **common)
+  if kind == "greedy":
+    return bs.greedy_search(counted_step_fn, init_state, **common)
+  return bs.sample(counted_step_fn, init_state, rng=jax.random.key(0, impl="rbg"),
+                   num_samples=3, **common)
+
+
+def counting_search(table, embed, **kwargs):
+  """(`counted_search`'s result as numpy, how many times it called the step function)."""
+  STEP_CALLS.clear()
+  result = to_numpy(jax.block_until_ready(counted_search(table, embed, **kwargs)))
+  return result, len(STEP_CALLS)
+
+
+def assert_same_results(a, b):
+  for field in ("tokens", "scores", "lengths"):
+    np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+  for name in a.aux:
+    np.testing.assert_array_equal(a.aux[name], b.aux[name])
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 0.6, -0.5])
+def test_early_stop_gives_the_full_searchs_results(length_penalty):
+  max_len = 12
+  stopped_early = 0
+  for beam_size in (1, 4):
+    search = functools.partial(counting_search, kind="beam", beam_size=beam_size,
+                               max_len=max_len, length_penalty=length_penalty)
+    for seed in SEEDS:
+      for eos_boost in (0.0, 2.0, 4.0):
+        table, embed = ending_tables(seed, max_len=max_len, eos_boost=eos_boost)
+        full, full_steps = search(table, embed, early_stop=False)
+        early, early_steps = search(table, embed, early_stop=True)
+        assert full_steps == max_len
+        assert_same_results(early, full)
+        stopped_early += early_steps < max_len
+  assert stopped_early > 0, "the early stop never triggered; the test compares nothing"
+
+
+@pytest.mark.parametrize("kind", ["greedy", "sample"])
+def test_early_stop_of_greedy_and_sampling_gives_the_same_results(kind):
+  max_len = 12
+  for seed in SEEDS:
+    table, embed = ending_tables(seed, max_len=max_len, eos_boost=3.0)
+    full, full_steps = counting_search(table, embed, kind=kind, max_len=max_len, early_stop=False)
+    early, early_steps = counting_search(table, embed, kind=kind, max_len=max_len, early_stop=True)
+    assert_same_results(early, full)
+    assert full_steps == max_len
+    assert early_steps == full.lengths.max() < max_len  # stops after the last row's <eos>
+
+
 def eos_after_bos_table(seed, eos_probability):
   table, embed = random_tables(seed)
   probs = np.exp(table.astype(np.float64))

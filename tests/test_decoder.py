@@ -157,6 +157,41 @@ def test_projected_context_step_equals_plain_step(options):
   assert float(jnp.std(logits)) > 1e-3
 
 
+def test_word_gate_table_step_equals_plain_step():
+  decoder, variables, features, _ = _cached_setup()
+  table = decoder.apply(variables, method=Decoder.word_gate_table)
+  assert table.shape == (VOCAB, 4 * HIDDEN)
+  params = variables["params"]  # independent check: E[v] W + b for every token v
+  np.testing.assert_allclose(
+      table, np.asarray(params["embedding"]["embedding"]) @ np.asarray(params["input_gates"]["kernel"])
+      + np.asarray(params["input_gates"]["bias"]), atol=1e-5)
+  encoded = decoder.apply(variables, features, True, method=Decoder.encode)
+  rng = np.random.default_rng(13)
+  step = jax.jit(functools.partial(decoder.apply, method=Decoder.step))
+  for beam in (None, 3):  # [batch] and [batch, K] tokens
+    shape = (BATCH,) if beam is None else (BATCH, beam)
+    carry = LSTMCarry(*(jnp.asarray(rng.normal(size=(*shape, HIDDEN)), jnp.float32) for _ in "ch"))
+    tokens = jnp.asarray(rng.integers(0, VOCAB, size=shape), jnp.int32)
+    plain = step(variables, encoded, carry, tokens)
+    looked_up = step(variables, encoded, carry, tokens, word_gates=table)
+    for a, b in zip(jax.tree.leaves(looked_up), jax.tree.leaves(plain)):
+      np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lhs_shape", [(1, 7), (2, 7), (1, 3, 7), (2, 3, 7), (3, 4, 7)])
+def test_few_rows_dot_general_equals_dot_general(lhs_shape):
+  """Up to `_MAX_ROWS_AS_VECTORS` rows it multiplies row by row (on the CPU); above, as usual."""
+  rng = np.random.default_rng(sum(lhs_shape))
+  lhs = jnp.asarray(rng.normal(size=lhs_shape), jnp.float32)
+  rhs = jnp.asarray(rng.normal(size=(7, 5)), jnp.float32)
+  dims = (((lhs.ndim - 1,), (0,)), ((), ()))
+  for preferred in (None, jnp.float32):
+    got = jax.jit(functools.partial(decoder_lib._few_rows_dot_general, dimension_numbers=dims,
+                                    preferred_element_type=preferred))(lhs, rhs)
+    assert got.shape == (*lhs_shape[:-1], 5) and got.dtype == jnp.float32
+    np.testing.assert_allclose(got, np.asarray(lhs) @ np.asarray(rhs), atol=1e-5, rtol=1e-5)
+
+
 def _dot_operand_shapes(jaxpr, in_scan=False):
   """Yields (operand shapes, inside a scan body?) for every dot_general, nested jaxprs included."""
   for eqn in jaxpr.eqns:

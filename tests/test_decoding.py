@@ -51,3 +51,19 @@ def test_search_equals_plain_beam_search(beam_size, max_len):
   np.testing.assert_allclose(result.scores, reference.scores, rtol=1e-5)
   np.testing.assert_allclose(result.aux, reference.aux, atol=1e-5)
   assert len(set(map(tuple, np.asarray(result.tokens)[:, 0]))) > 1  # not a degenerate model
+
+
+def test_word_gate_table_gives_the_same_search():
+  decoder = Decoder(vocab_size=VOCAB, embed_dim=12, hidden_dim=16, attention_dim=10, dropout_rate=0.0)
+  rng = np.random.default_rng(6)
+  features = jnp.asarray(rng.normal(size=(BATCH, GRID_H, GRID_W, CHANNELS)), jnp.float32)
+  params = decoder.init(jax.random.key(1), features, jnp.zeros((BATCH, 4), jnp.int32),
+                        deterministic=True)["params"]
+  params = jax.tree.map(lambda x: 3.0 * x, params)  # sharper distributions: no near-ties
+  table = decoder.apply({"params": params}, method=Decoder.word_gate_table)
+  search = jax.jit(functools.partial(decoding.search, decoder, beam_size=3, max_len=8))
+  plain, looked_up = search(params, features), search(params, features, word_gate_table=table)
+  np.testing.assert_array_equal(looked_up.tokens, plain.tokens)
+  np.testing.assert_array_equal(looked_up.lengths, plain.lengths)
+  np.testing.assert_allclose(looked_up.scores, plain.scores, rtol=1e-5)
+  np.testing.assert_allclose(looked_up.aux, plain.aux, atol=1e-5)
