@@ -9,7 +9,8 @@ can be compared caption for caption. Methods:
   flaxcap        `flaxcap.decoding.search` under `jax.jit`: the encoded features once per image, the K
                  beams attending the image's single copy, the whole batch in one `lax.scan` of max_len
                  steps (on the CPU the steps after no live hypothesis can win are skipped by a
-                 `lax.cond`; elsewhere all run); greedy_search at beam 1
+                 `lax.cond`; elsewhere all run); greedy_search at beam 1; the word gate table
+                 (`Decoder.word_gate_table`) computed once outside the timing, as the Captioner does
   torch_batched  `torch_reference.beam_search_batched`: the same algorithm in eager torch, stopping as
                  soon as no live hypothesis can win
   torch_loop     `torch_reference.beam_search_per_image`: the tutorial's per-image Python loop; it is
@@ -105,6 +106,8 @@ def main(argv):
     torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     torch_decoder = torch_decoder.to(device=device, dtype=torch_dtype).eval()
     params = jax.device_put(params)
+    # As the Captioner does at load: each word's share of the LSTM gates, looked up per step.
+    table = jax.jit(lambda p: decoder.apply({"params": p}, method="word_gate_table"))(params)
     best_tokens = {}  # (batch, beam) -> flaxcap's best tokens [batch, max_len]
     for batch in batch_sizes:
       features = all_features[:batch]
@@ -114,7 +117,8 @@ def main(argv):
         row_key = {"dtype": dtype, "batch": batch, "beam": beam}
         search = jax.jit(lambda p, f, beam=beam: decoding.search(decoder, p, f, beam_size=beam,
                                                                  max_len=max_len,
-                                                                 unroll=_UNROLL.value),
+                                                                 unroll=_UNROLL.value,
+                                                                 word_gate_table=table),
                          compiler_options=inference.compiler_options())  # as the Captioner's
         if _DUMP_HLO.value:
           hlo = search.lower(params, features_jax).compile().as_text()
