@@ -123,6 +123,7 @@ def main(argv):
         if _DUMP_HLO.value:
           hlo = search.lower(params, features_jax).compile().as_text()
           name = f"beam_search_hlo_{dtype}_b{batch}_k{beam}_u{_UNROLL.value}.txt"
+          common.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
           (common.RESULTS_DIR / name).write_text(hlo)
         start = time.perf_counter()
         result = jax.block_until_ready(search(params, features_jax))
