@@ -106,15 +106,22 @@ def test_encode_shapes_and_initial_carry():
   np.testing.assert_allclose(h, expected[:, HIDDEN:], atol=1e-5)
 
 
+def _random_step_inputs(rng, shape):
+  """A random LSTMCarry (c, h each [*shape, HIDDEN]) and previous tokens [*shape] for `Decoder.step`."""
+  carry = LSTMCarry(*(jnp.asarray(rng.normal(size=(*shape, HIDDEN)), jnp.float32) for _ in "ch"))
+  return carry, jnp.asarray(rng.integers(0, VOCAB, size=shape), jnp.int32)
+
+
+def _jitted_step(decoder):
+  return jax.jit(functools.partial(decoder.apply, method=Decoder.step))
+
+
 def test_beam_step_equals_separate_steps():
   decoder, variables, features, _ = _cached_setup()
   beam = 4
   encoded = decoder.apply(variables, features, method=Decoder.encode)
-  rng = np.random.default_rng(7)
-  carry = LSTMCarry(c=jnp.asarray(rng.normal(size=(BATCH, beam, HIDDEN)), jnp.float32),
-                    h=jnp.asarray(rng.normal(size=(BATCH, beam, HIDDEN)), jnp.float32))
-  tokens = jnp.asarray(rng.integers(0, VOCAB, size=(BATCH, beam)), jnp.int32)
-  step = jax.jit(functools.partial(decoder.apply, method=Decoder.step))
+  carry, tokens = _random_step_inputs(np.random.default_rng(7), (BATCH, beam))
+  step = _jitted_step(decoder)
   logits, new_carry, attention = step(variables, encoded, carry, tokens)
   assert logits.shape == (BATCH, beam, VOCAB)
   assert attention.shape == (BATCH, beam, POSITIONS)
@@ -143,11 +150,8 @@ def test_projected_context_step_equals_plain_step(options):
   kernel = np.asarray(variables["params"]["context_gates"]["kernel"])
   np.testing.assert_allclose(projected.context_projections[..., :4 * HIDDEN],
                              np.asarray(plain.features) @ kernel, atol=1e-5)
-  rng = np.random.default_rng(11)
-  carry = LSTMCarry(c=jnp.asarray(rng.normal(size=(BATCH, beam, HIDDEN)), jnp.float32),
-                    h=jnp.asarray(rng.normal(size=(BATCH, beam, HIDDEN)), jnp.float32))
-  tokens = jnp.asarray(rng.integers(0, VOCAB, size=(BATCH, beam)), jnp.int32)
-  step = jax.jit(functools.partial(decoder.apply, method=Decoder.step))
+  carry, tokens = _random_step_inputs(np.random.default_rng(11), (BATCH, beam))
+  step = _jitted_step(decoder)
   logits, new_carry, attention = step(variables, plain, carry, tokens)
   p_logits, p_carry, p_attention = step(variables, projected, carry, tokens)
   np.testing.assert_allclose(p_logits, logits, atol=1e-5, rtol=1e-5)
@@ -167,11 +171,9 @@ def test_word_gate_table_step_equals_plain_step():
       + np.asarray(params["input_gates"]["bias"]), atol=1e-5)
   encoded = decoder.apply(variables, features, True, method=Decoder.encode)
   rng = np.random.default_rng(13)
-  step = jax.jit(functools.partial(decoder.apply, method=Decoder.step))
-  for beam in (None, 3):  # [batch] and [batch, K] tokens
-    shape = (BATCH,) if beam is None else (BATCH, beam)
-    carry = LSTMCarry(*(jnp.asarray(rng.normal(size=(*shape, HIDDEN)), jnp.float32) for _ in "ch"))
-    tokens = jnp.asarray(rng.integers(0, VOCAB, size=shape), jnp.int32)
+  step = _jitted_step(decoder)
+  for shape in ((BATCH,), (BATCH, 3)):  # [batch] and [batch, K] tokens
+    carry, tokens = _random_step_inputs(rng, shape)
     plain = step(variables, encoded, carry, tokens)
     looked_up = step(variables, encoded, carry, tokens, word_gates=table)
     for a, b in zip(jax.tree.leaves(looked_up), jax.tree.leaves(plain)):
