@@ -64,6 +64,11 @@ def get_config():
   config.loss.alpha_c = 1.0  # doubly stochastic attention weight
   config.loss.label_smoothing = 0.0
 
+  # Self-critical training (flaxcap/self_critical.py): fine-tunes a cross-entropy run on CIDEr-D.
+  config.self_critical = ml_collections.ConfigDict()
+  config.self_critical.num_samples = 0  # 0: cross-entropy training; K >= 2: K samples per image
+  config.self_critical.init_checkpoint = ""  # the run to start from: a workdir, checkpoint or export
+
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "adam"  # adam | adamw
   config.optimizer.learning_rate = 4e-4

@@ -18,6 +18,34 @@ from flaxcap import decoder as decoder_lib
 from flaxcap import vocab as vocab_lib
 
 
+def _step_fn(decoder: decoder_lib.Decoder, decoder_params, features, *, steps_per_image: int,
+             word_gate_table=None):
+  """(step_fn, initial carry) for the searches of `beam_search` over these features.
+
+  `steps_per_image` is how many context vectors a search multiplies per image (hypotheses x
+  steps); above the grid's locations the grid is pushed through the context layers once per image.
+  """
+  variables = {"params": decoder_params}
+  grid_locations = decoder_lib.flatten_features(features).shape[1]
+  encoded = decoder.apply(variables, features, steps_per_image > grid_locations,
+                          method=decoder_lib.Decoder.encode)
+  carry = decoder.apply(variables, encoded, method=decoder_lib.Decoder.initial_carry)
+  batch = jax.tree_util.tree_leaves(carry)[0].shape[0]
+
+  def step_fn(flat_carry, flat_tokens):
+    beams = flat_tokens.shape[0] // batch
+    unflatten = functools.partial(einops.rearrange, pattern="(b k) ... -> b k ...", b=batch, k=beams)
+    carry = jax.tree_util.tree_map(unflatten, flat_carry)
+    logits, new_carry, attention = decoder.apply(
+        variables, encoded, carry, unflatten(flat_tokens), word_gates=word_gate_table,
+        method=decoder_lib.Decoder.step)
+    flatten = functools.partial(einops.rearrange, pattern="b k ... -> (b k) ...")
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+    return flatten(log_probs), jax.tree_util.tree_map(flatten, new_carry), flatten(attention)
+
+  return step_fn, carry
+
+
 def search(decoder: decoder_lib.Decoder, decoder_params, features, *, beam_size: int, max_len: int,
            length_penalty: float = 0.0, unroll: int = 1,
            word_gate_table=None) -> beam_search.BeamSearchResult:
@@ -34,25 +62,26 @@ def search(decoder: decoder_lib.Decoder, decoder_params, features, *, beam_size:
     `BeamSearchResult` with tokens [batch, beam, max_len], scores [batch, beam], lengths
     [batch, beam] and attention [batch, beam, max_len, P].
   """
-  variables = {"params": decoder_params}
-  grid_locations = decoder_lib.flatten_features(features).shape[1]
-  encoded = decoder.apply(variables, features, beam_size * max_len > grid_locations,
-                          method=decoder_lib.Decoder.encode)
-  carry = decoder.apply(variables, encoded, method=decoder_lib.Decoder.initial_carry)
-  batch = jax.tree_util.tree_leaves(carry)[0].shape[0]
-
-  def step_fn(flat_carry, flat_tokens):
-    beams = flat_tokens.shape[0] // batch
-    unflatten = functools.partial(einops.rearrange, pattern="(b k) ... -> b k ...", b=batch, k=beams)
-    carry = jax.tree_util.tree_map(unflatten, flat_carry)
-    logits, new_carry, attention = decoder.apply(
-        variables, encoded, carry, unflatten(flat_tokens), word_gates=word_gate_table,
-        method=decoder_lib.Decoder.step)
-    flatten = functools.partial(einops.rearrange, pattern="b k ... -> (b k) ...")
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
-    return flatten(log_probs), jax.tree_util.tree_map(flatten, new_carry), flatten(attention)
-
+  step_fn, carry = _step_fn(decoder, decoder_params, features, steps_per_image=beam_size * max_len,
+                            word_gate_table=word_gate_table)
   search_fn = beam_search.greedy_search if beam_size == 1 else functools.partial(
       beam_search.beam_search, beam_size=beam_size, length_penalty=length_penalty)
   return search_fn(step_fn, carry, max_len=max_len, bos_id=vocab_lib.BOS, eos_id=vocab_lib.EOS,
                    unroll=unroll)
+
+
+def sample(decoder: decoder_lib.Decoder, decoder_params, features, *, rng: jax.Array,
+           num_samples: int, max_len: int, temperature: float = 1.0) -> beam_search.BeamSearchResult:
+  """`num_samples` captions per image drawn from the decoder (`beam_search.sample`).
+
+  Args:
+    decoder, decoder_params, features: as in `search`.
+    rng: a `jax.random` key.
+  Returns:
+    `BeamSearchResult` with tokens [batch, num_samples, max_len] (zeros after <eos>), scores (each
+    sample's log-probability) and lengths [batch, num_samples] (tokens up to and including <eos>).
+  """
+  step_fn, carry = _step_fn(decoder, decoder_params, features,
+                            steps_per_image=num_samples * max_len)
+  return beam_search.sample(step_fn, carry, rng=rng, max_len=max_len, bos_id=vocab_lib.BOS,
+                            eos_id=vocab_lib.EOS, temperature=temperature, num_samples=num_samples)

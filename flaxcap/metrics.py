@@ -348,3 +348,71 @@ def _read_line(process, stderr) -> str:
     raise errors.FlaxcapError(
         f"METEOR's jar stopped early (exit code {process.poll()}); its error output: {tail}")
   return line.decode().strip()
+
+
+class CiderD:
+  """CIDEr-D of candidates against a fixed corpus of references, one image at a time.
+
+  `score` computes document frequencies over the references it is given; here they come from the
+  whole corpus passed to the constructor (self-critical training rewards a sampled caption of a
+  training image with the training set's frequencies), computed once. Otherwise the formula is
+  `score`'s (cider_scorer's): with the corpus equal to an evaluated set, `CiderD(refs)(range(n), cands)`
+  is `score(..., per_image=True)`'s CIDEr of each image.
+
+      reward = CiderD(references)                  # references[i]: raw captions of image i
+      values = reward(image_indices, candidates)   # float64 [len(candidates)]
+  """
+
+  def __init__(self, references: Sequence[Sequence[str]]):
+    if not references or any(isinstance(refs, str) or not refs for refs in references):
+      raise errors.DataError("CiderD needs a non-empty list of caption lists, one per image")
+    counts = [len(refs) for refs in references]
+    texts = tokenize_captions(caption for refs in references for caption in refs)
+    bounds = np.cumsum([0] + counts)
+    grams_per_image = [[_gram_counts(text.split()) for text in texts[start:stop]]
+                       for start, stop in zip(bounds[:-1], bounds[1:])]
+    frequency = [collections.Counter() for _ in range(_MAX_N)]
+    for image_grams in grams_per_image:
+      for n in range(_MAX_N):
+        frequency[n].update(set().union(*(grams[n] for grams in image_grams)))
+    self._frequency = frequency
+    self._log_num_images = math.log(float(len(references)))
+    # Per image, per reference: (tf-idf vector per order, their norms, bigram count).
+    self._references = [[self._vector(grams, length) for grams, length in
+                         zip(image_grams, (len(text.split()) for text in texts[start:stop]))]
+                        for image_grams, start, stop in zip(grams_per_image, bounds[:-1], bounds[1:])]
+
+  def _vector(self, grams, length):
+    vectors, norms = [], []
+    for n in range(_MAX_N):
+      vector = {gram: count * (self._log_num_images - math.log(max(1.0, self._frequency[n][gram])))
+                for gram, count in grams[n].items()}
+      vectors.append(vector)
+      norms.append(math.sqrt(sum(value * value for value in vector.values())))
+    return vectors, norms, max(length - 1, 0)
+
+  def __call__(self, image_indices: Sequence[int], candidates: Sequence[str]) -> np.ndarray:
+    """CIDEr-D of `candidates[i]` (raw text) against the references of image `image_indices[i]`."""
+    texts = tokenize_captions(candidates)
+    values = np.zeros(len(texts))
+    for i, (image, text) in enumerate(zip(image_indices, texts)):
+      words = text.split()
+      cand_vectors, cand_norms, cand_length = self._vector(_gram_counts(words), len(words))
+      references = self._references[image]
+      total = 0.0
+      for ref_vectors, ref_norms, ref_length in references:
+        penalty = math.exp(-((cand_length - ref_length) ** 2) / (2 * _CIDER_SIGMA ** 2))
+        for n in range(_MAX_N):
+          ref_vector = ref_vectors[n]
+          dot = sum(min(value, ref_vector[gram]) * ref_vector[gram]
+                    for gram, value in cand_vectors[n].items() if gram in ref_vector)
+          norm = cand_norms[n] * ref_norms[n]
+          total += (dot / norm if norm != 0 else dot) * penalty
+      values[i] = total / _MAX_N / len(references) * 10.0
+    return values
+
+
+def _gram_counts(words: Sequence[str]) -> list[collections.Counter]:
+  """n-gram counts of one caption, n = 1..4."""
+  return [collections.Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+          for n in range(1, _MAX_N + 1)]

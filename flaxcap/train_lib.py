@@ -30,6 +30,7 @@ from flaxcap import encoders
 from flaxcap import errors
 from flaxcap import metrics as metrics_lib
 from flaxcap import model as model_lib
+from flaxcap import self_critical
 from flaxcap import train_data
 
 AXIS = "batch"
@@ -139,6 +140,38 @@ def summarize(sums: dict[str, np.ndarray], alpha_c: float) -> dict[str, float]:
           "perplexity": math.exp(min(cross_entropy, 50.0))}
 
 
+class CrossEntropy:
+  """The paper's objective, teacher-forced (the default): what `train_and_evaluate` optimizes.
+
+  An objective owns an epoch's batches and the update on one batch; `self_critical.SelfCritical`
+  is the other one.
+  """
+
+  def __init__(self, config, model, data: train_data.TrainData):
+    self.config, self.data = config, data
+    self._train_step = jax.pmap(
+        functools.partial(train_step, model=model, alpha_c=config.loss.alpha_c,
+                          label_smoothing=config.loss.label_smoothing),
+        axis_name=AXIS, donate_argnums=(0,))
+
+  def steps_per_epoch(self) -> int:
+    return self.data.steps_per_epoch()
+
+  def initial_state(self, state: TrainState) -> TrainState:
+    """The state a new run starts from (a resumed run restores its own)."""
+    return state
+
+  def batches(self, *, epoch: int, num_devices: int, skip_batches: int):
+    return self.data.train_batches(epoch=epoch, num_devices=num_devices, skip_batches=skip_batches)
+
+  def step(self, replicated_state, batch, replicated_table):
+    """One update: (new replicated state, metric sums on device)."""
+    return self._train_step(replicated_state, batch, replicated_table)
+
+  def summarize(self, sums) -> dict[str, float]:
+    return summarize(sums, self.config.loss.alpha_c)
+
+
 def param_labels(params, config):
   """Labels for `create_optimizer`: the decoder, and the encoder's trainable or frozen stages."""
   labels = {"decoder": jax.tree_util.tree_map(lambda _: "decoder", params["decoder"])}
@@ -193,7 +226,7 @@ class _NaNGuard:
     """Returns the pending steps' metric sums (host numpy); raises TrainingError on a NaN loss."""
     fetched = jax.device_get([jax.tree_util.tree_map(lambda x: x[0], s) for _, s in self.pending])
     for (step, _), sums in zip(self.pending, fetched):
-      if not np.isfinite(np.asarray(sums["cross_entropy"])).all():
+      if not all(np.isfinite(np.asarray(value)).all() for value in sums.values()):
         last = store.latest.latest_step()
         raise errors.TrainingError(
             f"the loss became NaN or infinite at step {step}; the last good checkpoint "
@@ -207,26 +240,28 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   """Trains, evaluates each epoch, checkpoints, and resumes from `workdir` when it holds a run."""
   if config.distributed:
     jax.distributed.initialize()
+  if config.self_critical.num_samples:
+    self_critical.check_config(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   is_chief = jax.process_index() == 0
   data = train_data.prepare(config, workdir)
   model = model_lib.create_model(config, len(data.vocab))
+  if config.self_critical.num_samples:
+    objective = self_critical.SelfCritical(config, model, data, axis_name=AXIS)
+  else:
+    objective = CrossEntropy(config, model, data)
   num_devices = jax.local_device_count()
-  steps_per_epoch = data.steps_per_epoch()
+  steps_per_epoch = objective.steps_per_epoch()
 
   store = checkpoints.CheckpointStore(workdir, keep=config.checkpoint.keep,
                                       best_metric=config.eval.best_metric)
   store.check_vocab(data.vocab)
   state = create_train_state(config, model, data, steps_per_epoch)
-  state = store.restore_latest(state) or state
+  state = store.restore_latest(state) or objective.initial_state(state)
   step = int(state.step)
   start_epoch, skip_batches = divmod(step, steps_per_epoch)
 
-  p_train_step = jax.pmap(
-      functools.partial(train_step, model=model, alpha_c=config.loss.alpha_c,
-                        label_smoothing=config.loss.label_smoothing),
-      axis_name=AXIS, donate_argnums=(0,))
   replicated_table = None if data.feature_table is None else jax_utils.replicate(data.feature_table)
   replicated_state = jax_utils.replicate(state)
   writer = _summary_writer(workdir) if is_chief else None
@@ -237,9 +272,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     progress = tqdm.tqdm(total=steps_per_epoch, initial=skip_batches, desc=f"epoch {epoch + 1}",
                          unit="step", disable=not is_chief, dynamic_ncols=True)
     window_start, window_steps = time.time(), 0
-    for batch in data.train_batches(epoch=epoch, num_devices=num_devices,
-                                    skip_batches=skip_batches):
-      replicated_state, sums = p_train_step(replicated_state, batch, replicated_table)
+    for batch in objective.batches(epoch=epoch, num_devices=num_devices,
+                                   skip_batches=skip_batches):
+      replicated_state, sums = objective.step(replicated_state, batch, replicated_table)
       step += 1
       window_steps += 1
       guard.add(step, sums)
@@ -247,7 +282,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       if step % config.log_every_steps == 0 or step % config.checkpoint.every_steps == 0:
         fetched = guard.flush(store)
         epoch_sums.extend(fetched)
-        logged = summarize(_stack(fetched), config.loss.alpha_c)
+        logged = objective.summarize(_stack(fetched))
         logged["images_per_second"] = window_steps * config.batch_size / (time.time() - window_start)
         window_start, window_steps = time.time(), 0
         progress.set_postfix(loss=f"{logged['loss']:.3f}",
@@ -262,7 +297,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     epoch_sums.extend(guard.flush(store))
     state = unreplicate(replicated_state)
     store.save_latest(step, state, config, data.vocab)
-    summary = summarize(_stack(epoch_sums), config.loss.alpha_c) if epoch_sums else {}
+    summary = objective.summarize(_stack(epoch_sums)) if epoch_sums else {}
     if (epoch + 1) % config.eval.every_epochs == 0 or epoch + 1 == config.num_epochs:
       eval_metrics = evaluate(config, state.params, data)
       improved = store.offer_best(step, state, config, data.vocab, eval_metrics)

@@ -340,3 +340,24 @@ def test_per_image_scores_cover_every_image():
   assert list(per_image) == list(references)
   assert all(set(s) == {"ROUGE-L", "CIDEr"} for s in per_image.values())
   assert scores["CIDEr"] == pytest.approx(np.mean([s["CIDEr"] for s in per_image.values()]))
+
+
+def test_cider_d_reward_matches_pycocoevalcap_per_image(pycoco, corpus):
+  """`CiderD` (fixed corpus: the self-critical reward) gives pycocoevalcap's CIDEr-D of each image
+  when its corpus is the evaluated set, in any order and with repeats."""
+  from pycocoevalcap.cider.cider import Cider
+  references, candidates = corpus
+  keys = list(references)
+  gts = _reference_tokenize(pycoco, references)
+  res = _reference_tokenize(pycoco, {key: [candidates[key]] for key in keys})
+  _, expected = Cider().compute_score(gts, res)
+  expected = np.asarray(expected, dtype=np.float64)
+  assert expected.max() > 0.5  # some candidates do match their references
+  reward = metrics.CiderD([references[key] for key in keys])
+  np.testing.assert_allclose(reward(range(len(keys)), [candidates[key] for key in keys]), expected,
+                             rtol=0, atol=TOLERANCE)
+  order = np.random.default_rng(0).integers(0, len(keys), size=3 * len(keys))
+  np.testing.assert_allclose(reward(order, [candidates[keys[i]] for i in order]), expected[order],
+                             rtol=0, atol=TOLERANCE)
+  with pytest.raises(errors.DataError, match="non-empty"):
+    metrics.CiderD([["a caption"], []])

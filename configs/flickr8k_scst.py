@@ -1,0 +1,21 @@
+"""The shipped model's second stage: self-critical training of the configs/flickr8k.py run on CIDEr-D.
+
+    python train.py --config configs/flickr8k.py        # cross-entropy: runs/flickr8k
+    python train.py --config configs/flickr8k_scst.py   # then this, from runs/flickr8k/best
+"""
+
+from configs import flickr8k
+
+
+def get_config():
+  config = flickr8k.get_config()
+  config.self_critical.num_samples = 5
+  config.self_critical.init_checkpoint = "runs/flickr8k/best"
+  config.batch_size = 32  # images a step, each sampled 5 times
+  config.num_epochs = 10
+  config.optimizer.learning_rate = 5e-5
+  config.optimizer.schedule = "constant"
+  config.optimizer.warmup_steps = 0
+  config.eval.beam_size = 3  # select on what infer.py reports
+  config.checkpoint.every_steps = 50
+  return config

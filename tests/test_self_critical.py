@@ -1,0 +1,197 @@
+"""Self-critical training: the baseline, the policy gradient against a step-by-step reference, and
+a run from a cross-entropy checkpoint that raises the reward."""
+
+import functools
+
+from flax import jax_utils
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import tiny
+from flaxcap import checkpoints
+from flaxcap import decoding
+from flaxcap import errors
+from flaxcap import model as model_lib
+from flaxcap import self_critical
+from flaxcap import train_lib
+
+NUM_IMAGES, GRID, CHANNELS, VOCAB, SAMPLES, MAX_LEN = 6, 4, 16, 20, 3, 7
+
+
+def test_advantage_is_reward_minus_mean_of_the_other_samples():
+  rewards = np.random.default_rng(0).random((5, 4))
+  expected = np.array([[row[k] - np.mean(np.delete(row, k)) for k in range(4)] for row in rewards])
+  np.testing.assert_allclose(self_critical.advantages(rewards), expected, rtol=1e-12)
+  np.testing.assert_allclose(self_critical.advantages(rewards).sum(-1), 0, atol=1e-12)
+  with pytest.raises(errors.ConfigError, match="num_samples >= 2"):
+    self_critical.advantages(rewards[:, :1])
+
+
+def _setup():
+  config = tiny.get_config()
+  model = model_lib.create_model(config, vocab_size=VOCAB)
+  rng = np.random.default_rng(1)
+  feature_table = rng.normal(size=(NUM_IMAGES, GRID, CHANNELS)).astype(np.float32)
+  params = model.init(jax.random.key(0), jnp.asarray(feature_table[:1]),
+                      jnp.zeros((1, MAX_LEN), jnp.int32), deterministic=True,
+                      method=model_lib.Captioner.decode_features)["params"]
+  params = jax.tree_util.tree_map(lambda x: 2.0 * x, dict(params))  # peakier: varied samples
+  return model, feature_table, params
+
+
+def _samples(model, params, feature_table, image_index, seed=3):
+  result = decoding.sample(model.decoder, params["decoder"], jnp.asarray(feature_table[image_index]),
+                           rng=jax.random.key(seed), num_samples=SAMPLES, max_len=MAX_LEN)
+  return result
+
+
+def _state(model, params):
+  return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(1.0))
+
+
+def _update(num_devices, model, state, batch, feature_table):
+  devices = jax.local_devices()[:num_devices]
+  step = jax.pmap(functools.partial(self_critical.policy_gradient_step, model=model,
+                                    axis_name="batch"), axis_name="batch", devices=devices)
+  split = {name: value.reshape((num_devices, -1) + value.shape[1:]) for name, value in batch.items()}
+  new_state, sums = step(jax_utils.replicate(state, devices=devices), split,
+                         jax_utils.replicate(feature_table, devices=devices))
+  return jax.device_get(train_lib.unreplicate(new_state).params), jax.device_get(
+      train_lib.unreplicate(sums))
+
+
+def test_policy_gradient_equals_the_gradient_of_the_sampled_log_probabilities():
+  """The update's teacher-forced log-probabilities (nn.scan) are the sampler's own (Decoder.step),
+  and its gradient is that of -sum(advantage * log p(sample)) / #tokens computed through the sampler;
+  4 devices give the 1-device update."""
+  model, feature_table, params = _setup()
+  image_index = np.array([0, 3, 5, 1], np.int32)
+  result = _samples(model, params, feature_table, image_index)
+  tokens, lengths = np.asarray(result.tokens), np.asarray(result.lengths)
+  assert len({tuple(row) for row in tokens.reshape(-1, MAX_LEN)}) > 4  # varied samples
+  assert (lengths < MAX_LEN).any() and (lengths == MAX_LEN).any() or lengths.min() < lengths.max()
+  rewards = np.random.default_rng(2).random(lengths.shape).astype(np.float32)
+  advantage = self_critical.advantages(rewards).astype(np.float32)
+  batch = {"image_index": image_index, "tokens": tokens, "lengths": lengths, "reward": rewards,
+           "advantage": advantage}
+
+  def reference_loss(params):
+    scores = _samples(model, params, feature_table, image_index).scores  # same key: same tokens
+    return -jnp.sum(advantage * scores) / lengths.sum()
+
+  reference_grads = jax.grad(reference_loss)(params)
+  expected = jax.tree_util.tree_map(lambda p, g: p - g, params, reference_grads)
+  new_params, sums = _update(1, model, _state(model, params), batch, feature_table)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                         new_params, expected)
+  np.testing.assert_allclose(sums["negative_log_likelihood"], -np.sum(result.scores), rtol=1e-5)
+  assert sums["num_tokens"] == lengths.sum() and sums["num_samples"] == lengths.size
+  assert max(float(np.abs(g).max()) for g in jax.tree_util.tree_leaves(reference_grads)) > 1e-4
+
+  four_params, four_sums = _update(4, model, _state(model, params), batch, feature_table)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6),
+                         four_params, new_params)
+  np.testing.assert_allclose(four_sums["policy_loss"], sums["policy_loss"], rtol=1e-5)
+
+
+def _scst_config(shapes_root, init_checkpoint, **overrides):
+  config = tiny.get_config()
+  config.data.root = str(shapes_root)
+  config.self_critical.num_samples = 4
+  config.self_critical.init_checkpoint = str(init_checkpoint)
+  config.batch_size = 4
+  config.optimizer.learning_rate = 1e-2
+  config.num_epochs = 10
+  config.optimizer.schedule = "constant"
+  config.eval.patience = 0
+  config.eval.every_epochs = 10
+  config.log_every_steps = 4
+  config.checkpoint.every_steps = 4
+  for name, value in overrides.items():
+    config[name] = value
+  return config
+
+
+class _RecordingWriter:
+  def __init__(self, log):
+    self.log = log
+
+  def add_scalar(self, name, value, step):
+    self.log.setdefault(name, {})[step] = value
+
+  def flush(self):
+    pass
+
+  def close(self):
+    pass
+
+
+def _workdir_sharing_features(workdir, tiny_checkpoint) -> str:
+  """A new workdir that reuses the encoder features cached by the cross-entropy run."""
+  workdir.mkdir(parents=True)
+  (workdir / "features").symlink_to(tiny_checkpoint / "features")
+  return str(workdir)
+
+
+class _Killed(Exception):
+  pass
+
+
+def test_self_critical_run_raises_the_reward_and_resumes(shapes_root, tiny_checkpoint, tmp_path,
+                                                          monkeypatch):
+  scalars = {}
+  monkeypatch.setattr(train_lib, "_summary_writer", lambda workdir: _RecordingWriter(scalars))
+  start, _, _ = checkpoints.load_for_inference(tiny_checkpoint)
+  config = _scst_config(shapes_root, tiny_checkpoint)  # 4 steps of 4 images an epoch
+  train_lib.train_and_evaluate(config, _workdir_sharing_features(tmp_path / "a", tiny_checkpoint))
+  rewards = [scalars["train/reward"][step] for step in sorted(scalars["train/reward"])]
+  assert len(rewards) == config.num_epochs
+  assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.3, rewards  # CIDEr-D, 0..10
+  trained, saved_config, _ = checkpoints.load_for_inference(tmp_path / "a" / checkpoints.LATEST_DIR)
+  assert saved_config.self_critical.num_samples == 4
+  moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(a - b).max()),
+                                 start["params"]["decoder"], trained["params"]["decoder"])
+  assert max(jax.tree_util.tree_leaves(moved)) > 1e-3
+
+  # Killed after the checkpoint of step 24 and run again: the later steps repeat exactly.
+  original_save = checkpoints.CheckpointStore.save_latest
+
+  def save_then_die(self, step, *args):
+    original_save(self, step, *args)
+    if step == 24:
+      raise _Killed()
+
+  monkeypatch.setattr(checkpoints.CheckpointStore, "save_latest", save_then_die)
+  with pytest.raises(_Killed):
+    train_lib.train_and_evaluate(config, _workdir_sharing_features(tmp_path / "b", tiny_checkpoint))
+  monkeypatch.setattr(checkpoints.CheckpointStore, "save_latest", original_save)
+  resumed = {}
+  monkeypatch.setattr(train_lib, "_summary_writer", lambda workdir: _RecordingWriter(resumed))
+  train_lib.train_and_evaluate(config, str(tmp_path / "b"))
+  later = sorted(step for step in scalars["train/reward"] if step > 24)
+  assert sorted(resumed["train/reward"]) == later
+  np.testing.assert_allclose([resumed["train/reward"][s] for s in later],
+                             [scalars["train/reward"][s] for s in later], rtol=1e-5)
+
+
+def test_bad_self_critical_configs_are_one_line_errors(shapes_root, tiny_checkpoint, tmp_path):
+  with pytest.raises(errors.ConfigError, match="init_checkpoint is empty"):
+    train_lib.train_and_evaluate(_scst_config(shapes_root, ""), str(tmp_path / "a"))
+  with pytest.raises(errors.ConfigError, match="nowhere.*does not exist"):
+    train_lib.train_and_evaluate(_scst_config(shapes_root, tmp_path / "nowhere"), str(tmp_path / "b"))
+  config = _scst_config(shapes_root, tiny_checkpoint)
+  config.self_critical.num_samples = 1
+  with pytest.raises(errors.ConfigError, match="num_samples >= 2"):
+    train_lib.train_and_evaluate(config, str(tmp_path / "c"))
+  config = _scst_config(shapes_root, tiny_checkpoint)
+  config.encoder.trainable_stages = (6,)
+  with pytest.raises(errors.ConfigError, match="cached features"):
+    train_lib.train_and_evaluate(config, str(tmp_path / "d"))
+  config = _scst_config(shapes_root, tiny_checkpoint)
+  config.vocab.min_count = 30  # a different vocabulary from the checkpoint's
+  with pytest.raises(errors.ConfigError, match="vocabulary"):
+    train_lib.train_and_evaluate(config, _workdir_sharing_features(tmp_path / "e", tiny_checkpoint))
