@@ -70,10 +70,8 @@ class TrainData:
   def _decoder(self):
     return model_lib.create_decoder(self.config, len(self.vocab))
 
-  @functools.lru_cache(maxsize=8)
   def _search_fn(self, beam_size: int, max_len: int, length_penalty: float):
-    return jax.jit(functools.partial(decoding.search, self._decoder, beam_size=beam_size,
-                                     max_len=max_len, length_penalty=length_penalty))
+    return _jitted_search(self._decoder, beam_size, max_len, length_penalty)
 
   def caption_eval_split(self, params, *, beam_size: int, max_len: int,
                          length_penalty: float, batch_size: int) -> dict[str, str]:
@@ -101,6 +99,13 @@ class TrainData:
       for record, tokens in zip(records[start:start + count], best_tokens):
         captions[record.image_id] = self.vocab.decode(tokens)
     return captions
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_search(decoder, beam_size: int, max_len: int, length_penalty: float):
+  """`decoding.search` jitted, kept across runs of the same decoder in one process."""
+  return jax.jit(functools.partial(decoding.search, decoder, beam_size=beam_size, max_len=max_len,
+                                   length_penalty=length_penalty))
 
 
 def _stats(variables):

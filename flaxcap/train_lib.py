@@ -140,6 +140,14 @@ def summarize(sums: dict[str, np.ndarray], alpha_c: float) -> dict[str, float]:
           "perplexity": math.exp(min(cross_entropy, 50.0))}
 
 
+@functools.lru_cache(maxsize=4)
+def _pmapped_train_step(model, alpha_c: float, label_smoothing: float):
+  """`train_step` pmapped, kept across runs of the same model in one process (one compilation)."""
+  return jax.pmap(functools.partial(train_step, model=model, alpha_c=alpha_c,
+                                    label_smoothing=label_smoothing),
+                  axis_name=AXIS, donate_argnums=(0,))
+
+
 class CrossEntropy:
   """The paper's objective, teacher-forced (the default): what `train_and_evaluate` optimizes.
 
@@ -149,10 +157,8 @@ class CrossEntropy:
 
   def __init__(self, config, model, data: train_data.TrainData):
     self.config, self.data = config, data
-    self._train_step = jax.pmap(
-        functools.partial(train_step, model=model, alpha_c=config.loss.alpha_c,
-                          label_smoothing=config.loss.label_smoothing),
-        axis_name=AXIS, donate_argnums=(0,))
+    self._train_step = _pmapped_train_step(model, float(config.loss.alpha_c),
+                                           float(config.loss.label_smoothing))
 
   def steps_per_epoch(self) -> int:
     return self.data.steps_per_epoch()

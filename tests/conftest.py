@@ -48,3 +48,18 @@ def tiny_checkpoint(shapes_root, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("tiny_run")
   train_lib.train_and_evaluate(config, str(workdir))
   return workdir
+
+
+@pytest.fixture
+def shared_features_workdir(tiny_checkpoint, tmp_path):
+  """`make(name)`: a new workdir under tmp_path whose `features/` links to the tiny run's cache.
+
+  A run there with configs/tiny.py's encoder on `shapes_root` finds its features cached and skips
+  encoding (and compiling the encoder); use it only with that encoder, image size and data.
+  """
+  def make(name: str = "run") -> str:
+    workdir = tmp_path / name
+    workdir.mkdir()
+    (workdir / "features").symlink_to(tiny_checkpoint / "features")
+    return str(workdir)
+  return make

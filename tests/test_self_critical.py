@@ -2,6 +2,7 @@
 a run from a cross-entropy checkpoint that raises the reward."""
 
 import functools
+import pathlib
 
 from flax import jax_utils
 from flax.training import train_state
@@ -110,7 +111,7 @@ def _scst_config(shapes_root, init_checkpoint, **overrides):
   config.eval.patience = 0
   config.eval.every_epochs = 10
   config.log_every_steps = 4
-  config.checkpoint.every_steps = 4
+  config.checkpoint.every_steps = 1000  # at each epoch's end only
   for name, value in overrides.items():
     config[name] = value
   return config
@@ -130,28 +131,22 @@ class _RecordingWriter:
     pass
 
 
-def _workdir_sharing_features(workdir, tiny_checkpoint) -> str:
-  """A new workdir that reuses the encoder features cached by the cross-entropy run."""
-  workdir.mkdir(parents=True)
-  (workdir / "features").symlink_to(tiny_checkpoint / "features")
-  return str(workdir)
-
-
 class _Killed(Exception):
   pass
 
 
-def test_self_critical_run_raises_the_reward_and_resumes(shapes_root, tiny_checkpoint, tmp_path,
-                                                          monkeypatch):
+def test_self_critical_run_raises_the_reward_and_resumes(shapes_root, tiny_checkpoint,
+                                                          shared_features_workdir, monkeypatch):
   scalars = {}
   monkeypatch.setattr(train_lib, "_summary_writer", lambda workdir: _RecordingWriter(scalars))
   start, _, _ = checkpoints.load_for_inference(tiny_checkpoint)
   config = _scst_config(shapes_root, tiny_checkpoint)  # 4 steps of 4 images an epoch
-  train_lib.train_and_evaluate(config, _workdir_sharing_features(tmp_path / "a", tiny_checkpoint))
+  workdir_a, workdir_b = shared_features_workdir("a"), shared_features_workdir("b")
+  train_lib.train_and_evaluate(config, workdir_a)
   rewards = [scalars["train/reward"][step] for step in sorted(scalars["train/reward"])]
   assert len(rewards) == config.num_epochs
   assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.3, rewards  # CIDEr-D, 0..10
-  trained, saved_config, _ = checkpoints.load_for_inference(tmp_path / "a" / checkpoints.LATEST_DIR)
+  trained, saved_config, _ = checkpoints.load_for_inference(pathlib.Path(workdir_a) / checkpoints.LATEST_DIR)
   assert saved_config.self_critical.num_samples == 4
   moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(a - b).max()),
                                  start["params"]["decoder"], trained["params"]["decoder"])
@@ -167,18 +162,19 @@ def test_self_critical_run_raises_the_reward_and_resumes(shapes_root, tiny_check
 
   monkeypatch.setattr(checkpoints.CheckpointStore, "save_latest", save_then_die)
   with pytest.raises(_Killed):
-    train_lib.train_and_evaluate(config, _workdir_sharing_features(tmp_path / "b", tiny_checkpoint))
+    train_lib.train_and_evaluate(config, workdir_b)
   monkeypatch.setattr(checkpoints.CheckpointStore, "save_latest", original_save)
   resumed = {}
   monkeypatch.setattr(train_lib, "_summary_writer", lambda workdir: _RecordingWriter(resumed))
-  train_lib.train_and_evaluate(config, str(tmp_path / "b"))
+  train_lib.train_and_evaluate(config, workdir_b)
   later = sorted(step for step in scalars["train/reward"] if step > 24)
   assert sorted(resumed["train/reward"]) == later
   np.testing.assert_allclose([resumed["train/reward"][s] for s in later],
                              [scalars["train/reward"][s] for s in later], rtol=1e-5)
 
 
-def test_bad_self_critical_configs_are_one_line_errors(shapes_root, tiny_checkpoint, tmp_path):
+def test_bad_self_critical_configs_are_one_line_errors(shapes_root, tiny_checkpoint, tmp_path,
+                                                       shared_features_workdir):
   with pytest.raises(errors.ConfigError, match="init_checkpoint is empty"):
     train_lib.train_and_evaluate(_scst_config(shapes_root, ""), str(tmp_path / "a"))
   with pytest.raises(errors.ConfigError, match="nowhere.*does not exist"):
@@ -194,4 +190,4 @@ def test_bad_self_critical_configs_are_one_line_errors(shapes_root, tiny_checkpo
   config = _scst_config(shapes_root, tiny_checkpoint)
   config.vocab.min_count = 30  # a different vocabulary from the checkpoint's
   with pytest.raises(errors.ConfigError, match="vocabulary"):
-    train_lib.train_and_evaluate(config, _workdir_sharing_features(tmp_path / "e", tiny_checkpoint))
+    train_lib.train_and_evaluate(config, shared_features_workdir("e"))

@@ -51,20 +51,22 @@ class _RecordingWriter:
     pass
 
 
-def test_overfits_shapes_and_greedy_decodes_training_captions(shapes_root, tmp_path, monkeypatch):
+def test_overfits_shapes_and_greedy_decodes_training_captions(shapes_root, shared_features_workdir,
+                                                               monkeypatch):
   scalars = {}
   monkeypatch.setattr(train_lib, "_summary_writer", lambda workdir: _RecordingWriter(scalars))
   config = _config(shapes_root, num_epochs=30, loss__alpha_c=0.0, optimizer__learning_rate=3e-3,
                    optimizer__schedule="constant", eval__every_epochs=30, eval__patience=0,
                    checkpoint__every_steps=1000, log_every_steps=10,
                    data__captions_per_epoch="all")  # 10 steps of 8 captions per epoch
-  final = train_lib.train_and_evaluate(config, str(tmp_path))
+  workdir = shared_features_workdir()
+  final = train_lib.train_and_evaluate(config, workdir)
   losses = scalars["train/loss"]
   assert losses[max(losses)] < 0.02 < losses[min(losses)]
   assert final["BLEU-4"] > 0.99
 
   from flaxcap import inference  # pylint: disable=g-import-not-at-top
-  captioner = inference.Captioner.load(tmp_path)
+  captioner = inference.Captioner.load(workdir)
   token_file = shapes_root / "Flickr8k_text" / "Flickr8k.token.txt"
   expected = {line.split("#")[0]: line.split("\t")[1].lower().rstrip(" .")
               for line in token_file.read_text().splitlines()}
@@ -79,8 +81,7 @@ def _run_steps(num_devices, config, feature_table, token_batches):
   data = type("Data", (), {"feature_table": feature_table, "encoder_variables": None})()
   state = train_lib.create_train_state(config, model, data, steps_per_epoch=10)
   devices = jax.local_devices()[:num_devices]
-  step = jax.pmap(functools.partial(train_step_fn, model=model), axis_name=train_lib.AXIS,
-                  devices=devices)
+  step = _pmapped_step(model, num_devices)
   state = jax_utils.replicate(state, devices=devices)
   table = jax_utils.replicate(feature_table, devices=devices)
   for image_index, tokens in token_batches:
@@ -88,6 +89,12 @@ def _run_steps(num_devices, config, feature_table, token_batches):
              "tokens": tokens.reshape(num_devices, -1, tokens.shape[-1])}
     state, _ = step(state, batch, table)
   return jax.device_get(train_lib.unreplicate(state).params)
+
+
+@functools.lru_cache(maxsize=2)
+def _pmapped_step(model, num_devices):
+  return jax.pmap(functools.partial(train_step_fn, model=model), axis_name=train_lib.AXIS,
+                  devices=jax.local_devices()[:num_devices])
 
 
 def train_step_fn(state, batch, table, *, model):
@@ -122,12 +129,13 @@ class _Killed(Exception):
   pass
 
 
-def test_kill_and_resume_gives_the_same_losses(shapes_root, tmp_path, monkeypatch):
+def test_kill_and_resume_gives_the_same_losses(shapes_root, shared_features_workdir, monkeypatch):
   config = _config(shapes_root, batch_size=4, num_epochs=3, log_every_steps=1,
                    checkpoint__every_steps=3, eval__every_epochs=10)
   uninterrupted, resumed = {}, {}
   monkeypatch.setattr(train_lib, "_summary_writer", lambda w: _RecordingWriter(uninterrupted))
-  train_lib.train_and_evaluate(config, str(tmp_path / "a"))
+  workdir_a, workdir_b = shared_features_workdir("a"), shared_features_workdir("b")
+  train_lib.train_and_evaluate(config, workdir_a)
 
   kill_at = 6  # mid-epoch 2 (4 steps per epoch)
   original_save = checkpoints.CheckpointStore.save_latest
@@ -140,17 +148,17 @@ def test_kill_and_resume_gives_the_same_losses(shapes_root, tmp_path, monkeypatc
   monkeypatch.setattr(checkpoints.CheckpointStore, "save_latest", save_then_die)
   monkeypatch.setattr(train_lib, "_summary_writer", lambda w: _RecordingWriter({}))
   with pytest.raises(_Killed):
-    train_lib.train_and_evaluate(config, str(tmp_path / "b"))
+    train_lib.train_and_evaluate(config, workdir_b)
   monkeypatch.setattr(checkpoints.CheckpointStore, "save_latest", original_save)
   monkeypatch.setattr(train_lib, "_summary_writer", lambda w: _RecordingWriter(resumed))
-  train_lib.train_and_evaluate(config, str(tmp_path / "b"))
+  train_lib.train_and_evaluate(config, workdir_b)
 
   after = {step: loss for step, loss in uninterrupted["train/loss"].items() if step > kill_at}
   assert sorted(resumed["train/loss"]) == sorted(after)
   np.testing.assert_allclose([resumed["train/loss"][s] for s in sorted(after)],
                              [after[s] for s in sorted(after)], rtol=1e-5)
-  final_a = checkpoints.load_for_inference(tmp_path / "a" / checkpoints.LATEST_DIR)[0]
-  final_b = checkpoints.load_for_inference(tmp_path / "b" / checkpoints.LATEST_DIR)[0]
+  final_a = checkpoints.load_for_inference(pathlib.Path(workdir_a) / checkpoints.LATEST_DIR)[0]
+  final_b = checkpoints.load_for_inference(pathlib.Path(workdir_b) / checkpoints.LATEST_DIR)[0]
   jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
                          final_a, final_b)
 
@@ -208,26 +216,28 @@ def test_empty_split_is_an_error(shapes_root, tmp_path):
     train_lib.train_and_evaluate(config, str(tmp_path))
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(shapes_root, tmp_path, monkeypatch):
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(shapes_root, shared_features_workdir,
+                                                           monkeypatch):
   config = _config(shapes_root, num_epochs=1)
-  train_lib.train_and_evaluate(config, str(tmp_path))
-  good_step = max(int(p.name) for p in (tmp_path / checkpoints.LATEST_DIR).iterdir()
+  workdir = shared_features_workdir()
+  train_lib.train_and_evaluate(config, workdir)
+  good_step = max(int(p.name) for p in (pathlib.Path(workdir) / checkpoints.LATEST_DIR).iterdir()
                   if p.name.isdigit())
   original = feature_cache.cached_features
   monkeypatch.setattr(feature_cache, "cached_features", lambda *a: (
       lambda features, records: (np.full_like(features, np.nan), records))(*original(*a)))
   config.num_epochs = 2
   with pytest.raises(errors.TrainingError, match=f"at step {good_step + 1}.*{good_step}"):
-    train_lib.train_and_evaluate(config, str(tmp_path))
-  variables, _, _ = checkpoints.load_for_inference(tmp_path / checkpoints.LATEST_DIR)
+    train_lib.train_and_evaluate(config, workdir)
+  variables, _, _ = checkpoints.load_for_inference(pathlib.Path(workdir) / checkpoints.LATEST_DIR)
   assert all(np.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(variables))
 
 
-def test_vocabulary_mismatch_with_checkpoint_is_an_error(shapes_root, tmp_path):
-  train_lib.train_and_evaluate(_config(shapes_root, num_epochs=1), str(tmp_path))
+def test_vocabulary_mismatch_with_checkpoint_is_an_error(shapes_root, shared_features_workdir):
+  workdir = shared_features_workdir()
+  train_lib.train_and_evaluate(_config(shapes_root, num_epochs=1), workdir)
   with pytest.raises(errors.CheckpointError, match="vocabulary"):
-    train_lib.train_and_evaluate(_config(shapes_root, num_epochs=2, vocab__min_count=30),
-                                 str(tmp_path))
+    train_lib.train_and_evaluate(_config(shapes_root, num_epochs=2, vocab__min_count=30), workdir)
 
 
 def test_cached_feature_training_and_inference_never_import_tensorflow():
