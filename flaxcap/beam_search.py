@@ -135,12 +135,14 @@ def _top_k(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   2.5 s inside a `lax.scan` and 51 ms outside it, which made the sort most of a beam search's time
   there. k passes of argmax over an order-preserving integer view of the floats are exact, match
   `lax.top_k`'s order (NaN counts as largest, -inf entries are still returned, each index once),
-  and cost little for the small k of beam search. Other backends use `lax.top_k`.
+  and cost little for the small k of beam search. Other backends use `lax.top_k`. Either way, up
+  to `_MAX_RANKED` entries are ranked by counting (`_top_k_by_rank`; the same result).
   """
+  if values.shape[-1] <= _MAX_RANKED:
+    return _top_k_by_rank(values, k)
   if jax.default_backend() != "cpu":
     return lax.top_k(values, k)
-  bits = lax.bitcast_convert_type(values.astype(jnp.float32), jnp.int32)
-  keys = jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)  # same order as the floats
+  keys = _order_keys(values)  # same order as the floats
   taken = jnp.iinfo(jnp.int32).min  # below every float's key, -inf included
   positions = lax.broadcasted_iota(jnp.int32, keys.shape, keys.ndim - 1)
   indices = []
@@ -150,6 +152,64 @@ def _top_k(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     keys = jnp.where(positions == index[..., None], taken, keys)
   indices = jnp.stack(indices, axis=-1)
   return jnp.take_along_axis(values, indices, axis=-1), indices
+
+
+# Up to this many entries, `_top_k` ranks them by counting instead (`_top_k_by_rank`).
+_MAX_RANKED = 64
+
+
+def _order_keys(values: jax.Array) -> jax.Array:
+  """int32 keys in the order of the float32 values (a total order: -0 < +0, NaN at the ends)."""
+  bits = lax.bitcast_convert_type(values.astype(jnp.float32), jnp.int32)
+  return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+
+
+def _top_k_by_rank(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """`lax.top_k` over a short last axis (n entries) by counting, for beam search's merges of 2K.
+
+  Entry i's rank is the number of entries that come before it (a larger key, or an equal key at a
+  lower index), so the ranks are a permutation and rank r's index is read off a [.., k, n] one-hot:
+  a few element-wise ops and reductions over n^2 pairs, which XLA fuses, where a top-k over a
+  handful of entries is a sort kernel of its own (and on a GPU, several small kernels each step).
+  """
+  n = values.shape[-1]
+  keys = _order_keys(values)
+  position = jnp.arange(n, dtype=jnp.int32)
+  key_i, key_j = keys[..., :, None], keys[..., None, :]
+  before = (key_j > key_i) | ((key_j == key_i) & (position[None, :] < position[:, None]))
+  rank = jnp.sum(before, axis=-1, dtype=jnp.int32)  # [..., n], a permutation of 0..n-1
+  is_rank = rank[..., None, :] == jnp.arange(k, dtype=jnp.int32)[:, None]  # [..., k, n]
+  indices = jnp.sum(jnp.where(is_rank, position, 0), axis=-1, dtype=jnp.int32)
+  return jnp.take_along_axis(values, indices, axis=-1), indices
+
+
+# Whether beam search takes its 2K best candidates in two stages (`_top_k_of_candidates`); None: off
+# the CPU only.
+TWO_STAGE_TOP_K: bool | None = None
+
+
+def _top_k_of_candidates(candidates: jax.Array, n: int, two_stage: bool | None = None
+                         ) -> tuple[jax.Array, jax.Array]:
+  """The n best of candidates [batch, K, V] over the flattened K * V axis, exactly as
+  `_top_k(candidates.reshape(batch, K * V), n)`: (values [batch, n], flat indices slot * V + token).
+
+  With `two_stage` (None: `TWO_STAGE_TOP_K`, by default off the CPU), first the min(n, V) best of
+  each of the batch * K rows of V, then the n best of those K * min(n, V) per image. The result is
+  identical, ties included: an entry among the n best of its image has fewer than n better ones in
+  its own row, and the second stage sees each row's survivors in the row's order, rows in slot order,
+  so a tie still goes to the lower slot, then the lower token. The first stage spreads the work
+  over batch * K rows of V instead of batch rows of K * V.
+  """
+  batch, k, vocab = candidates.shape
+  if two_stage is None:
+    two_stage = jax.default_backend() != "cpu" if TWO_STAGE_TOP_K is None else TWO_STAGE_TOP_K
+  if not two_stage or k == 1:
+    return _top_k(candidates.reshape(batch, k * vocab), n)
+  per_row = min(n, vocab)
+  row_scores, row_tokens = _top_k(candidates, per_row)  # [batch, K, per_row]
+  flat_index = row_tokens + (jnp.arange(k, dtype=jnp.int32) * vocab)[:, None]
+  scores, pick = _top_k(row_scores.reshape(batch, k * per_row), n)
+  return scores, jnp.take_along_axis(flat_index.reshape(batch, k * per_row), pick, axis=1)
 
 
 def _check_log_probs(log_probs: jax.Array, rows: int) -> int:
@@ -219,7 +279,7 @@ def beam_search(step_fn: StepFn, init_state: PyTree, *, beam_size: int, max_len:
       raise ValueError("beam_search needs a vocabulary of at least 2 tokens.")
     # [batch, K * vocab] candidates; flat index = parent slot * vocab + token.
     candidates = live_scores[:, :, None] + log_probs.astype(jnp.float32).reshape(batch, k, vocab)
-    top_scores, top_index = _top_k(candidates.reshape(batch, k * vocab), 2 * k)  # [batch, 2K]
+    top_scores, top_index = _top_k_of_candidates(candidates, 2 * k)  # [batch, 2K]
     top_slots = (top_index // vocab).astype(jnp.int32)
     top_tokens = (top_index % vocab).astype(jnp.int32)
     ends = top_tokens == eos_id
