@@ -77,6 +77,19 @@ def flatten_features(features: Array) -> Array:
   return features
 
 
+def cast_matrices(params, dtype):
+  """The decoder's params with every matrix (the Dense kernels, the embedding) cast to `dtype`.
+
+  Each layer casts its matrix to the compute dtype before using it, so casting once outside a
+  decoding loop gives the same results; inside the loop XLA does not hoist the casts and converts
+  the weights again at every step (three extra kernels a step on a GPU). Vectors (biases, the gate
+  bias, which is used in float32) are left as they are.
+  """
+  if jnp.dtype(dtype) == jnp.float32:
+    return params
+  return jax.tree_util.tree_map(lambda p: p.astype(dtype) if jnp.ndim(p) >= 2 else p, params)
+
+
 # Up to this many rows, a CPU matmul runs as one matrix-vector product per row (measured crossover ~6-8).
 _MAX_ROWS_AS_VECTORS = 6
 
@@ -99,6 +112,25 @@ def _few_rows_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred
   products = [jax.lax.dot_general(vectors[i], rhs, (((0,), (0,)), ((), ())), precision=precision,
                                   preferred_element_type=preferred_element_type) for i in range(rows)]
   return jnp.stack(products).reshape(*lhs.shape[:-1], rhs.shape[1])
+
+
+class _AttentionScore(nn.Module):
+  """The additive attention's score w_a . hidden over the last axis, float32: [..., A] -> [...].
+
+  The parameters of `nn.Dense(1, use_bias=False)` (a "kernel" [A, 1], the same initializer), computed
+  as a multiply and a sum instead of a matrix product with one column: on a GPU, XLA ran that product
+  as a GEMM over [batch * K * P, A] that needed the whole tanh(...) tensor written out first (64 MB a
+  step at beam 5, batch 256); the sum fuses into the activation. The products are exact in float32
+  (the kernel rounded to the compute dtype, as the Dense rounds it), so only the order of the
+  float32 summation can differ from the Dense.
+  """
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, hidden: Array) -> Array:
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (hidden.shape[-1], 1), jnp.float32)
+    weights = kernel[:, 0].astype(self.dtype).astype(jnp.float32)
+    return jnp.sum(hidden.astype(jnp.float32) * weights, axis=-1)
 
 
 def _lstm_bias_init(key, shape, dtype=jnp.float32):
@@ -154,7 +186,7 @@ class Decoder(nn.Module):
     if self.gate:
       self.gate_bias = self.param("gate_bias", nn.initializers.zeros_init(), (1,), jnp.float32)
     self.context_gates = dense(4 * hid, use_bias=False, name="context_gates")  # z -> gates
-    self.attention_score = dense(1, use_bias=False, dot_general=f32_dot, name="attention_score")  # w_a
+    self.attention_score = _AttentionScore(dtype=self.dtype, name="attention_score")  # w_a
     self.hidden_out = dense(self.embed_dim, name="hidden_out")  # L_h
     if self.ctx2out:
       self.context_out = dense(self.embed_dim, use_bias=False, name="context_out")  # L_z
@@ -217,7 +249,7 @@ class Decoder(nn.Module):
     """
     activation = _ATTENTION_ACTIVATIONS[self.attention_activation]
     hidden = activation(encoded.projected_features[:, None, :, :] + query[:, :, None, :])  # [b, K, P, A]
-    scores = self.attention_score(hidden)[..., 0]  # [batch, K, P], float32
+    scores = self.attention_score(hidden)  # [batch, K, P], float32
     attention = jax.nn.softmax(scores, axis=-1)
     values = encoded.features if encoded.context_projections is None else encoded.context_projections
     context = jnp.einsum("bkp,bpc->bkc", attention.astype(self.dtype), values)
