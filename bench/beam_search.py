@@ -40,6 +40,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from bench import common  # noqa: E402
 from bench import roofline  # noqa: E402
 from bench import workloads  # noqa: E402
+from flaxcap import beam_search as beam_search_lib  # noqa: E402
 from flaxcap import decoding  # noqa: E402
 from flaxcap import inference  # noqa: E402
 
@@ -59,6 +60,12 @@ _UNROLL = flags.DEFINE_integer("unroll", 1, "Decoding steps per scan iteration i
 _DUMP_HLO = flags.DEFINE_bool("dump_hlo", False, "Write the compiled HLO of each flaxcap search to "
                                "bench/results/beam_search_hlo_<dtype>_b<batch>_k<beam>_u<unroll>.txt "
                                "(to count the kernels of a decoding step).")
+_PROJECT_CONTEXT = flags.DEFINE_enum("project_context", "auto", ["auto", "on", "off"],
+                                      "flaxcap: `decoding.search(project_context=...)`; auto: "
+                                      "the library's choice.")
+_TWO_STAGE_TOP_K = flags.DEFINE_enum("two_stage_top_k", "auto", ["auto", "on", "off"],
+                                     "flaxcap: `beam_search.TWO_STAGE_TOP_K`; auto: the library's "
+                                     "choice (by backend).")
 _METHODS = flags.DEFINE_list("methods", ["flaxcap", "torch_batched", "torch_loop"], "What to time.")
 _OUTPUT = flags.DEFINE_string("output", "beam_search", "JSON path, or a name under bench/results/.")
 
@@ -95,6 +102,9 @@ def main(argv):
   device = common.torch_device()
   all_features = workloads.random_features(max(batch_sizes + [loop_images]), sizes)
 
+  choice = {"auto": None, "on": True, "off": False}
+  project_context = choice[_PROJECT_CONTEXT.value]
+  beam_search_lib.TWO_STAGE_TOP_K = choice[_TWO_STAGE_TOP_K.value]
   rows = []
   for dtype in dtypes:
     decoder = workloads.decoder_for(sizes, dtype)
@@ -118,7 +128,8 @@ def main(argv):
         search = jax.jit(lambda p, f, beam=beam: decoding.search(decoder, p, f, beam_size=beam,
                                                                  max_len=max_len,
                                                                  unroll=_UNROLL.value,
-                                                                 word_gate_table=table),
+                                                                 word_gate_table=table,
+                                                                 project_context=project_context),
                          compiler_options=inference.compiler_options())  # as the Captioner's
         if _DUMP_HLO.value:
           hlo = search.lower(params, features_jax).compile().as_text()
@@ -133,7 +144,9 @@ def main(argv):
           timing = common.time_calls(lambda: search(params, features_jax).tokens.block_until_ready(),
                                      repeats=repeats, warmup=1)
           timing.first_s = compile_s
-          row = dict(row_key, method="flaxcap", unroll=_UNROLL.value, timing=timing.as_dict(),
+          row = dict(row_key, method="flaxcap", unroll=_UNROLL.value,
+                     project_context=_PROJECT_CONTEXT.value, two_stage_top_k=_TWO_STAGE_TOP_K.value,
+                     timing=timing.as_dict(),
                      mean_length=float(np.mean(np.asarray(result.lengths)[:, 0])))
           flops = roofline.decode_step_flops(sizes, batch, beam) * max_len
           moved = roofline.decode_step_bytes(sizes, batch, beam, dtype)["total"] * max_len
