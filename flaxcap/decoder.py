@@ -117,20 +117,25 @@ def _few_rows_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred
 class _AttentionScore(nn.Module):
   """The additive attention's score w_a . hidden over the last axis, float32: [..., A] -> [...].
 
-  The parameters of `nn.Dense(1, use_bias=False)` (a "kernel" [A, 1], the same initializer), computed
-  as a multiply and a sum instead of a matrix product with one column: on a GPU, XLA ran that product
-  as a GEMM over [batch * K * P, A] that needed the whole tanh(...) tensor written out first (64 MB a
-  step at beam 5, batch 256); the sum fuses into the activation. The products are exact in float32
-  (the kernel rounded to the compute dtype, as the Dense rounds it), so only the order of the
-  float32 summation can differ from the Dense.
+  The parameters of `nn.Dense(1, use_bias=False)` (a "kernel" [A, 1], the same initializer). With
+  `by_sum` (decoding steps) the product with the one column is a multiply and a sum: on a GPU, XLA ran
+  the Dense's product as a GEMM over [batch * K * P, A] that needed the whole tanh(...) tensor written
+  out first (64 MB a step at beam 5, batch 256), where the sum fuses into the activation. The products
+  are exact in float32 (the kernel rounded to the compute dtype, as the Dense rounds it), so only the
+  order of the float32 summation differs. Teacher forcing keeps the Dense's product: under autodiff
+  the sum would save the activation in float32 for the backward pass, twice the bytes.
   """
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, hidden: Array) -> Array:
+  def __call__(self, hidden: Array, by_sum: bool = False) -> Array:
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (hidden.shape[-1], 1), jnp.float32)
-    weights = kernel[:, 0].astype(self.dtype).astype(jnp.float32)
-    return jnp.sum(hidden.astype(jnp.float32) * weights, axis=-1)
+    kernel = kernel.astype(self.dtype)
+    if by_sum:
+      return jnp.sum(hidden.astype(jnp.float32) * kernel[:, 0].astype(jnp.float32), axis=-1)
+    return _few_rows_dot_general(hidden.astype(self.dtype), kernel,
+                                 (((hidden.ndim - 1,), (0,)), ((), ())),
+                                 preferred_element_type=jnp.float32)[..., 0]
 
 
 def _lstm_bias_init(key, shape, dtype=jnp.float32):
@@ -236,12 +241,14 @@ class Decoder(nn.Module):
 
   # -- the recurrence ----------------------------------------------------------------------------------
 
-  def _attend(self, encoded: Encoded, query: Array) -> tuple[Array, Array]:
+  def _attend(self, encoded: Encoded, query: Array, score_by_sum: bool = False
+              ) -> tuple[Array, Array]:
     """Additive attention of each beam's query against its image's grid (the grid is not copied).
 
     Args:
       encoded: features [batch, P, C], projected_features [batch, P, A].
       query: the projected hidden state W_ha h, [batch, K, A].
+      score_by_sum: the score as a multiply and a sum (`_AttentionScore`; for decoding steps).
 
     Returns:
       context [batch, K, C] (compute dtype), or with `encoded.context_projections` the same weighted
@@ -249,19 +256,21 @@ class Decoder(nn.Module):
     """
     activation = _ATTENTION_ACTIVATIONS[self.attention_activation]
     hidden = activation(encoded.projected_features[:, None, :, :] + query[:, :, None, :])  # [b, K, P, A]
-    scores = self.attention_score(hidden)  # [batch, K, P], float32
+    scores = self.attention_score(hidden, score_by_sum)  # [batch, K, P], float32
     attention = jax.nn.softmax(scores, axis=-1)
     values = encoded.features if encoded.context_projections is None else encoded.context_projections
     context = jnp.einsum("bkp,bpc->bkc", attention.astype(self.dtype), values)
     return context, attention
 
-  def _recur(self, encoded: Encoded, carry: LSTMCarry, word_gates: Array):
+  def _recur(self, encoded: Encoded, carry: LSTMCarry, word_gates: Array,
+             score_by_sum: bool = False):
     """One recurrent step on beam-shaped arrays.
 
     Args:
       encoded: from `encode`.
       carry: c, h each [batch, K, H], float32.
       word_gates: the embedding's share of the LSTM gates, bias included, [batch, K, 4H].
+      score_by_sum: see `_attend`.
 
     Returns:
       (new carry, (h [batch, K, H], gated context z [batch, K, C] (or its projections [batch, K, 4H
@@ -271,7 +280,7 @@ class Decoder(nn.Module):
     projected_h = self.hidden_proj(carry.h.astype(self.dtype))  # [batch, K, 4H + A (+ 1)]
     hidden_gates = projected_h[..., :4 * hid]
     query = projected_h[..., 4 * hid:4 * hid + att]
-    context, attention = self._attend(encoded, query)
+    context, attention = self._attend(encoded, query, score_by_sum)
     if self.gate:
       beta = jax.nn.sigmoid(projected_h[..., 4 * hid + att:].astype(jnp.float32) + self.gate_bias)
       context = (beta * context.astype(jnp.float32)).astype(self.dtype)
@@ -330,7 +339,7 @@ class Decoder(nn.Module):
       carry = LSTMCarry(*(x[:, None, :] for x in carry))
     embedded = self.embedding(tokens)  # [batch, K, E]
     gates = self.input_gates(embedded) if word_gates is None else jnp.take(word_gates, tokens, axis=0)
-    carry, (h, context, attention) = self._recur(encoded, carry, gates)
+    carry, (h, context, attention) = self._recur(encoded, carry, gates, score_by_sum=True)
     logits = self._deep_output(h, context, embedded, deterministic,
                                context_projected=encoded.context_projections is not None)
     if single:
