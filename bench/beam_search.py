@@ -63,9 +63,10 @@ _DUMP_HLO = flags.DEFINE_bool("dump_hlo", False, "Write the compiled HLO of each
 _PROJECT_CONTEXT = flags.DEFINE_enum("project_context", "auto", ["auto", "on", "off"],
                                       "flaxcap: `decoding.search(project_context=...)`; auto: "
                                       "the library's choice.")
-_TWO_STAGE_TOP_K = flags.DEFINE_enum("two_stage_top_k", "auto", ["auto", "on", "off"],
-                                     "flaxcap: `beam_search.TWO_STAGE_TOP_K`; auto: the library's "
-                                     "choice (by backend).")
+_CANDIDATE_TOP_K = flags.DEFINE_enum("candidate_top_k", "auto",
+                                     ["auto", "flat", "two_stage", "chunks"],
+                                     "flaxcap: how beam search takes its 2K best candidates "
+                                     "(`beam_search.CANDIDATE_TOP_K`); auto: the library's choice.")
 _METHODS = flags.DEFINE_list("methods", ["flaxcap", "torch_batched", "torch_loop"], "What to time.")
 _OUTPUT = flags.DEFINE_string("output", "beam_search", "JSON path, or a name under bench/results/.")
 
@@ -104,7 +105,7 @@ def main(argv):
 
   choice = {"auto": None, "on": True, "off": False}
   project_context = choice[_PROJECT_CONTEXT.value]
-  beam_search_lib.TWO_STAGE_TOP_K = choice[_TWO_STAGE_TOP_K.value]
+  beam_search_lib.CANDIDATE_TOP_K = None if _CANDIDATE_TOP_K.value == "auto" else _CANDIDATE_TOP_K.value
   rows = []
   for dtype in dtypes:
     decoder = workloads.decoder_for(sizes, dtype)
@@ -145,7 +146,7 @@ def main(argv):
                                      repeats=repeats, warmup=1)
           timing.first_s = compile_s
           row = dict(row_key, method="flaxcap", unroll=_UNROLL.value,
-                     project_context=_PROJECT_CONTEXT.value, two_stage_top_k=_TWO_STAGE_TOP_K.value,
+                     project_context=_PROJECT_CONTEXT.value, candidate_top_k=_CANDIDATE_TOP_K.value,
                      timing=timing.as_dict(),
                      mean_length=float(np.mean(np.asarray(result.lengths)[:, 0])))
           flops = roofline.decode_step_flops(sizes, batch, beam) * max_len
