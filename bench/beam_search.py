@@ -16,6 +16,9 @@ can be compared caption for caption. Methods:
   torch_loop     `torch_reference.beam_search_per_image`: the tutorial's per-image Python loop; it is
                  batch-size independent, so it is timed once per beam on --loop_images images
 
+--project_context and --candidate_top_k override two of flaxcap's choices (`decoding.search`,
+`beam_search.CANDIDATE_TOP_K`); each flaxcap row records them (candidate_top_k as the method used).
+
 "agrees" is the share of images whose best caption equals flaxcap's. On a GPU the flaxcap rows also show
 achieved TFLOP/s and GB/s against the matmul and copy peaks measured at the start of the run, from the
 FLOPs and the least bytes of a decode step (bench/roofline.py) times max_len.
@@ -64,7 +67,7 @@ _PROJECT_CONTEXT = flags.DEFINE_enum("project_context", "auto", ["auto", "on", "
                                       "flaxcap: `decoding.search(project_context=...)`; auto: "
                                       "the library's choice.")
 _CANDIDATE_TOP_K = flags.DEFINE_enum("candidate_top_k", "auto",
-                                     ["auto", "flat", "two_stage", "chunks"],
+                                     ["auto", "flat", "chunks"],
                                      "flaxcap: how beam search takes its 2K best candidates "
                                      "(`beam_search.CANDIDATE_TOP_K`); auto: the library's choice.")
 _METHODS = flags.DEFINE_list("methods", ["flaxcap", "torch_batched", "torch_loop"], "What to time.")
@@ -146,7 +149,9 @@ def main(argv):
                                      repeats=repeats, warmup=1)
           timing.first_s = compile_s
           row = dict(row_key, method="flaxcap", unroll=_UNROLL.value,
-                     project_context=_PROJECT_CONTEXT.value, candidate_top_k=_CANDIDATE_TOP_K.value,
+                     project_context=_PROJECT_CONTEXT.value,
+                     candidate_top_k=(beam_search_lib.candidate_top_k_method(batch) if beam > 1
+                                      else None),
                      timing=timing.as_dict(),
                      mean_length=float(np.mean(np.asarray(result.lengths)[:, 0])))
           flops = roofline.decode_step_flops(sizes, batch, beam) * max_len
