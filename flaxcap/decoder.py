@@ -23,6 +23,8 @@ How the work is laid out, so that a train step is a few large matmuls plus a lea
   * On the CPU a matmul of a few rows (a step of one image's beams) runs as one matrix-vector product per
     row (`_few_rows_dot_general`): XLA:CPU packs the whole weight matrix for a small-row GEMM, which made
     a beam-3 step's [3, 512] x [512, 2561] products ~4x slower than three matrix-vector products.
+  * In `step` the attention score w_a . tanh(...) is a multiply and a sum (`_AttentionScore`), which
+    fuses into the activation; teacher forcing keeps it a product with the [A, 1] kernel.
   * The context enters the step only through linear layers (the LSTM's context gates and L_z), so
     `encode(..., project_context=True)` can push the grid through them once per image; a step then takes
     the attention-weighted sum of those projections, [P, 4H + E] per image, instead of multiplying each
