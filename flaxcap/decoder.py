@@ -23,8 +23,9 @@ How the work is laid out, so that a train step is a few large matmuls plus a lea
   * On the CPU a matmul of a few rows (a step of one image's beams) runs as one matrix-vector product per
     row (`_few_rows_dot_general`): XLA:CPU packs the whole weight matrix for a small-row GEMM, which made
     a beam-3 step's [3, 512] x [512, 2561] products ~4x slower than three matrix-vector products.
-  * In `step` the attention score w_a . tanh(...) is a multiply and a sum (`_AttentionScore`), which
-    fuses into the activation; teacher forcing keeps it a product with the [A, 1] kernel.
+  * In `step`, off the CPU, the attention score w_a . tanh(...) is a multiply and a sum
+    (`_AttentionScore`), which fuses into the activation; teacher forcing keeps it a product with the
+    [A, 1] kernel.
   * The context enters the step only through linear layers (the LSTM's context gates and L_z), so
     `encode(..., project_context=True)` can push the grid through them once per image; a step then takes
     the attention-weighted sum of those projections, [P, 4H + E] per image, instead of multiplying each
@@ -120,12 +121,13 @@ class _AttentionScore(nn.Module):
   """The additive attention's score w_a . hidden over the last axis, float32: [..., A] -> [...].
 
   The parameters of `nn.Dense(1, use_bias=False)` (a "kernel" [A, 1], the same initializer). With
-  `by_sum` (decoding steps) the product with the one column is a multiply and a sum: on a GPU, XLA ran
-  the Dense's product as a GEMM over [batch * K * P, A] that needed the whole tanh(...) tensor written
-  out first (64 MB a step at beam 5, batch 256), where the sum fuses into the activation. The products
-  are exact in float32 (the kernel rounded to the compute dtype, as the Dense rounds it), so only the
-  order of the float32 summation differs. Teacher forcing keeps the Dense's product: under autodiff
-  the sum would save the activation in float32 for the backward pass, twice the bytes.
+  `by_sum` the product with the one column is a multiply and a sum: on a GPU, XLA ran the Dense's
+  product as a GEMM over [batch * K * P, A] that needed the whole tanh(...) tensor written out first
+  (64 MB a step at beam 5, batch 256), where the sum fuses into the activation. The products are
+  exact in float32 (the kernel rounded to the compute dtype, as the Dense rounds it), so only the
+  order of the float32 summation differs. `step` sums off the CPU (there the sum made a beam-3
+  search of the shipped model ~1 ms slower, of ~39 ms); teacher forcing keeps the Dense's product:
+  under autodiff the sum would save the activation in float32 for the backward pass, twice the bytes.
   """
   dtype: Any = jnp.float32
 
@@ -341,7 +343,8 @@ class Decoder(nn.Module):
       carry = LSTMCarry(*(x[:, None, :] for x in carry))
     embedded = self.embedding(tokens)  # [batch, K, E]
     gates = self.input_gates(embedded) if word_gates is None else jnp.take(word_gates, tokens, axis=0)
-    carry, (h, context, attention) = self._recur(encoded, carry, gates, score_by_sum=True)
+    carry, (h, context, attention) = self._recur(encoded, carry, gates,
+                                                 score_by_sum=jax.default_backend() != "cpu")
     logits = self._deep_output(h, context, embedded, deterministic,
                                context_projected=encoded.context_projections is not None)
     if single:

@@ -163,8 +163,9 @@ def to_numpy(result):
 # The top-k that beam search uses (k rounds of argmax on the CPU).
 
 
-@pytest.mark.parametrize("width", [40, 100])  # ranked by counting (<= 64 entries), argmax rounds
-def test_top_k_matches_lax_top_k_with_ties_and_infinities(width):
+@pytest.mark.parametrize("top_k", [bs._top_k, bs._top_k_by_rank])  # argmax rounds, counting
+@pytest.mark.parametrize("width", [40, 100])
+def test_top_k_matches_lax_top_k_with_ties_and_infinities(top_k, width):
   rng = np.random.default_rng(3)
   values = rng.integers(-3, 4, size=(5, width)).astype(np.float32) / 2  # many ties
   values[1, ::3] = -np.inf
@@ -173,7 +174,7 @@ def test_top_k_matches_lax_top_k_with_ties_and_infinities(width):
   values[4] = rng.normal(size=width).astype(np.float32) * 1e-30  # tiny and negative zero-ish values
   values[4, :2] = [0.0, -0.0]
   for k in (1, 3, 12):
-    scores, indices = jax.jit(bs._top_k, static_argnums=1)(jnp.asarray(values), k)
+    scores, indices = jax.jit(top_k, static_argnums=1)(jnp.asarray(values), k)
     ref_scores, ref_indices = jax.lax.top_k(jnp.asarray(values), k)
     np.testing.assert_array_equal(scores, ref_scores)
     np.testing.assert_array_equal(indices, ref_indices)
