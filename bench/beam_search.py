@@ -16,6 +16,9 @@ can be compared caption for caption. Methods:
   torch_loop     `torch_reference.beam_search_per_image`: the tutorial's per-image Python loop; it is
                  batch-size independent, so it is timed once per beam on --loop_images images
 
+--project_context and --candidate_top_k override two of flaxcap's choices (`decoding.search`,
+`beam_search.CANDIDATE_TOP_K`); each flaxcap row records them (candidate_top_k as the method used).
+
 "agrees" is the share of images whose best caption equals flaxcap's. On a GPU the flaxcap rows also show
 achieved TFLOP/s and GB/s against the matmul and copy peaks measured at the start of the run, from the
 FLOPs and the least bytes of a decode step (bench/roofline.py) times max_len.
@@ -40,6 +43,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from bench import common  # noqa: E402
 from bench import roofline  # noqa: E402
 from bench import workloads  # noqa: E402
+from flaxcap import beam_search as beam_search_lib  # noqa: E402
 from flaxcap import decoding  # noqa: E402
 from flaxcap import inference  # noqa: E402
 
@@ -59,6 +63,13 @@ _UNROLL = flags.DEFINE_integer("unroll", 1, "Decoding steps per scan iteration i
 _DUMP_HLO = flags.DEFINE_bool("dump_hlo", False, "Write the compiled HLO of each flaxcap search to "
                                "bench/results/beam_search_hlo_<dtype>_b<batch>_k<beam>_u<unroll>.txt "
                                "(to count the kernels of a decoding step).")
+_PROJECT_CONTEXT = flags.DEFINE_enum("project_context", "auto", ["auto", "on", "off"],
+                                      "flaxcap: `decoding.search(project_context=...)`; auto: "
+                                      "the library's choice.")
+_CANDIDATE_TOP_K = flags.DEFINE_enum("candidate_top_k", "auto",
+                                     ["auto", "flat", "chunks"],
+                                     "flaxcap: how beam search takes its 2K best candidates "
+                                     "(`beam_search.CANDIDATE_TOP_K`); auto: the library's choice.")
 _METHODS = flags.DEFINE_list("methods", ["flaxcap", "torch_batched", "torch_loop"], "What to time.")
 _OUTPUT = flags.DEFINE_string("output", "beam_search", "JSON path, or a name under bench/results/.")
 
@@ -95,6 +106,9 @@ def main(argv):
   device = common.torch_device()
   all_features = workloads.random_features(max(batch_sizes + [loop_images]), sizes)
 
+  choice = {"auto": None, "on": True, "off": False}
+  project_context = choice[_PROJECT_CONTEXT.value]
+  beam_search_lib.CANDIDATE_TOP_K = None if _CANDIDATE_TOP_K.value == "auto" else _CANDIDATE_TOP_K.value
   rows = []
   for dtype in dtypes:
     decoder = workloads.decoder_for(sizes, dtype)
@@ -118,7 +132,8 @@ def main(argv):
         search = jax.jit(lambda p, f, beam=beam: decoding.search(decoder, p, f, beam_size=beam,
                                                                  max_len=max_len,
                                                                  unroll=_UNROLL.value,
-                                                                 word_gate_table=table),
+                                                                 word_gate_table=table,
+                                                                 project_context=project_context),
                          compiler_options=inference.compiler_options())  # as the Captioner's
         if _DUMP_HLO.value:
           hlo = search.lower(params, features_jax).compile().as_text()
@@ -133,7 +148,11 @@ def main(argv):
           timing = common.time_calls(lambda: search(params, features_jax).tokens.block_until_ready(),
                                      repeats=repeats, warmup=1)
           timing.first_s = compile_s
-          row = dict(row_key, method="flaxcap", unroll=_UNROLL.value, timing=timing.as_dict(),
+          row = dict(row_key, method="flaxcap", unroll=_UNROLL.value,
+                     project_context=_PROJECT_CONTEXT.value,
+                     candidate_top_k=(beam_search_lib.candidate_top_k_method(batch) if beam > 1
+                                      else None),
+                     timing=timing.as_dict(),
                      mean_length=float(np.mean(np.asarray(result.lengths)[:, 0])))
           flops = roofline.decode_step_flops(sizes, batch, beam) * max_len
           moved = roofline.decode_step_bytes(sizes, batch, beam, dtype)["total"] * max_len

@@ -59,6 +59,8 @@ def main():
       result = json.loads(path.read_text())
       print(f"Machine: {describe(result['machine'])}.  ")
       print(f"Command: `python {result['machine']['command']}`\n")
+      if result.get("note"):  # added to a result file after its run
+        print(f"Note: {result['note']}\n")
       print(common.markdown_table(result["rows"], columns) + "\n")
 
 

@@ -32,6 +32,7 @@ import dataclasses
 import functools
 import pathlib
 import sys
+import time
 
 from absl import app
 from absl import flags
@@ -131,6 +132,7 @@ def time_flaxcap_step(part, framework, sizes, dtype, batch, steps, decoder_unrol
   input_tokens = jnp.asarray(tokens[:1, :-1])
   key = jax.random.key(0)
   device = common.jax_device()
+  start = time.perf_counter()
   if part == "decoder":
     features = workloads.random_features(batch, sizes).reshape(batch, sizes.locations, sizes.channels)
     variables = jax.jit(functools.partial(model.init, deterministic=True,
@@ -144,6 +146,8 @@ def time_flaxcap_step(part, framework, sizes, dtype, batch, steps, decoder_unrol
                                                                     input_tokens)
     host_batch = {"images": images, "tokens": tokens}
     table = None
+  jax.block_until_ready(variables)
+  print(f"  initialised the parameters: {time.perf_counter() - start:.1f} s", flush=True)
   state = jax_utils.replicate(workloads.flaxcap_train_state(config, model, variables), devices=[device])
   device_batch = jax_utils.replicate(host_batch, devices=[device])
   p_step = jax.pmap(functools.partial(train_lib.train_step, model=model, alpha_c=1.0, label_smoothing=0.0),
@@ -224,7 +228,11 @@ def main(argv):
             continue
           print(f"{part} {framework} {dtype} batch {batch} ...", flush=True)
           if framework == "torch":
-            timing, first_loss, last_loss = time_torch_step(part, sizes, dtype, batch, steps)
+            try:
+              timing, first_loss, last_loss = time_torch_step(part, sizes, dtype, batch, steps)
+            except ImportError as e:  # e.g. no efficientnet_lite_pytorch for the full part
+              print(f"  torch skipped: {e}", flush=True)
+              continue
           else:
             timing, first_loss, last_loss = time_flaxcap_step(part, framework, sizes, dtype, batch, steps,
                                                               _DECODER_UNROLL.value)
@@ -243,6 +251,8 @@ def main(argv):
               row["pct_matmul_peak"] = 100 * roofline.utilization(row["tflops"],
                                                                   peaks["matmul_tflops"][dtype])
           rows.append(row)
+          print(f"  {row['step_ms']:.1f} ms a step, {row['images_per_s']:,.1f} images/s; first step "
+                f"{row['first_s']:.1f} s", flush=True)
   for row in rows:
     torch_row = next((r for r in rows if r["framework"] == "torch" and
                       all(r[k] == row[k] for k in ("part", "dtype", "batch"))), None)

@@ -23,6 +23,9 @@ How the work is laid out, so that a train step is a few large matmuls plus a lea
   * On the CPU a matmul of a few rows (a step of one image's beams) runs as one matrix-vector product per
     row (`_few_rows_dot_general`): XLA:CPU packs the whole weight matrix for a small-row GEMM, which made
     a beam-3 step's [3, 512] x [512, 2561] products ~4x slower than three matrix-vector products.
+  * In `step`, off the CPU, the attention score w_a . tanh(...) is a multiply and a sum
+    (`_AttentionScore`), which fuses into the activation; teacher forcing keeps it a product with the
+    [A, 1] kernel.
   * The context enters the step only through linear layers (the LSTM's context gates and L_z), so
     `encode(..., project_context=True)` can push the grid through them once per image; a step then takes
     the attention-weighted sum of those projections, [P, 4H + E] per image, instead of multiplying each
@@ -77,6 +80,19 @@ def flatten_features(features: Array) -> Array:
   return features
 
 
+def cast_matrices(params, dtype):
+  """The decoder's params with every matrix (the Dense kernels, the embedding) cast to `dtype`.
+
+  Each layer casts its matrix to the compute dtype before using it, so casting once outside a
+  decoding loop gives the same results; inside the loop XLA does not hoist the casts and converts
+  the weights again at every step (three extra kernels a step on a GPU). Vectors (biases, the gate
+  bias, which is used in float32) are left as they are.
+  """
+  if jnp.dtype(dtype) == jnp.float32:
+    return params
+  return jax.tree_util.tree_map(lambda p: p.astype(dtype) if jnp.ndim(p) >= 2 else p, params)
+
+
 # Up to this many rows, a CPU matmul runs as one matrix-vector product per row (measured crossover ~6-8).
 _MAX_ROWS_AS_VECTORS = 6
 
@@ -99,6 +115,31 @@ def _few_rows_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred
   products = [jax.lax.dot_general(vectors[i], rhs, (((0,), (0,)), ((), ())), precision=precision,
                                   preferred_element_type=preferred_element_type) for i in range(rows)]
   return jnp.stack(products).reshape(*lhs.shape[:-1], rhs.shape[1])
+
+
+class _AttentionScore(nn.Module):
+  """The additive attention's score w_a . hidden over the last axis, float32: [..., A] -> [...].
+
+  The parameters of `nn.Dense(1, use_bias=False)` (a "kernel" [A, 1], the same initializer). With
+  `by_sum` the product with the one column is a multiply and a sum: on a GPU, XLA ran the Dense's
+  product as a GEMM over [batch * K * P, A] that needed the whole tanh(...) tensor written out first
+  (64 MB a step at beam 5, batch 256), where the sum fuses into the activation. The products are
+  exact in float32 (the kernel rounded to the compute dtype, as the Dense rounds it), so only the
+  order of the float32 summation differs. `step` sums off the CPU (there the sum made a beam-3
+  search of the shipped model ~1 ms slower, of ~39 ms); teacher forcing keeps the Dense's product:
+  under autodiff the sum would save the activation in float32 for the backward pass, twice the bytes.
+  """
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, hidden: Array, by_sum: bool = False) -> Array:
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (hidden.shape[-1], 1), jnp.float32)
+    kernel = kernel.astype(self.dtype)
+    if by_sum:
+      return jnp.sum(hidden.astype(jnp.float32) * kernel[:, 0].astype(jnp.float32), axis=-1)
+    return _few_rows_dot_general(hidden.astype(self.dtype), kernel,
+                                 (((hidden.ndim - 1,), (0,)), ((), ())),
+                                 preferred_element_type=jnp.float32)[..., 0]
 
 
 def _lstm_bias_init(key, shape, dtype=jnp.float32):
@@ -154,7 +195,7 @@ class Decoder(nn.Module):
     if self.gate:
       self.gate_bias = self.param("gate_bias", nn.initializers.zeros_init(), (1,), jnp.float32)
     self.context_gates = dense(4 * hid, use_bias=False, name="context_gates")  # z -> gates
-    self.attention_score = dense(1, use_bias=False, dot_general=f32_dot, name="attention_score")  # w_a
+    self.attention_score = _AttentionScore(dtype=self.dtype, name="attention_score")  # w_a
     self.hidden_out = dense(self.embed_dim, name="hidden_out")  # L_h
     if self.ctx2out:
       self.context_out = dense(self.embed_dim, use_bias=False, name="context_out")  # L_z
@@ -204,12 +245,14 @@ class Decoder(nn.Module):
 
   # -- the recurrence ----------------------------------------------------------------------------------
 
-  def _attend(self, encoded: Encoded, query: Array) -> tuple[Array, Array]:
+  def _attend(self, encoded: Encoded, query: Array, score_by_sum: bool = False
+              ) -> tuple[Array, Array]:
     """Additive attention of each beam's query against its image's grid (the grid is not copied).
 
     Args:
       encoded: features [batch, P, C], projected_features [batch, P, A].
       query: the projected hidden state W_ha h, [batch, K, A].
+      score_by_sum: the score as a multiply and a sum (`_AttentionScore`; for decoding steps).
 
     Returns:
       context [batch, K, C] (compute dtype), or with `encoded.context_projections` the same weighted
@@ -217,19 +260,21 @@ class Decoder(nn.Module):
     """
     activation = _ATTENTION_ACTIVATIONS[self.attention_activation]
     hidden = activation(encoded.projected_features[:, None, :, :] + query[:, :, None, :])  # [b, K, P, A]
-    scores = self.attention_score(hidden)[..., 0]  # [batch, K, P], float32
+    scores = self.attention_score(hidden, score_by_sum)  # [batch, K, P], float32
     attention = jax.nn.softmax(scores, axis=-1)
     values = encoded.features if encoded.context_projections is None else encoded.context_projections
     context = jnp.einsum("bkp,bpc->bkc", attention.astype(self.dtype), values)
     return context, attention
 
-  def _recur(self, encoded: Encoded, carry: LSTMCarry, word_gates: Array):
+  def _recur(self, encoded: Encoded, carry: LSTMCarry, word_gates: Array,
+             score_by_sum: bool = False):
     """One recurrent step on beam-shaped arrays.
 
     Args:
       encoded: from `encode`.
       carry: c, h each [batch, K, H], float32.
       word_gates: the embedding's share of the LSTM gates, bias included, [batch, K, 4H].
+      score_by_sum: see `_attend`.
 
     Returns:
       (new carry, (h [batch, K, H], gated context z [batch, K, C] (or its projections [batch, K, 4H
@@ -239,7 +284,7 @@ class Decoder(nn.Module):
     projected_h = self.hidden_proj(carry.h.astype(self.dtype))  # [batch, K, 4H + A (+ 1)]
     hidden_gates = projected_h[..., :4 * hid]
     query = projected_h[..., 4 * hid:4 * hid + att]
-    context, attention = self._attend(encoded, query)
+    context, attention = self._attend(encoded, query, score_by_sum)
     if self.gate:
       beta = jax.nn.sigmoid(projected_h[..., 4 * hid + att:].astype(jnp.float32) + self.gate_bias)
       context = (beta * context.astype(jnp.float32)).astype(self.dtype)
@@ -298,7 +343,8 @@ class Decoder(nn.Module):
       carry = LSTMCarry(*(x[:, None, :] for x in carry))
     embedded = self.embedding(tokens)  # [batch, K, E]
     gates = self.input_gates(embedded) if word_gates is None else jnp.take(word_gates, tokens, axis=0)
-    carry, (h, context, attention) = self._recur(encoded, carry, gates)
+    carry, (h, context, attention) = self._recur(encoded, carry, gates,
+                                                 score_by_sum=jax.default_backend() != "cpu")
     logits = self._deep_output(h, context, embedded, deterministic,
                                context_projected=encoded.context_projections is not None)
     if single:

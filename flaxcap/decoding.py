@@ -19,16 +19,19 @@ from flaxcap import vocab as vocab_lib
 
 
 def _step_fn(decoder: decoder_lib.Decoder, decoder_params, features, *, steps_per_image: int,
-             word_gate_table=None):
+             word_gate_table=None, project_context: bool | None = None):
   """(step_fn, initial carry) for the searches of `beam_search` over these features.
 
   `steps_per_image` is how many context vectors a search multiplies per image (hypotheses x
-  steps); above the grid's locations the grid is pushed through the context layers once per image.
+  steps); above the grid's locations the grid is pushed through the context layers once per image
+  (unless `project_context` says otherwise). The decoder's matrices are cast to its compute dtype
+  here, once, not in every step (`decoder.cast_matrices`).
   """
-  variables = {"params": decoder_params}
+  variables = {"params": decoder_lib.cast_matrices(decoder_params, decoder.dtype)}
   grid_locations = decoder_lib.flatten_features(features).shape[1]
-  encoded = decoder.apply(variables, features, steps_per_image > grid_locations,
-                          method=decoder_lib.Decoder.encode)
+  if project_context is None:
+    project_context = steps_per_image > grid_locations
+  encoded = decoder.apply(variables, features, project_context, method=decoder_lib.Decoder.encode)
   carry = decoder.apply(variables, encoded, method=decoder_lib.Decoder.initial_carry)
   batch = jax.tree_util.tree_leaves(carry)[0].shape[0]
 
@@ -47,8 +50,8 @@ def _step_fn(decoder: decoder_lib.Decoder, decoder_params, features, *, steps_pe
 
 
 def search(decoder: decoder_lib.Decoder, decoder_params, features, *, beam_size: int, max_len: int,
-           length_penalty: float = 0.0, unroll: int = 1,
-           word_gate_table=None) -> beam_search.BeamSearchResult:
+           length_penalty: float = 0.0, unroll: int = 1, word_gate_table=None,
+           project_context: bool | None = None) -> beam_search.BeamSearchResult:
   """Beam (or greedy, when `beam_size` is 1) search from encoder features.
 
   Args:
@@ -58,12 +61,15 @@ def search(decoder: decoder_lib.Decoder, decoder_params, features, *, beam_size:
     unroll: decoding steps per loop iteration (`beam_search.beam_search`); same results.
     word_gate_table: None, or `Decoder.word_gate_table` of these params [V, 4H], computed once
       outside: each step then looks its words up instead of multiplying (same up to rounding).
+    project_context: push the grid through the context's layers once per image
+      (`Decoder.encode(..., project_context=True)`); None: when beam_size x max_len > P. Same
+      results up to rounding.
   Returns:
     `BeamSearchResult` with tokens [batch, beam, max_len], scores [batch, beam], lengths
     [batch, beam] and attention [batch, beam, max_len, P].
   """
   step_fn, carry = _step_fn(decoder, decoder_params, features, steps_per_image=beam_size * max_len,
-                            word_gate_table=word_gate_table)
+                            word_gate_table=word_gate_table, project_context=project_context)
   search_fn = beam_search.greedy_search if beam_size == 1 else functools.partial(
       beam_search.beam_search, beam_size=beam_size, length_penalty=length_penalty)
   return search_fn(step_fn, carry, max_len=max_len, bos_id=vocab_lib.BOS, eos_id=vocab_lib.EOS,

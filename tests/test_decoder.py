@@ -2,6 +2,7 @@
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -278,6 +279,39 @@ def test_bfloat16_close_to_float32():
   scale = float(jnp.abs(ref_logits).max())
   assert float(jnp.abs(logits - ref_logits).max()) < 0.05 * scale + 0.02
   assert float(jnp.abs(attention - ref_attention).max()) < 0.02
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_attention_score_by_sum_equals_the_dense_product(dtype):
+  """_AttentionScore has nn.Dense(1, use_bias=False)'s parameter (same name, shape and initial
+  values, so checkpoints load) and computes its product either way up to summation order."""
+  hidden = jnp.asarray(np.random.default_rng(4).normal(size=(2, 3, 7, ATTN)), dtype)
+  dense = nn.Dense(1, use_bias=False, dtype=dtype, dot_general=functools.partial(  # as it was
+      decoder_lib._few_rows_dot_general, preferred_element_type=jnp.float32))  # pylint: disable=protected-access
+  score = decoder_lib._AttentionScore(dtype=dtype)  # pylint: disable=protected-access
+  params = score.init(rng_key(1), hidden)
+  dense_params = dense.init(rng_key(1), hidden)
+  np.testing.assert_array_equal(params["params"]["kernel"], dense_params["params"]["kernel"])
+  expected = np.asarray(dense.apply(params, hidden)[..., 0], np.float32)
+  by_dot = score.apply(params, hidden)
+  by_sum = score.apply(params, hidden, True)
+  assert by_dot.shape == by_sum.shape == hidden.shape[:-1] and by_sum.dtype == jnp.float32
+  np.testing.assert_allclose(by_dot, expected, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(by_sum, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cast_matrices_casts_the_matrices_only():
+  _, variables, _, _ = _cached_setup()
+  params = variables["params"]
+  assert decoder_lib.cast_matrices(params, jnp.float32) is params
+  cast = decoder_lib.cast_matrices(params, jnp.bfloat16)
+  for (path, before), after in zip(jax.tree_util.tree_leaves_with_path(params),
+                                   jax.tree_util.tree_leaves(cast)):
+    if before.ndim >= 2:
+      assert after.dtype == jnp.bfloat16, path
+      np.testing.assert_array_equal(after, before.astype(jnp.bfloat16))
+    else:  # biases and the gate bias, used as they are
+      assert after is before, path
 
 
 def test_rejects_bad_shapes_and_options():

@@ -53,6 +53,23 @@ def test_search_equals_plain_beam_search(beam_size, max_len):
   assert len(set(map(tuple, np.asarray(result.tokens)[:, 0]))) > 1  # not a degenerate model
 
 
+def test_project_context_can_be_forced_either_way():
+  """`project_context` overrides the choice by shape (beam 2 x 3 steps < P = 6 would not project);
+  the search is the same up to rounding."""
+  decoder = Decoder(vocab_size=VOCAB, embed_dim=12, hidden_dim=16, attention_dim=10, dropout_rate=0.0)
+  rng = np.random.default_rng(6)
+  features = jnp.asarray(rng.normal(size=(BATCH, GRID_H, GRID_W, CHANNELS)), jnp.float32)
+  params = decoder.init(jax.random.key(1), features, jnp.zeros((BATCH, 4), jnp.int32),
+                        deterministic=True)["params"]
+  results = [jax.jit(functools.partial(decoding.search, decoder, beam_size=2, max_len=3,
+                                       project_context=project))(params, features)
+             for project in (None, True, False)]
+  for result in results[1:]:
+    np.testing.assert_array_equal(result.tokens, results[0].tokens)
+    np.testing.assert_allclose(result.scores, results[0].scores, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(result.aux, results[0].aux, atol=1e-5)
+
+
 def test_word_gate_table_gives_the_same_search():
   decoder = Decoder(vocab_size=VOCAB, embed_dim=12, hidden_dim=16, attention_dim=10, dropout_rate=0.0)
   rng = np.random.default_rng(6)
