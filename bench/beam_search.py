@@ -17,7 +17,7 @@ can be compared caption for caption. Methods:
                  batch-size independent, so it is timed once per beam on --loop_images images
 
 --project_context and --candidate_top_k override two of flaxcap's choices (`decoding.search`,
-`beam_search.CANDIDATE_TOP_K`); each flaxcap row records them (candidate_top_k as the method used).
+`top_k.CANDIDATE_TOP_K`); each flaxcap row records them (candidate_top_k as the method used).
 
 "agrees" is the share of images whose best caption equals flaxcap's. On a GPU the flaxcap rows also show
 achieved TFLOP/s and GB/s against the matmul and copy peaks measured at the start of the run, from the
@@ -43,9 +43,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from bench import common  # noqa: E402
 from bench import roofline  # noqa: E402
 from bench import workloads  # noqa: E402
-from flaxcap import beam_search as beam_search_lib  # noqa: E402
 from flaxcap import decoding  # noqa: E402
 from flaxcap import inference  # noqa: E402
+from flaxcap import top_k as top_k_lib  # noqa: E402
 
 _BATCH_SIZES = flags.DEFINE_string("batch_sizes", None,
                                    "Comma-separated batch sizes (default: 1,32 on the CPU, 1,32,256 on a GPU).")
@@ -69,7 +69,7 @@ _PROJECT_CONTEXT = flags.DEFINE_enum("project_context", "auto", ["auto", "on", "
 _CANDIDATE_TOP_K = flags.DEFINE_enum("candidate_top_k", "auto",
                                      ["auto", "flat", "chunks"],
                                      "flaxcap: how beam search takes its 2K best candidates "
-                                     "(`beam_search.CANDIDATE_TOP_K`); auto: the library's choice.")
+                                     "(`top_k.CANDIDATE_TOP_K`); auto: the library's choice.")
 _METHODS = flags.DEFINE_list("methods", ["flaxcap", "torch_batched", "torch_loop"], "What to time.")
 _OUTPUT = flags.DEFINE_string("output", "beam_search", "JSON path, or a name under bench/results/.")
 
@@ -108,7 +108,7 @@ def main(argv):
 
   choice = {"auto": None, "on": True, "off": False}
   project_context = choice[_PROJECT_CONTEXT.value]
-  beam_search_lib.CANDIDATE_TOP_K = None if _CANDIDATE_TOP_K.value == "auto" else _CANDIDATE_TOP_K.value
+  top_k_lib.CANDIDATE_TOP_K = None if _CANDIDATE_TOP_K.value == "auto" else _CANDIDATE_TOP_K.value
   rows = []
   for dtype in dtypes:
     decoder = workloads.decoder_for(sizes, dtype)
@@ -150,7 +150,7 @@ def main(argv):
           timing.first_s = compile_s
           row = dict(row_key, method="flaxcap", unroll=_UNROLL.value,
                      project_context=_PROJECT_CONTEXT.value,
-                     candidate_top_k=(beam_search_lib.candidate_top_k_method(batch) if beam > 1
+                     candidate_top_k=(top_k_lib.candidate_top_k_method(batch) if beam > 1
                                       else None),
                      timing=timing.as_dict(),
                      mean_length=float(np.mean(np.asarray(result.lengths)[:, 0])))

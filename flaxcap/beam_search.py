@@ -35,10 +35,10 @@ in the state: the step function closes over it at [batch, ...] and views the tok
 Beam search (the algorithm of the Flax WMT example, with fixed shapes and a `lax.scan`):
   * Each step expands the K live hypotheses of an image into K * vocab candidates and keeps the
     2K best, so that K live beams survive even when up to K candidates end at once. How, changes
-    speed, never the result (`_top_k_of_candidates`): `lax.top_k` (on the CPU `_top_k`, see there),
-    or for small batches off the CPU, from the maxima of short chunks of the candidates. Off the CPU
-    the merges of the 2K with the live and finished sets rank their few entries by counting
-    (`_top_k_by_rank`).
+    speed, never the result (`top_k.top_k_of_candidates`): `lax.top_k` (on the CPU by rounds of
+    argmax), or for small batches off the CPU, from the maxima of short chunks of the candidates. Off
+    the CPU the merges of the 2K with the live and finished sets rank their few entries by counting
+    (`top_k.top_k_by_rank`).
   * A candidate ending in <eos> joins the finished set (the K best finished so far) if it ranks in
     the top K of the 2K; the remaining non-<eos> candidates, best first, fill the K live slots. (The
     Flax example admits <eos> candidates from all 2K ranks; with the top-K rule, as in Hugging
@@ -79,6 +79,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 from jax import lax
 import jax.numpy as jnp
+
+from flaxcap import top_k as top_k_lib
 
 PyTree = Any
 StepFn = Callable[[PyTree, jax.Array], tuple[jax.Array, PyTree, PyTree]]
@@ -128,148 +130,6 @@ def _penalize(scores: jax.Array, length: jax.Array, alpha) -> jax.Array:
   if isinstance(alpha, (int, float)) and alpha == 0:
     return scores
   return scores / _length_penalty(length, alpha)
-
-
-def _top_k(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  """`lax.top_k` over the last axis (values best first, ties to the lower index); on the CPU by k
-  rounds of argmax.
-
-  XLA:CPU turns a top_k inside a loop into a full sort: 20 steps of top-10 over [32, 13000] took
-  2.5 s inside a `lax.scan` and 51 ms outside it, which made the sort most of a beam search's time
-  there. k passes of argmax over an order-preserving integer view of the floats are exact, match
-  `lax.top_k`'s order (NaN counts as largest, -inf entries are still returned, each index once),
-  and cost little for the small k of beam search. Other backends use `lax.top_k`, or for up to
-  `_MAX_RANKED` entries rank them by counting (`_top_k_by_rank`; the same result). On the CPU the
-  ranking made a beam-3 search of the shipped model ~1 ms slower (of ~39 ms), so it stays off there.
-  """
-  if jax.default_backend() != "cpu":
-    if values.shape[-1] <= _MAX_RANKED:
-      return _top_k_by_rank(values, k)
-    return lax.top_k(values, k)
-  keys = _order_keys(values)  # same order as the floats
-  taken = jnp.iinfo(jnp.int32).min  # below every float's key, -inf included
-  positions = lax.broadcasted_iota(jnp.int32, keys.shape, keys.ndim - 1)
-  indices = []
-  for _ in range(k):
-    index = jnp.argmax(keys, axis=-1).astype(jnp.int32)
-    indices.append(index)
-    keys = jnp.where(positions == index[..., None], taken, keys)
-  indices = jnp.stack(indices, axis=-1)
-  return jnp.take_along_axis(values, indices, axis=-1), indices
-
-
-# Up to this many entries, `_top_k` ranks them by counting off the CPU (`_top_k_by_rank`).
-_MAX_RANKED = 64
-
-
-def _order_keys(values: jax.Array) -> jax.Array:
-  """int32 keys in the order of the float32 values (a total order: -0 < +0, NaN at the ends)."""
-  bits = lax.bitcast_convert_type(values.astype(jnp.float32), jnp.int32)
-  return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
-
-
-def _rank_top_k(keys: jax.Array, k: int, tie_order: jax.Array | None = None) -> jax.Array:
-  """Indices [..., k] of the k largest int32 keys over the last axis (n entries), by counting.
-
-  Entry i's rank is the number of entries that come before it: a larger key, or an equal key and a
-  lower `tie_order` (distinct ints, same shape as keys; default: the position). The ranks are then a
-  permutation, and rank r's index is read off a [..., k, n] one-hot: element-wise ops and sums over
-  n^2 pairs, which XLA fuses into a kernel or two, where a top-k is a kernel of its own (a sort, or
-  on a GPU XLA's TopK kernel, which took 45 us for 5 rows of 2,600 and 190 us for 256 rows of 13,000).
-  """
-  n = keys.shape[-1]
-  position = jnp.arange(n, dtype=jnp.int32)
-  if tie_order is None:
-    earlier = position[None, :] < position[:, None]  # [i, j]: j before i
-  else:
-    earlier = tie_order[..., None, :] < tie_order[..., :, None]
-  before = (keys[..., None, :] > keys[..., :, None]) | (
-      (keys[..., None, :] == keys[..., :, None]) & earlier)
-  rank = jnp.sum(before, axis=-1, dtype=jnp.int32)  # [..., n], a permutation of 0..n-1
-  is_rank = rank[..., None, :] == jnp.arange(k, dtype=jnp.int32)[:, None]  # [..., k, n]
-  return jnp.sum(jnp.where(is_rank, position, 0), axis=-1, dtype=jnp.int32)
-
-
-def _top_k_by_rank(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  """`lax.top_k` over a short last axis by counting (`_rank_top_k`): beam search's merges of 2K."""
-  indices = _rank_top_k(_order_keys(values), k)
-  return jnp.take_along_axis(values, indices, axis=-1), indices
-
-
-# How beam search takes the 2K best of its K * V candidates (`_top_k_of_candidates`): "flat" or
-# "chunks"; None: by backend and batch (`candidate_top_k_method`).
-CANDIDATE_TOP_K: str | None = None
-
-# Off the CPU, batches of up to this many images take their candidates by chunks. Measured on an
-# H200 (beam 5, vocab 2,600, bf16): at batch 1 a search took 1.50 ms by chunks, 3.40 ms flat; at
-# batch 256, 13.2 ms by chunks, 7.35 ms flat (the rankings grow with the batch, XLA's TopK kernel
-# hardly does below ~130 rows). Batches in between were not measured; the crossover estimated from
-# those two is near 50 images.
-_MAX_CHUNKED_BATCH = 16
-
-
-def candidate_top_k_method(batch: int) -> str:
-  """The method `_top_k_of_candidates` uses for a batch of images by default."""
-  if CANDIDATE_TOP_K is not None:
-    return CANDIDATE_TOP_K
-  if jax.default_backend() == "cpu" or batch > _MAX_CHUNKED_BATCH:
-    return "flat"
-  return "chunks"
-
-
-def _chunk_size(k: int, vocab: int, n: int) -> int:
-  """The chunk length for `_top_k_by_chunks`: fewest pairs to rank, C^2 + (n * size)^2 for the
-  C = K * ceil(V / size) chunk maxima and the n * size entries of the chosen chunks."""
-  sizes = range(2, max(vocab // 2, 2) + 1)
-  return min(sizes, key=lambda size: (k * -(-vocab // size)) ** 2 + (n * size) ** 2)
-
-
-def _top_k_by_chunks(candidates: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
-  """`_top_k_of_candidates` from the maxima of short chunks of each beam's row (exact, ties too).
-
-  Each row of V is cut into chunks of `size` (the last one padded with -inf); the n chunks with the
-  largest maxima (ties to the lower chunk) hold the n best entries: every chunk ranked before the
-  chunk of one of them has a maximum that comes before that entry, so fewer than n chunks do. The n
-  best of those n * size entries, ties to the lower flat index, are then the result. That is one
-  pass over the candidates (the maxima) and two rankings of a few hundred entries each, instead of a
-  top-k over all K * V (on a GPU the slowest kernel of a step). The padding entries rank after every
-  real entry; only a row of negative NaNs could bring one into the result (they are never returned:
-  the index is clipped).
-  """
-  batch, k, vocab = candidates.shape
-  size = _chunk_size(k, vocab, n)
-  chunks = -(-vocab // size)  # per beam row
-  keys = _order_keys(candidates)
-  if chunks * size > vocab:
-    keys = jnp.pad(keys, ((0, 0), (0, 0), (0, chunks * size - vocab)),
-                   constant_values=_order_keys(jnp.float32(-jnp.inf)))
-  keys = keys.reshape(batch, k * chunks, size)
-  chosen = _rank_top_k(jnp.max(keys, axis=-1), n)  # [batch, n] chunk ids
-  entries = jnp.take_along_axis(keys, chosen[:, :, None], axis=1).reshape(batch, n * size)
-  tokens = (chosen % chunks)[:, :, None] * size + jnp.arange(size, dtype=jnp.int32)  # [batch, n, size]
-  flat_index = ((chosen // chunks)[:, :, None] * vocab + tokens).reshape(batch, n * size)
-  padded_index = (chosen[:, :, None] * size + jnp.arange(size, dtype=jnp.int32)).reshape(batch, -1)
-  tie_order = jnp.where((tokens < vocab).reshape(batch, -1), flat_index, k * vocab + padded_index)
-  pick = _rank_top_k(entries, n, tie_order)
-  index = jnp.minimum(jnp.take_along_axis(flat_index, pick, axis=1), k * vocab - 1)
-  return jnp.take_along_axis(candidates.reshape(batch, k * vocab), index, axis=1), index
-
-
-def _top_k_of_candidates(candidates: jax.Array, n: int, method: str | None = None
-                         ) -> tuple[jax.Array, jax.Array]:
-  """The n best of candidates [batch, K, V] over the flattened K * V axis, exactly as
-  `_top_k(candidates.reshape(batch, K * V), n)`: (values [batch, n], flat indices slot * V + token).
-
-  `method` (None: `candidate_top_k_method`): "flat", `_top_k` over the K * V candidates of each
-  image, or "chunks", `_top_k_by_chunks`. Both give the same result, ties included.
-  """
-  batch, k, vocab = candidates.shape
-  method = method or candidate_top_k_method(batch)
-  if method not in ("flat", "chunks"):
-    raise ValueError(f"unknown top-k method {method!r}; use flat or chunks.")
-  if method == "chunks" and vocab >= 4:
-    return _top_k_by_chunks(candidates, n)
-  return _top_k(candidates.reshape(batch, k * vocab), n)
 
 
 def _check_log_probs(log_probs: jax.Array, rows: int) -> int:
@@ -339,7 +199,7 @@ def beam_search(step_fn: StepFn, init_state: PyTree, *, beam_size: int, max_len:
       raise ValueError("beam_search needs a vocabulary of at least 2 tokens.")
     # [batch, K * vocab] candidates; flat index = parent slot * vocab + token.
     candidates = live_scores[:, :, None] + log_probs.astype(jnp.float32).reshape(batch, k, vocab)
-    top_scores, top_index = _top_k_of_candidates(candidates, 2 * k)  # [batch, 2K]
+    top_scores, top_index = top_k_lib.top_k_of_candidates(candidates, 2 * k)  # [batch, 2K]
     top_slots = (top_index // vocab).astype(jnp.int32)
     top_tokens = (top_index % vocab).astype(jnp.int32)
     ends = top_tokens == eos_id
@@ -347,14 +207,14 @@ def beam_search(step_fn: StepFn, init_state: PyTree, *, beam_size: int, max_len:
     # Finished set: <eos> candidates among the top K ranks compete with the K finished so far.
     new_done = jnp.where(ends[:, :k], _penalize(top_scores[:, :k], step + 1, length_penalty),
                          neg_inf)
-    done_scores, pick = _top_k(jnp.concatenate([done_scores, new_done], axis=1), k)
+    done_scores, pick = top_k_lib.top_k(jnp.concatenate([done_scores, new_done], axis=1), k)
     done_steps = jnp.take_along_axis(
         jnp.concatenate([done_steps, jnp.full_like(done_steps, step)], axis=1), pick, axis=1)
     done_slots = jnp.take_along_axis(
         jnp.concatenate([done_slots, top_slots[:, :k]], axis=1), pick, axis=1)
 
     # Live set: the K best candidates that did not end.
-    live_scores, pick = _top_k(jnp.where(ends, neg_inf, top_scores), k)
+    live_scores, pick = top_k_lib.top_k(jnp.where(ends, neg_inf, top_scores), k)
     parents = jnp.take_along_axis(top_slots, pick, axis=1)  # [batch, K]
     tokens = jnp.take_along_axis(top_tokens, pick, axis=1)  # [batch, K]
     state = _take_rows(new_state, (batch_offsets + parents).reshape(-1))
@@ -379,7 +239,7 @@ def beam_search(step_fn: StepFn, init_state: PyTree, *, beam_size: int, max_len:
   _, _, live_scores, done_scores, done_steps, done_slots = carry
 
   # Hypotheses still live after max_len steps finish there (end step max_len = "no <eos>").
-  scores, pick = _top_k(jnp.concatenate(
+  scores, pick = top_k_lib.top_k(jnp.concatenate(
       [done_scores, _penalize(live_scores, jnp.int32(max_len), length_penalty)], axis=1), k)
   end_steps = jnp.take_along_axis(
       jnp.concatenate([done_steps, jnp.full_like(done_steps, max_len)], axis=1), pick, axis=1)

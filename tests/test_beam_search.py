@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from flaxcap import beam_search as bs
+from flaxcap import top_k as top_k_lib
 
 BOS, EOS = 1, 2
 BATCH, VOCAB, MAX_LEN, HASH_DIM = 4, 7, 6, 3
@@ -160,55 +161,7 @@ def to_numpy(result):
 
 
 # ----------------------------------------------------------------------------------------------
-# The top-k that beam search uses (k rounds of argmax on the CPU).
-
-
-@pytest.mark.parametrize("top_k", [bs._top_k, bs._top_k_by_rank])  # argmax rounds, counting
-@pytest.mark.parametrize("width", [40, 100])
-def test_top_k_matches_lax_top_k_with_ties_and_infinities(top_k, width):
-  rng = np.random.default_rng(3)
-  values = rng.integers(-3, 4, size=(5, width)).astype(np.float32) / 2  # many ties
-  values[1, ::3] = -np.inf
-  values[2] = -np.inf  # a row with nothing finite: every index still comes back once
-  values[3, 7] = np.inf
-  values[4] = rng.normal(size=width).astype(np.float32) * 1e-30  # tiny and negative zero-ish values
-  values[4, :2] = [0.0, -0.0]
-  for k in (1, 3, 12):
-    scores, indices = jax.jit(top_k, static_argnums=1)(jnp.asarray(values), k)
-    ref_scores, ref_indices = jax.lax.top_k(jnp.asarray(values), k)
-    np.testing.assert_array_equal(scores, ref_scores)
-    np.testing.assert_array_equal(indices, ref_indices)
-    assert indices.dtype == jnp.int32
-    # Independent reference: a stable sort, best first, ties to the lower index.
-    order = np.argsort(-values, axis=1, kind="stable")[:, :k]
-    np.testing.assert_array_equal(indices[:4], order[:4])
-
-
-@pytest.mark.parametrize("method", ["flat", "chunks"])
-def test_top_k_of_candidates_matches_lax_top_k_of_the_flat_candidates(method):
-  """Every way of taking the 2K best of [batch, K, V] gives lax.top_k's values and indices, ties
-  (to the lower flat index) and infinities included, for vocabularies the chunks divide or not."""
-  rng = np.random.default_rng(11)
-  top_k = jax.jit(bs._top_k_of_candidates, static_argnums=(1, 2))
-  for k, vocab in [(1, 2), (2, 3), (3, 7), (4, 50), (5, 97), (5, 260), (3, 1000)]:
-    values = rng.integers(-3, 3, size=(4, k, vocab)).astype(np.float32) / 2  # many ties
-    values[0, :, ::2] = -np.inf
-    values[1] = -np.inf  # nothing finite: the lowest indices come back
-    values[2, -1, -3:] = np.inf  # the last beam's last tokens (in the padded chunk, if any)
-    values[3, 1:] = -np.inf  # the first step: only beam 0 is live
-    n = 2 * k
-    expected = jax.lax.top_k(jnp.asarray(values.reshape(4, k * vocab)), n)
-    scores, indices = top_k(jnp.asarray(values), n, method)
-    np.testing.assert_array_equal(indices, expected[1], err_msg=f"K={k} V={vocab}")
-    np.testing.assert_array_equal(scores, expected[0], err_msg=f"K={k} V={vocab}")
-
-
-def test_candidate_top_k_method_by_backend_and_batch(monkeypatch):
-  assert bs.candidate_top_k_method(1) == "flat"  # these tests run on the CPU
-  monkeypatch.setattr(bs, "CANDIDATE_TOP_K", "chunks")
-  assert bs.candidate_top_k_method(256) == "chunks"
-  with pytest.raises(ValueError, match="unknown top-k method"):
-    bs._top_k_of_candidates(jnp.zeros((1, 2, 5)), 4, "sort")
+# The top-k method beam search takes its candidates with (flaxcap/top_k.py) never changes results.
 
 
 @pytest.mark.parametrize("vocab", [VOCAB, 40])
@@ -217,7 +170,7 @@ def test_beam_search_with_chunked_top_k_gives_the_same_results(monkeypatch, voca
   step_fn = markov_step_fn(jnp.asarray(table), jnp.asarray(embed))
 
   def search(method):
-    monkeypatch.setattr(bs, "CANDIDATE_TOP_K", method)  # read while tracing: a fresh jit each
+    monkeypatch.setattr(top_k_lib, "CANDIDATE_TOP_K", method)  # read while tracing: a fresh jit each
     return to_numpy(jax.jit(functools.partial(
         bs.beam_search, step_fn, beam_size=4, max_len=MAX_LEN, bos_id=BOS, eos_id=EOS,
         length_penalty=0.6))(markov_init_state(table)))

@@ -1,0 +1,157 @@
+"""Exact top-k for beam search, shaped for each backend: the same result, ties to the lower index.
+
+`lax.top_k` is a kernel of its own everywhere, and the slow one in some places: XLA:CPU turns it into
+a full sort inside a loop, and on a GPU XLA's TopK took half of a beam-5 step at batch 256. Here:
+
+    top_k(values, k)                         # lax.top_k's result; on the CPU by k rounds of argmax
+    top_k_by_rank(values, k)                 # the same by counting, for a few dozen entries
+    top_k_of_candidates(candidates, n)       # the n best of [batch, K, V] over K * V, flat or by chunks
+
+Every method returns what `lax.top_k` returns (values best first; -inf entries too; NaN as largest).
+"""
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+
+def top_k(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """`lax.top_k` over the last axis (values best first, ties to the lower index); on the CPU by k
+  rounds of argmax.
+
+  XLA:CPU turns a top_k inside a loop into a full sort: 20 steps of top-10 over [32, 13000] took
+  2.5 s inside a `lax.scan` and 51 ms outside it, which made the sort most of a beam search's time
+  there. k passes of argmax over an order-preserving integer view of the floats are exact, match
+  `lax.top_k`'s order (NaN counts as largest, -inf entries are still returned, each index once),
+  and cost little for the small k of beam search. Other backends use `lax.top_k`, or for up to
+  `MAX_RANKED` entries rank them by counting (`top_k_by_rank`; the same result). On the CPU the
+  ranking made a beam-3 search of the shipped model ~1 ms slower (of ~39 ms), so it stays off there.
+  """
+  if jax.default_backend() != "cpu":
+    if values.shape[-1] <= MAX_RANKED:
+      return top_k_by_rank(values, k)
+    return lax.top_k(values, k)
+  keys = order_keys(values)  # same order as the floats
+  taken = jnp.iinfo(jnp.int32).min  # below every float's key, -inf included
+  positions = lax.broadcasted_iota(jnp.int32, keys.shape, keys.ndim - 1)
+  indices = []
+  for _ in range(k):
+    index = jnp.argmax(keys, axis=-1).astype(jnp.int32)
+    indices.append(index)
+    keys = jnp.where(positions == index[..., None], taken, keys)
+  indices = jnp.stack(indices, axis=-1)
+  return jnp.take_along_axis(values, indices, axis=-1), indices
+
+
+# Up to this many entries, `top_k` ranks them by counting off the CPU (`top_k_by_rank`).
+MAX_RANKED = 64
+
+
+def order_keys(values: jax.Array) -> jax.Array:
+  """int32 keys in the order of the float32 values (a total order: -0 < +0, NaN at the ends)."""
+  bits = lax.bitcast_convert_type(values.astype(jnp.float32), jnp.int32)
+  return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+
+
+def rank_top_k(keys: jax.Array, k: int, tie_order: jax.Array | None = None) -> jax.Array:
+  """Indices [..., k] of the k largest int32 keys over the last axis (n entries), by counting.
+
+  Entry i's rank is the number of entries that come before it: a larger key, or an equal key and a
+  lower `tie_order` (distinct ints, same shape as keys; default: the position). The ranks are then a
+  permutation, and rank r's index is read off a [..., k, n] one-hot: element-wise ops and sums over
+  n^2 pairs, which XLA fuses into a kernel or two, where a top-k is a kernel of its own (a sort, or
+  on a GPU XLA's TopK kernel, which took 45 us for 5 rows of 2,600 and 190 us for 256 rows of 13,000).
+  """
+  n = keys.shape[-1]
+  position = jnp.arange(n, dtype=jnp.int32)
+  if tie_order is None:
+    earlier = position[None, :] < position[:, None]  # [i, j]: j before i
+  else:
+    earlier = tie_order[..., None, :] < tie_order[..., :, None]
+  before = (keys[..., None, :] > keys[..., :, None]) | (
+      (keys[..., None, :] == keys[..., :, None]) & earlier)
+  rank = jnp.sum(before, axis=-1, dtype=jnp.int32)  # [..., n], a permutation of 0..n-1
+  is_rank = rank[..., None, :] == jnp.arange(k, dtype=jnp.int32)[:, None]  # [..., k, n]
+  return jnp.sum(jnp.where(is_rank, position, 0), axis=-1, dtype=jnp.int32)
+
+
+def top_k_by_rank(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """`lax.top_k` over a short last axis by counting (`rank_top_k`): beam search's merges of 2K."""
+  indices = rank_top_k(order_keys(values), k)
+  return jnp.take_along_axis(values, indices, axis=-1), indices
+
+
+# How beam search takes the 2K best of its K * V candidates (`top_k_of_candidates`): "flat" or
+# "chunks"; None: by backend and batch (`candidate_top_k_method`).
+CANDIDATE_TOP_K: str | None = None
+
+# Off the CPU, batches of up to this many images take their candidates by chunks. Measured on an
+# H200 (beam 5, vocab 2,600, bf16): at batch 1 a search took 1.50 ms by chunks, 3.40 ms flat; at
+# batch 256, 13.2 ms by chunks, 7.35 ms flat (the rankings grow with the batch, XLA's TopK kernel
+# hardly does below ~130 rows). Batches in between were not measured; the crossover estimated from
+# those two is near 50 images.
+MAX_CHUNKED_BATCH = 16
+
+
+def candidate_top_k_method(batch: int) -> str:
+  """The method `top_k_of_candidates` uses for a batch of images by default."""
+  if CANDIDATE_TOP_K is not None:
+    return CANDIDATE_TOP_K
+  if jax.default_backend() == "cpu" or batch > MAX_CHUNKED_BATCH:
+    return "flat"
+  return "chunks"
+
+
+def chunk_size(k: int, vocab: int, n: int) -> int:
+  """The chunk length for `top_k_by_chunks`: fewest pairs to rank, C^2 + (n * size)^2 for the
+  C = K * ceil(V / size) chunk maxima and the n * size entries of the chosen chunks."""
+  sizes = range(2, max(vocab // 2, 2) + 1)
+  return min(sizes, key=lambda size: (k * -(-vocab // size)) ** 2 + (n * size) ** 2)
+
+
+def top_k_by_chunks(candidates: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+  """`top_k_of_candidates` from the maxima of short chunks of each beam's row (exact, ties too).
+
+  Each row of V is cut into chunks of `size` (the last one padded with -inf); the n chunks with the
+  largest maxima (ties to the lower chunk) hold the n best entries: every chunk ranked before the
+  chunk of one of them has a maximum that comes before that entry, so fewer than n chunks do. The n
+  best of those n * size entries, ties to the lower flat index, are then the result. That is one
+  pass over the candidates (the maxima) and two rankings of a few hundred entries each, instead of a
+  top-k over all K * V (on a GPU the slowest kernel of a step). The padding entries rank after every
+  real entry; only a row of negative NaNs could bring one into the result (they are never returned:
+  the index is clipped).
+  """
+  batch, k, vocab = candidates.shape
+  size = chunk_size(k, vocab, n)
+  chunks = -(-vocab // size)  # per beam row
+  keys = order_keys(candidates)
+  if chunks * size > vocab:
+    keys = jnp.pad(keys, ((0, 0), (0, 0), (0, chunks * size - vocab)),
+                   constant_values=order_keys(jnp.float32(-jnp.inf)))
+  keys = keys.reshape(batch, k * chunks, size)
+  chosen = rank_top_k(jnp.max(keys, axis=-1), n)  # [batch, n] chunk ids
+  entries = jnp.take_along_axis(keys, chosen[:, :, None], axis=1).reshape(batch, n * size)
+  tokens = (chosen % chunks)[:, :, None] * size + jnp.arange(size, dtype=jnp.int32)  # [batch, n, size]
+  flat_index = ((chosen // chunks)[:, :, None] * vocab + tokens).reshape(batch, n * size)
+  padded_index = (chosen[:, :, None] * size + jnp.arange(size, dtype=jnp.int32)).reshape(batch, -1)
+  tie_order = jnp.where((tokens < vocab).reshape(batch, -1), flat_index, k * vocab + padded_index)
+  pick = rank_top_k(entries, n, tie_order)
+  index = jnp.minimum(jnp.take_along_axis(flat_index, pick, axis=1), k * vocab - 1)
+  return jnp.take_along_axis(candidates.reshape(batch, k * vocab), index, axis=1), index
+
+
+def top_k_of_candidates(candidates: jax.Array, n: int, method: str | None = None
+                         ) -> tuple[jax.Array, jax.Array]:
+  """The n best of candidates [batch, K, V] over the flattened K * V axis, exactly as
+  `top_k(candidates.reshape(batch, K * V), n)`: (values [batch, n], flat indices slot * V + token).
+
+  `method` (None: `candidate_top_k_method`): "flat", `top_k` over the K * V candidates of each
+  image, or "chunks", `top_k_by_chunks`. Both give the same result, ties included.
+  """
+  batch, k, vocab = candidates.shape
+  method = method or candidate_top_k_method(batch)
+  if method not in ("flat", "chunks"):
+    raise ValueError(f"unknown top-k method {method!r}; use flat or chunks.")
+  if method == "chunks" and vocab >= 4:
+    return top_k_by_chunks(candidates, n)
+  return top_k(candidates.reshape(batch, k * vocab), n)
