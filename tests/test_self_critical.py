@@ -19,6 +19,7 @@ from flaxcap import errors
 from flaxcap import model as model_lib
 from flaxcap import self_critical
 from flaxcap import train_lib
+from recording_writer import RecordingWriter
 
 NUM_IMAGES, GRID, CHANNELS, VOCAB, SAMPLES, MAX_LEN = 6, 4, 16, 20, 3, 7
 
@@ -117,20 +118,6 @@ def _scst_config(shapes_root, init_checkpoint, **overrides):
   return config
 
 
-class _RecordingWriter:
-  def __init__(self, log):
-    self.log = log
-
-  def add_scalar(self, name, value, step):
-    self.log.setdefault(name, {})[step] = value
-
-  def flush(self):
-    pass
-
-  def close(self):
-    pass
-
-
 class _Killed(Exception):
   pass
 
@@ -138,7 +125,7 @@ class _Killed(Exception):
 def test_self_critical_run_raises_the_reward_and_resumes(shapes_root, tiny_checkpoint,
                                                           shared_features_workdir, monkeypatch):
   scalars = {}
-  monkeypatch.setattr(train_lib, "_summary_writer", lambda workdir: _RecordingWriter(scalars))
+  monkeypatch.setattr(train_lib, "_summary_writer", lambda workdir: RecordingWriter(scalars))
   start, _, _ = checkpoints.load_for_inference(tiny_checkpoint)
   config = _scst_config(shapes_root, tiny_checkpoint)  # 4 steps of 4 images an epoch
   workdir_a, workdir_b = shared_features_workdir("a"), shared_features_workdir("b")
@@ -165,7 +152,7 @@ def test_self_critical_run_raises_the_reward_and_resumes(shapes_root, tiny_check
     train_lib.train_and_evaluate(config, workdir_b)
   monkeypatch.setattr(checkpoints.CheckpointStore, "save_latest", original_save)
   resumed = {}
-  monkeypatch.setattr(train_lib, "_summary_writer", lambda workdir: _RecordingWriter(resumed))
+  monkeypatch.setattr(train_lib, "_summary_writer", lambda workdir: RecordingWriter(resumed))
   train_lib.train_and_evaluate(config, workdir_b)
   later = sorted(step for step in scalars["train/reward"] if step > 24)
   assert sorted(resumed["train/reward"]) == later

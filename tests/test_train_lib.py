@@ -19,6 +19,7 @@ from flaxcap import errors
 from flaxcap import feature_cache
 from flaxcap import model as model_lib
 from flaxcap import train_lib
+from recording_writer import RecordingWriter
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -35,26 +36,10 @@ def _config(shapes_root, **overrides):
   return config
 
 
-class _RecordingWriter:
-  """Stands in for the TensorBoard writer and keeps every scalar."""
-
-  def __init__(self, log):
-    self.log = log
-
-  def add_scalar(self, name, value, step):
-    self.log.setdefault(name, {})[step] = value
-
-  def flush(self):
-    pass
-
-  def close(self):
-    pass
-
-
 def test_overfits_shapes_and_greedy_decodes_training_captions(shapes_root, shared_features_workdir,
                                                                monkeypatch):
   scalars = {}
-  monkeypatch.setattr(train_lib, "_summary_writer", lambda workdir: _RecordingWriter(scalars))
+  monkeypatch.setattr(train_lib, "_summary_writer", lambda workdir: RecordingWriter(scalars))
   config = _config(shapes_root, num_epochs=30, loss__alpha_c=0.0, optimizer__learning_rate=3e-3,
                    optimizer__schedule="constant", eval__every_epochs=30, eval__patience=0,
                    checkpoint__every_steps=1000, log_every_steps=10,
@@ -133,7 +118,7 @@ def test_kill_and_resume_gives_the_same_losses(shapes_root, shared_features_work
   config = _config(shapes_root, batch_size=4, num_epochs=3, log_every_steps=1,
                    checkpoint__every_steps=3, eval__every_epochs=10)
   uninterrupted, resumed = {}, {}
-  monkeypatch.setattr(train_lib, "_summary_writer", lambda w: _RecordingWriter(uninterrupted))
+  monkeypatch.setattr(train_lib, "_summary_writer", lambda w: RecordingWriter(uninterrupted))
   workdir_a, workdir_b = shared_features_workdir("a"), shared_features_workdir("b")
   train_lib.train_and_evaluate(config, workdir_a)
 
@@ -146,11 +131,11 @@ def test_kill_and_resume_gives_the_same_losses(shapes_root, shared_features_work
       raise _Killed()
 
   monkeypatch.setattr(checkpoints.CheckpointStore, "save_latest", save_then_die)
-  monkeypatch.setattr(train_lib, "_summary_writer", lambda w: _RecordingWriter({}))
+  monkeypatch.setattr(train_lib, "_summary_writer", lambda w: RecordingWriter({}))
   with pytest.raises(_Killed):
     train_lib.train_and_evaluate(config, workdir_b)
   monkeypatch.setattr(checkpoints.CheckpointStore, "save_latest", original_save)
-  monkeypatch.setattr(train_lib, "_summary_writer", lambda w: _RecordingWriter(resumed))
+  monkeypatch.setattr(train_lib, "_summary_writer", lambda w: RecordingWriter(resumed))
   train_lib.train_and_evaluate(config, workdir_b)
 
   after = {step: loss for step, loss in uninterrupted["train/loss"].items() if step > kill_at}
