@@ -6,6 +6,7 @@
   --json                                 one JSON object per line: image, caption, score
   --attention_out DIR                    one PNG per image: each word's attention over the photo
   --dataset DIR --split dev              caption a whole split and print BLEU-1..4, METEOR, ROUGE-L, CIDEr
+                                         (with --json: each image's caption, then the scores)
 
 An unreadable image gets one line on stderr and the others are still captioned; the exit code is 1
 when any image failed.
@@ -57,6 +58,10 @@ def _write_overlay(result, out_dir: pathlib.Path, used_names: set) -> None:
                                    title=result.text)
 
 
+def _json_line(result) -> str:
+  return json.dumps({"image": result.source, "caption": result.text, "score": round(result.score, 4)})
+
+
 def caption_files(captioner, paths) -> int:
   """Prints a caption per path; returns the number of failures."""
   failures = 0
@@ -72,8 +77,7 @@ def caption_files(captioner, paths) -> int:
       _report_error(result.message)
       continue
     if FLAGS.json:
-      print(json.dumps({"image": result.source, "caption": result.text,
-                        "score": round(result.score, 4)}), flush=True)
+      print(_json_line(result), flush=True)
     else:
       print(f"{result.source}: {result.text}", flush=True)
     if out_dir:
@@ -101,8 +105,14 @@ def score_dataset(captioner) -> None:
       _report_error(result.message)
     else:
       candidates[record.image_id] = result.text
+      if FLAGS.json:
+        print(_json_line(result), flush=True)
   references = {r.image_id: list(r.captions) for r in records if r.image_id in candidates}
   scores = metrics.score(references, candidates)
+  if FLAGS.json:
+    print(json.dumps({"split": FLAGS.split, "images": len(candidates), "beam_size": FLAGS.beam_size,
+                      "scores": scores}))
+    return
   print(f"{FLAGS.split}: {len(candidates)} images, beam {FLAGS.beam_size}")
   for name, value in scores.items():
     print(f"  {name:8s} {value:.4f}")

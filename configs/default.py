@@ -68,6 +68,9 @@ def get_config():
   config.self_critical = ml_collections.ConfigDict()
   config.self_critical.num_samples = 0  # 0: cross-entropy training; K >= 2: K samples per image
   config.self_critical.init_checkpoint = ""  # the run to start from: a workdir, checkpoint or export
+  # Score the end of a caption too (CIDEr-D with an end token on both sides); without it the samples
+  # learn to stop mid-phrase ("a boy is playing in a").
+  config.self_critical.reward_end = True
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "adam"  # adam | adamw

@@ -361,13 +361,21 @@ class CiderD:
 
       reward = CiderD(references)                  # references[i]: raw captions of image i
       values = reward(image_indices, candidates)   # float64 [len(candidates)]
+
+  With `end_token` (a string no tokenized caption contains, e.g. "<eos>"), the token is appended to
+  every reference and to every candidate that `ended` (a sample cut off at the length limit did not),
+  so the n-grams that close a caption count: "... in a <eos>" matches no reference, and a reward
+  model that ignores endings no longer pays as much for a caption that stops mid-phrase (the fix of
+  self-critical.pytorch, which appends its end token to both sides).
   """
 
-  def __init__(self, references: Sequence[Sequence[str]]):
+  def __init__(self, references: Sequence[Sequence[str]], *, end_token: str | None = None):
     if not references or any(isinstance(refs, str) or not refs for refs in references):
       raise errors.DataError("CiderD needs a non-empty list of caption lists, one per image")
+    self._end_words = [end_token] if end_token else []
     counts = [len(refs) for refs in references]
-    texts = tokenize_captions(caption for refs in references for caption in refs)
+    texts = [" ".join(text.split() + self._end_words)
+             for text in tokenize_captions(caption for refs in references for caption in refs)]
     bounds = np.cumsum([0] + counts)
     grams_per_image = [[_gram_counts(text.split()) for text in texts[start:stop]]
                        for start, stop in zip(bounds[:-1], bounds[1:])]
@@ -391,12 +399,20 @@ class CiderD:
       norms.append(math.sqrt(sum(value * value for value in vector.values())))
     return vectors, norms, max(length - 1, 0)
 
-  def __call__(self, image_indices: Sequence[int], candidates: Sequence[str]) -> np.ndarray:
-    """CIDEr-D of `candidates[i]` (raw text) against the references of image `image_indices[i]`."""
+  def __call__(self, image_indices: Sequence[int], candidates: Sequence[str],
+               ended: Sequence[bool] | None = None) -> np.ndarray:
+    """CIDEr-D of `candidates[i]` (raw text) against the references of image `image_indices[i]`.
+
+    `ended[i]` (default: all True) says whether candidate i reached its end token; it matters only
+    with `end_token`.
+    """
     texts = tokenize_captions(candidates)
+    ended = [True] * len(texts) if ended is None else list(ended)
+    if len(ended) != len(texts):
+      raise ValueError(f"{len(ended)} ended flags for {len(texts)} candidates")
     values = np.zeros(len(texts))
     for i, (image, text) in enumerate(zip(image_indices, texts)):
-      words = text.split()
+      words = text.split() + (self._end_words if ended[i] else [])
       cand_vectors, cand_norms, cand_length = self._vector(_gram_counts(words), len(words))
       references = self._references[image]
       total = 0.0

@@ -32,6 +32,9 @@ from flaxcap import metrics
 from flaxcap import model as model_lib
 from flaxcap import vocab as vocab_lib
 
+# Appended to references and ended samples when `config.self_critical.reward_end` (see `metrics.CiderD`);
+# it goes on after tokenization, and no Flickr8k caption contains it.
+REWARD_END_TOKEN = "<eos>"
 
 def advantages(rewards: np.ndarray) -> np.ndarray:
   """Each sample's reward minus the mean reward of the other samples of its image.
@@ -140,7 +143,8 @@ class SelfCritical:
     check_config(config)
     self.config, self.data = config, data
     self.num_samples = int(config.self_critical.num_samples)
-    self.reward = metrics.CiderD([record.captions for record in data.train_records])
+    self.reward = metrics.CiderD([record.captions for record in data.train_records],
+                                 end_token=REWARD_END_TOKEN if config.self_critical.reward_end else None)
     self._sample, self._update = _pmapped_steps(model, self.num_samples, config.eval.max_len,
                                                 axis_name)
 
@@ -183,7 +187,8 @@ class SelfCritical:
                                                   replicated_table, rng))
     image_index = np.repeat(batch["image_index"].reshape(-1), self.num_samples)
     captions = [self.data.vocab.decode(row) for row in tokens.reshape(-1, tokens.shape[-1])]
-    rewards = self.reward(image_index, captions).reshape(lengths.shape).astype(np.float32)
+    ended = (tokens == vocab_lib.EOS).any(axis=-1).reshape(-1)
+    rewards = self.reward(image_index, captions, ended).reshape(lengths.shape).astype(np.float32)
     batch = dict(batch, tokens=tokens, lengths=lengths, reward=rewards,
                  advantage=advantages(rewards))
     return self._update(replicated_state, batch, replicated_table)

@@ -134,6 +134,24 @@ def test_infer_cli_scores_a_dataset_split(tiny_checkpoint, shapes_root):
     assert metric in result.stdout
 
 
+def test_infer_cli_dataset_json_gives_each_caption_and_the_scores_of_those_captions(
+    tiny_checkpoint, shapes_root):
+  from flaxcap import datasets  # pylint: disable=g-import-not-at-top
+  from flaxcap import metrics  # pylint: disable=g-import-not-at-top
+  result = _infer(f"--checkpoint={tiny_checkpoint}", f"--dataset={shapes_root}", "--split=dev",
+                  "--beam_size=1", "--json")
+  assert result.returncode == 0, result.stderr[-2000:]
+  *caption_lines, summary = [json.loads(line) for line in result.stdout.splitlines()]
+  _, config, _ = checkpoints.load_for_inference(tiny_checkpoint)
+  config.data.root = str(shapes_root)
+  records = {pathlib.Path(r.image_path).name: r for r in datasets.load_records(config.data, "dev")}
+  assert sorted(pathlib.Path(line["image"]).name for line in caption_lines) == sorted(records)
+  captions = {pathlib.Path(line["image"]).name: line["caption"] for line in caption_lines}
+  expected = metrics.score({name: list(r.captions) for name, r in records.items()}, captions)
+  assert summary["images"] == len(records) and summary["beam_size"] == 1
+  assert summary["scores"] == pytest.approx(expected)
+
+
 def test_infer_cli_without_inputs_is_a_usage_error():
   result = _infer()
   assert result.returncode != 0 and "--image" in result.stderr

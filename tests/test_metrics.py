@@ -361,3 +361,40 @@ def test_cider_d_reward_matches_pycocoevalcap_per_image(pycoco, corpus):
                              rtol=0, atol=TOLERANCE)
   with pytest.raises(errors.DataError, match="non-empty"):
     metrics.CiderD([["a caption"], []])
+
+
+def test_cider_d_end_token_is_pycocoevalcap_with_the_token_appended(pycoco, corpus):
+  """With `end_token`, `CiderD` is pycocoevalcap's CIDEr-D of texts with that word appended to every
+  reference and to the candidates that ended (and only those)."""
+  from pycocoevalcap.cider.cider import Cider
+  references, candidates = corpus
+  keys = list(references)
+  ended = [i % 3 != 0 for i in range(len(keys))]
+  gts = _reference_tokenize(pycoco, references)
+  res = _reference_tokenize(pycoco, {key: [candidates[key]] for key in keys})
+  gts = {key: [f"{text} <eos>" for text in texts] for key, texts in gts.items()}
+  res = {key: [f"{texts[0]} <eos>" if done else texts[0]] for (key, texts), done
+         in zip(res.items(), ended)}
+  _, expected = Cider().compute_score(gts, res)
+  reward = metrics.CiderD([references[key] for key in keys], end_token="<eos>")
+  np.testing.assert_allclose(reward(range(len(keys)), [candidates[key] for key in keys], ended),
+                             expected, rtol=0, atol=TOLERANCE)
+  with pytest.raises(ValueError, match="ended flags"):
+    reward([0, 1], ["a dog", "a cat"], [True])
+
+
+def test_cider_d_end_token_pays_less_for_a_caption_cut_mid_phrase():
+  """The end token is what makes stopping mid-phrase cost: without it "a dog runs in the" keeps most
+  of the complete caption's reward."""
+  references = [["a dog runs in the grass", "a brown dog is running in the grass",
+                 "a dog running on a lawn"],
+                ["two children play on the beach", "kids playing in the sand", "two kids at the sea"]]
+  complete, cut = "a dog runs in the grass", "a dog runs in the"
+
+  def cut_over_complete(reward):
+    values = reward([0, 0], [complete, cut])
+    return values[1] / values[0]
+
+  without_end = cut_over_complete(metrics.CiderD(references))
+  with_end = cut_over_complete(metrics.CiderD(references, end_token="<eos>"))
+  assert with_end < without_end - 0.05, (with_end, without_end)
