@@ -67,7 +67,7 @@ _PROJECT_CONTEXT = flags.DEFINE_enum("project_context", "auto", ["auto", "on", "
                                       "flaxcap: `decoding.search(project_context=...)`; auto: "
                                       "the library's choice.")
 _CANDIDATE_TOP_K = flags.DEFINE_enum("candidate_top_k", "auto",
-                                     ["auto", "flat", "chunks"],
+                                     ["auto", *top_k_lib.CANDIDATE_METHODS],
                                      "flaxcap: how beam search takes its 2K best candidates "
                                      "(`top_k.CANDIDATE_TOP_K`); auto: the library's choice.")
 _METHODS = flags.DEFINE_list("methods", ["flaxcap", "torch_batched", "torch_loop"], "What to time.")

@@ -63,6 +63,12 @@ _DTYPES = flags.DEFINE_list("dtypes", None, "float32 and/or bfloat16 (default: f
 _STEPS = flags.DEFINE_integer("steps", None, "Timed steps per row (default: 2 on the CPU, 20 on a GPU).")
 _DECODER_UNROLL = flags.DEFINE_integer("decoder_unroll", 1, "flaxcap: time steps per iteration of the "
                                        "decoder's teacher-forced scan (config.decoder.unroll).")
+_RECOMPUTE_ATTENTION = flags.DEFINE_bool("recompute_attention", False, "flaxcap: recompute the "
+                                         "attention's activation in the backward pass "
+                                         "(config.decoder.recompute_attention).")
+_FEATURE_DTYPE = flags.DEFINE_enum("feature_dtype", "", ["", "bfloat16", "float32"],
+                                   "flaxcap: the dtype the decoder keeps the features in "
+                                   "(config.decoder.feature_dtype; '': the compute dtype).")
 _OUTPUT = flags.DEFINE_string("output", "training", "JSON path, or a name under bench/results/.")
 
 
@@ -120,10 +126,13 @@ class NaiveDecoder(nn.Module):
 # -- one row per (part, framework, dtype, batch) --------------------------------------------------------
 
 
-def time_flaxcap_step(part, framework, sizes, dtype, batch, steps, decoder_unroll=1):
-  """Times train_lib.train_step (pmapped over one device); returns (Timing, first loss, last loss)."""
+def time_flaxcap_step(part, framework, sizes, dtype, batch, steps, decoder_options=None):
+  """Times train_lib.train_step (pmapped over one device); returns (Timing, first loss, last loss).
+
+  `decoder_options`: config.decoder fields to set (e.g. {"unroll": 3}).
+  """
   config = workloads.config_for(sizes, dtype=dtype, fine_tune_encoder=part == "full")
-  config.decoder.unroll = decoder_unroll
+  config.decoder.update(decoder_options or {})
   model = model_lib.create_model(config, sizes.vocab)
   if framework == "jax_naive":
     model = model.clone(decoder=NaiveDecoder(sizes.vocab, sizes.dim,
@@ -213,6 +222,8 @@ def main(argv):
   full_batch_sizes = common.int_list(_FULL_BATCH_SIZES.value or ("32,128" if gpu else "8"))
   dtypes = _DTYPES.value or (["float32", "bfloat16"] if gpu else ["float32"])
   steps = _STEPS.value or (20 if gpu else 2)
+  decoder_options = {"unroll": _DECODER_UNROLL.value, "recompute_attention": _RECOMPUTE_ATTENTION.value,
+                     "feature_dtype": _FEATURE_DTYPE.value}
   common.configure_torch()
   info = common.machine()
   print(common.machine_line(info), flush=True)
@@ -235,7 +246,7 @@ def main(argv):
               continue
           else:
             timing, first_loss, last_loss = time_flaxcap_step(part, framework, sizes, dtype, batch, steps,
-                                                              _DECODER_UNROLL.value)
+                                                              decoder_options)
           tokens = workloads.real_target_tokens(workloads.random_tokens(batch, sizes))
           row = {"part": part, "framework": framework, "dtype": dtype, "batch": batch,
                  "grid": f"{sizes.grid}x{sizes.grid}x{sizes.channels}", "vocab": sizes.vocab,
@@ -263,7 +274,7 @@ def main(argv):
                      f"median; {common.machine_line(info)}")
   common.write_json(_OUTPUT.value, {
       "benchmark": "training", "machine": info, "peaks": peaks, "steps": steps,
-      "decoder_unroll": _DECODER_UNROLL.value,
+      "decoder_unroll": _DECODER_UNROLL.value, "decoder_options": decoder_options,
       "sizes": {"decoder": dataclasses.asdict(decoder_sizes), "full": dataclasses.asdict(full_sizes)},
       "notes": "images/s = batch / median step time; tokens/s = real target tokens / median step time; "
                "flops: analytic decoder count (bench/roofline.py), 3x forward; 'loss': cross-entropy + "

@@ -29,9 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from configs import default as default_config  # noqa: E402  pylint: disable=g-import-not-at-top
 from flaxcap import model as model_lib  # noqa: E402
-from flaxcap import train_lib  # noqa: E402
 from flaxcap import vocab as vocab_lib  # noqa: E402
 
 
@@ -60,6 +58,9 @@ SIZES = {"lite0": Sizes(grid=7, channels=1280), "tutorial": Sizes(grid=14, chann
 def config_for(sizes: Sizes, *, dtype: str = "float32", dropout: float = 0.5,
                fine_tune_encoder: bool = False):
   """configs/default.py with the decoder at `sizes`; bfloat16 sets `half_precision` (both halves)."""
+  # Imported here (and train_lib below), so that what needs neither config nor optimizer (sizes, random
+  # inputs and weights) imports without ml_collections, as bench/probe_gpu9.py does on the GPU.
+  from configs import default as default_config  # pylint: disable=g-import-not-at-top
   config = default_config.get_config()
   config.decoder.embed_dim = config.decoder.hidden_dim = config.decoder.attention_dim = sizes.dim
   config.decoder.dropout_rate = dropout
@@ -163,6 +164,7 @@ def flaxcap_train_state(config, model, variables, *, seed: int = 1) -> train_lib
   """A `train_lib.TrainState` for `variables` (params, and batch_stats when the encoder trains), with
   train_lib's optimizer (clipping, Adam per parameter group) — what `create_train_state` builds from
   data."""
+  from flaxcap import train_lib  # pylint: disable=g-import-not-at-top
   params = dict(variables["params"])
   tx = train_lib.create_optimizer(config, 1000, train_lib.param_labels(params, config))
   return train_lib.TrainState.create(apply_fn=model.apply, params=params, tx=tx,

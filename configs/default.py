@@ -59,6 +59,10 @@ def get_config():
   config.decoder.attention_activation = "tanh"  # tanh (the paper) | relu, inside the additive attention
   config.decoder.dtype = "float32"  # float32 | bfloat16 compute
   config.decoder.unroll = 1  # time steps per iteration of the teacher-forced scan (speed only)
+  config.decoder.recompute_attention = False  # train step: recompute the attention's activation in
+  #   the backward pass instead of keeping it (speed and memory only; flaxcap/decoder.py)
+  config.decoder.feature_dtype = ""  # "" = the compute dtype | bfloat16: features kept in bf16
+  #   (with float32 compute: rounds the features once, halves what each step's context product reads)
 
   config.loss = ml_collections.ConfigDict()
   config.loss.alpha_c = 1.0  # doubly stochastic attention weight

@@ -25,7 +25,12 @@ How the work is laid out, so that a train step is a few large matmuls plus a lea
     a beam-3 step's [3, 512] x [512, 2561] products ~4x slower than three matrix-vector products.
   * In `step`, off the CPU, the attention score w_a . tanh(...) is a multiply and a sum
     (`_AttentionScore`), which fuses into the activation; teacher forcing keeps it a product with the
-    [A, 1] kernel.
+    [A, 1] kernel, and autodiff keeps two [batch, P, A] tensors of every step for the backward pass
+    (tanh's output and 1 - output). With `recompute_attention` teacher forcing takes the sum too, under
+    `nn.remat`: nothing of the attention's size is kept, the backward pass recomputes the activation
+    from the projected features and the query.
+  * `feature_dtype` can keep the feature grid in a narrower dtype than the compute dtype (bfloat16
+    features with float32 compute): the context product of every step then reads half the bytes.
   * The context enters the step only through linear layers (the LSTM's context gates and L_z), so
     `encode(..., project_context=True)` can push the grid through them once per image; a step then takes
     the attention-weighted sum of those projections, [P, 4H + E] per image, instead of multiplying each
@@ -127,7 +132,8 @@ class _AttentionScore(nn.Module):
   exact in float32 (the kernel rounded to the compute dtype, as the Dense rounds it), so only the
   order of the float32 summation differs. `step` sums off the CPU (there the sum made a beam-3
   search of the shipped model ~1 ms slower, of ~39 ms); teacher forcing keeps the Dense's product:
-  under autodiff the sum would save the activation in float32 for the backward pass, twice the bytes.
+  under autodiff the sum would save the activation in float32 for the backward pass, twice the bytes,
+  unless the activation is recomputed there instead (`Decoder.recompute_attention`).
   """
   dtype: Any = jnp.float32
 
@@ -140,6 +146,17 @@ class _AttentionScore(nn.Module):
     return _few_rows_dot_general(hidden.astype(self.dtype), kernel,
                                  (((hidden.ndim - 1,), (0,)), ((), ())),
                                  preferred_element_type=jnp.float32)[..., 0]
+
+
+def _scores_by_sum(decoder: "Decoder", projected_features: Array, query: Array) -> Array:
+  """`Decoder._scores` by multiply and sum (`nn.remat` lifts a function of the module)."""
+  return decoder._scores(projected_features, query, True)  # pylint: disable=protected-access
+
+
+# The scores with nothing kept for the backward pass but the inputs: the activation [batch, K, P, A]
+# is recomputed there (prevent_cse=False: in a scan the forward and backward computations sit in
+# different loops, which XLA cannot merge).
+_recomputed_scores_by_sum = nn.remat(_scores_by_sum, prevent_cse=False)
 
 
 def _lstm_bias_init(key, shape, dtype=jnp.float32):
@@ -164,6 +181,13 @@ class Decoder(nn.Module):
     attention_activation: "tanh" (the paper) or "relu", applied inside the additive attention.
     dtype: compute dtype; parameters stay float32.
     unroll: how many time steps the teacher-forced scan unrolls per iteration.
+    recompute_attention: teacher forcing (a train step) computes the attention score as a multiply
+      and a sum under `nn.remat`, so that the backward pass recomputes each step's activation
+      act(W_f f + W_ha h) [batch, P, A] instead of keeping it (as two tensors) from the forward pass.
+      The same values up to float32 summation order; speed and memory only.
+    feature_dtype: None (the compute dtype), or the dtype the flattened feature grid is kept in: with
+      float32 compute, bfloat16 rounds the features once and halves the bytes every step's context
+      product reads (the products and sums stay float32).
   """
   vocab_size: int
   embed_dim: int = 512
@@ -176,6 +200,8 @@ class Decoder(nn.Module):
   attention_activation: str = "tanh"
   dtype: Any = jnp.float32
   unroll: int = 1
+  recompute_attention: bool = False
+  feature_dtype: Any = None
 
   def setup(self):
     if self.attention_activation not in _ATTENTION_ACTIVATIONS:
@@ -214,10 +240,10 @@ class Decoder(nn.Module):
         when beam size x steps > P (module docstring). The results are the same up to rounding.
 
     Returns:
-      `Encoded(features [batch, P, C], projected_features [batch, P, A], context_projections
-      [batch, P, 4H (+ E)] or None)`, in the compute dtype.
+      `Encoded(features [batch, P, C] (in `feature_dtype`), projected_features [batch, P, A],
+      context_projections [batch, P, 4H (+ E)] or None)`, in the compute dtype.
     """
-    features = flatten_features(jnp.asarray(features)).astype(self.dtype)
+    features = flatten_features(jnp.asarray(features)).astype(self.feature_dtype or self.dtype)
     context_projections = None
     if project_context:
       context_projections = self.context_gates(features)
@@ -245,36 +271,52 @@ class Decoder(nn.Module):
 
   # -- the recurrence ----------------------------------------------------------------------------------
 
-  def _attend(self, encoded: Encoded, query: Array, score_by_sum: bool = False
-              ) -> tuple[Array, Array]:
+  def _scores(self, projected_features: Array, query: Array, by_sum: bool) -> Array:
+    """The additive attention's scores w_a . act(projected_features + query), float32 [batch, K, P].
+
+    projected_features [batch, P, A], query [batch, K, A]; `by_sum`: see `_AttentionScore`.
+    """
+    activation = _ATTENTION_ACTIVATIONS[self.attention_activation]
+    hidden = activation(projected_features[:, None, :, :] + query[:, :, None, :])  # [b, K, P, A]
+    return self.attention_score(hidden, by_sum)
+
+  def _attend(self, encoded: Encoded, query: Array, score_by_sum: bool = False,
+              recompute_scores: bool = False) -> tuple[Array, Array]:
     """Additive attention of each beam's query against its image's grid (the grid is not copied).
 
     Args:
       encoded: features [batch, P, C], projected_features [batch, P, A].
       query: the projected hidden state W_ha h, [batch, K, A].
       score_by_sum: the score as a multiply and a sum (`_AttentionScore`; for decoding steps).
+      recompute_scores: the score by sum, its activation recomputed in the backward pass
+        (`recompute_attention`).
 
     Returns:
       context [batch, K, C] (compute dtype), or with `encoded.context_projections` the same weighted
       sum of those, [batch, K, 4H (+ E)]; attention weights [batch, K, P] (float32).
     """
-    activation = _ATTENTION_ACTIVATIONS[self.attention_activation]
-    hidden = activation(encoded.projected_features[:, None, :, :] + query[:, :, None, :])  # [b, K, P, A]
-    scores = self.attention_score(hidden, score_by_sum)  # [batch, K, P], float32
+    if recompute_scores:
+      scores = _recomputed_scores_by_sum(self, encoded.projected_features, query)
+    else:
+      scores = self._scores(encoded.projected_features, query, score_by_sum)  # [b, K, P], float32
     attention = jax.nn.softmax(scores, axis=-1)
     values = encoded.features if encoded.context_projections is None else encoded.context_projections
-    context = jnp.einsum("bkp,bpc->bkc", attention.astype(self.dtype), values)
+    if values.dtype == self.dtype:
+      context = jnp.einsum("bkp,bpc->bkc", attention.astype(self.dtype), values)
+    else:  # narrower features (`feature_dtype`): read as they are, the product in the compute dtype
+      context = jax.lax.dot_general(attention.astype(self.dtype), values, (((2,), (1,)), ((0,), (0,))),
+                                    preferred_element_type=self.dtype)
     return context, attention
 
   def _recur(self, encoded: Encoded, carry: LSTMCarry, word_gates: Array,
-             score_by_sum: bool = False):
+             score_by_sum: bool = False, recompute_scores: bool = False):
     """One recurrent step on beam-shaped arrays.
 
     Args:
       encoded: from `encode`.
       carry: c, h each [batch, K, H], float32.
       word_gates: the embedding's share of the LSTM gates, bias included, [batch, K, 4H].
-      score_by_sum: see `_attend`.
+      score_by_sum, recompute_scores: see `_attend`.
 
     Returns:
       (new carry, (h [batch, K, H], gated context z [batch, K, C] (or its projections [batch, K, 4H
@@ -284,7 +326,7 @@ class Decoder(nn.Module):
     projected_h = self.hidden_proj(carry.h.astype(self.dtype))  # [batch, K, 4H + A (+ 1)]
     hidden_gates = projected_h[..., :4 * hid]
     query = projected_h[..., 4 * hid:4 * hid + att]
-    context, attention = self._attend(encoded, query, score_by_sum)
+    context, attention = self._attend(encoded, query, score_by_sum, recompute_scores)
     if self.gate:
       beta = jax.nn.sigmoid(projected_h[..., 4 * hid + att:].astype(jnp.float32) + self.gate_bias)
       context = (beta * context.astype(jnp.float32)).astype(self.dtype)
@@ -372,7 +414,8 @@ class Decoder(nn.Module):
     word_gates = self.input_gates(embedded)  # [batch, T, 4H]: one matmul for all steps
 
     def body(module, carry, encoded, word_gates_t):  # word_gates_t: [batch, 4H]
-      carry, (h, context, attention) = module._recur(encoded, carry, word_gates_t[:, None, :])
+      carry, (h, context, attention) = module._recur(encoded, carry, word_gates_t[:, None, :],
+                                                     recompute_scores=module.recompute_attention)
       return carry, (h[:, 0], context[:, 0], attention[:, 0])
 
     scan = nn.scan(body, variable_broadcast="params", split_rngs={"params": False},

@@ -105,11 +105,13 @@ def create_decoder(config, vocab_size: int) -> decoder_lib.Decoder:
   if activation not in ("tanh", "relu"):
     raise errors.ConfigError(f"config.decoder.attention_activation = {activation!r}: use tanh or relu")
   dtype = jnp.bfloat16 if config.get("half_precision", False) else _dtype(config, "decoder.dtype")
+  feature_dtype = _dtype(config, "decoder.feature_dtype") if dec.get("feature_dtype", "") else None
   return decoder_lib.Decoder(
       vocab_size=int(vocab_size), embed_dim=int(dec.embed_dim), hidden_dim=int(dec.hidden_dim),
       attention_dim=int(dec.attention_dim), dropout_rate=float(dec.dropout_rate), gate=bool(dec.gate),
       prev2out=bool(dec.prev2out), ctx2out=bool(dec.ctx2out), attention_activation=activation,
-      dtype=dtype, unroll=int(dec.get("unroll", 1)))
+      dtype=dtype, unroll=int(dec.get("unroll", 1)),
+      recompute_attention=bool(dec.get("recompute_attention", False)), feature_dtype=feature_dtype)
 
 
 def create_encoder(config) -> nn.Module:

@@ -4,8 +4,10 @@
 a full sort inside a loop, and on a GPU XLA's TopK took half of a beam-5 step at batch 256. Here:
 
     top_k(values, k)                         # lax.top_k's result; on the CPU by k rounds of argmax
+    top_k_by_rounds(values, k)               # the same by k rounds of argmax, on any backend
     top_k_by_rank(values, k)                 # the same by counting, for a few dozen entries
-    top_k_of_candidates(candidates, n)       # the n best of [batch, K, V] over K * V, flat or by chunks
+    top_k_of_candidates(candidates, n)       # the n best of [batch, K, V] over K * V: flat, by chunks
+                                             # or by rounds
 
 Every method returns what `lax.top_k` returns (values best first; -inf entries too; NaN as largest).
 """
@@ -31,6 +33,15 @@ def top_k(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     if values.shape[-1] <= MAX_RANKED:
       return top_k_by_rank(values, k)
     return lax.top_k(values, k)
+  return top_k_by_rounds(values, k)
+
+
+def top_k_by_rounds(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """`lax.top_k` over the last axis by k rounds of argmax (`top_k`'s method on the CPU).
+
+  Each round is one reduction over the values (XLA fuses the masking of the earlier rounds' picks
+  into it), so on a GPU it is k reduction kernels instead of XLA's TopK kernel.
+  """
   keys = order_keys(values)  # same order as the floats
   taken = jnp.iinfo(jnp.int32).min  # below every float's key, -inf included
   positions = lax.broadcasted_iota(jnp.int32, keys.shape, keys.ndim - 1)
@@ -81,9 +92,10 @@ def top_k_by_rank(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   return jnp.take_along_axis(values, indices, axis=-1), indices
 
 
-# How beam search takes the 2K best of its K * V candidates (`top_k_of_candidates`): "flat" or
-# "chunks"; None: by backend and batch (`candidate_top_k_method`).
+# How beam search takes the 2K best of its K * V candidates (`top_k_of_candidates`): one of
+# `CANDIDATE_METHODS`; None: by backend and batch (`candidate_top_k_method`).
 CANDIDATE_TOP_K: str | None = None
+CANDIDATE_METHODS = ("flat", "rounds", "chunks", "chunks_barrier")
 
 # Off the CPU, batches of up to this many images take their candidates by chunks. Measured on an
 # H200 (beam 5, vocab 2,600, bf16): at batch 1 a search took 1.50 ms by chunks, 3.40 ms flat; at
@@ -109,7 +121,8 @@ def chunk_size(k: int, vocab: int, n: int) -> int:
   return min(sizes, key=lambda size: (k * -(-vocab // size)) ** 2 + (n * size) ** 2)
 
 
-def top_k_by_chunks(candidates: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+def top_k_by_chunks(candidates: jax.Array, n: int, barrier: bool = False
+                    ) -> tuple[jax.Array, jax.Array]:
   """`top_k_of_candidates` from the maxima of short chunks of each beam's row (exact, ties too).
 
   Each row of V is cut into chunks of `size` (the last one padded with -inf); the n chunks with the
@@ -120,6 +133,11 @@ def top_k_by_chunks(candidates: jax.Array, n: int) -> tuple[jax.Array, jax.Array
   top-k over all K * V (on a GPU the slowest kernel of a step). The padding entries rank after every
   real entry; only a row of negative NaNs could bring one into the result (they are never returned:
   the index is clipped).
+
+  `barrier`: the chosen chunks' entries, positions and tie order [batch, n * size] are written out
+  (`lax.optimization_barrier`) before the final ranking, so that XLA cannot fuse their gathers into
+  the ranking's n^2 pairs (on an H200 at batch 256, without it, one ranking fusion took ~400 us a
+  step). The same result.
   """
   batch, k, vocab = candidates.shape
   size = chunk_size(k, vocab, n)
@@ -135,6 +153,8 @@ def top_k_by_chunks(candidates: jax.Array, n: int) -> tuple[jax.Array, jax.Array
   flat_index = ((chosen // chunks)[:, :, None] * vocab + tokens).reshape(batch, n * size)
   padded_index = (chosen[:, :, None] * size + jnp.arange(size, dtype=jnp.int32)).reshape(batch, -1)
   tie_order = jnp.where((tokens < vocab).reshape(batch, -1), flat_index, k * vocab + padded_index)
+  if barrier:
+    entries, flat_index, tie_order = lax.optimization_barrier((entries, flat_index, tie_order))
   pick = rank_top_k(entries, n, tie_order)
   index = jnp.minimum(jnp.take_along_axis(flat_index, pick, axis=1), k * vocab - 1)
   return jnp.take_along_axis(candidates.reshape(batch, k * vocab), index, axis=1), index
@@ -145,13 +165,16 @@ def top_k_of_candidates(candidates: jax.Array, n: int, method: str | None = None
   """The n best of candidates [batch, K, V] over the flattened K * V axis, exactly as
   `top_k(candidates.reshape(batch, K * V), n)`: (values [batch, n], flat indices slot * V + token).
 
-  `method` (None: `candidate_top_k_method`): "flat", `top_k` over the K * V candidates of each
-  image, or "chunks", `top_k_by_chunks`. Both give the same result, ties included.
+  `method` (None: `candidate_top_k_method`), one of `CANDIDATE_METHODS`: "flat", `top_k` over the
+  K * V candidates of each image; "rounds", `top_k_by_rounds` over them (on every backend);
+  "chunks", `top_k_by_chunks`; "chunks_barrier", the same with its `barrier`. All give the same
+  result, ties included.
   """
   batch, k, vocab = candidates.shape
   method = method or candidate_top_k_method(batch)
-  if method not in ("flat", "chunks"):
-    raise ValueError(f"unknown top-k method {method!r}; use flat or chunks.")
-  if method == "chunks" and vocab >= 4:
-    return top_k_by_chunks(candidates, n)
-  return top_k(candidates.reshape(batch, k * vocab), n)
+  if method not in CANDIDATE_METHODS:
+    raise ValueError(f"unknown top-k method {method!r}; use one of {', '.join(CANDIDATE_METHODS)}.")
+  if method.startswith("chunks") and vocab >= 4:
+    return top_k_by_chunks(candidates, n, barrier=method == "chunks_barrier")
+  flat = candidates.reshape(batch, k * vocab)
+  return top_k_by_rounds(flat, n) if method == "rounds" else top_k(flat, n)

@@ -250,15 +250,20 @@ def test_dropout_only_when_not_deterministic():
       atol=1e-6)
 
 
-def test_gradients_finite_and_reach_every_parameter():
-  decoder, variables, features, tokens = _cached_setup()
-
-  def loss_fn(params):
+@functools.lru_cache(maxsize=None)
+def _loss_and_grads(decoder):
+  """jit(value_and_grad) of a loss over the logits and the attention (dropout on, a fixed key):
+  (params, features, tokens) -> (loss, grads); one compilation per decoder across the tests."""
+  def loss_fn(params, features, tokens):
     logits, attention = decoder.apply({"params": params}, features, tokens, deterministic=False,
                                       rngs={"dropout": rng_key(3)})
     return jnp.mean(jax.nn.log_softmax(logits)[..., 0]) + jnp.mean(attention[..., 0] ** 2)
+  return jax.jit(jax.value_and_grad(loss_fn))
 
-  grads = jax.jit(jax.grad(loss_fn))(variables["params"])
+
+def test_gradients_finite_and_reach_every_parameter():
+  decoder, variables, features, tokens = _cached_setup()
+  _, grads = _loss_and_grads(decoder)(variables["params"], features, tokens)
   for path, grad in jax.tree_util.tree_leaves_with_path(grads):
     assert np.all(np.isfinite(grad)), path
     assert float(jnp.abs(grad).max()) > 0, path
@@ -298,6 +303,55 @@ def test_attention_score_by_sum_equals_the_dense_product(dtype):
   assert by_dot.shape == by_sum.shape == hidden.shape[:-1] and by_sum.dtype == jnp.float32
   np.testing.assert_allclose(by_dot, expected, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(by_sum, expected, rtol=1e-5, atol=1e-5)
+
+
+def _forward_scan_residual_shapes(decoder, params, features, tokens):
+  """Shapes of what the teacher-forced scan keeps for the backward pass (its stacked outputs)."""
+  loss = lambda p: jnp.sum(decoder.apply({"params": p}, features, tokens, deterministic=True)[0])
+  jaxpr = jax.make_jaxpr(jax.grad(loss))(params).jaxpr
+  forward_scan = next(eqn for eqn in jaxpr.eqns if eqn.primitive.name == "scan")
+  return [tuple(v.aval.shape) for v in forward_scan.outvars]
+
+
+def test_recomputed_attention_gives_the_same_loss_and_gradients():
+  """recompute_attention: the same parameters, loss and gradients; nothing of the attention's size
+  [batch, 1, P, A] per step is kept by the forward scan (the default keeps two: tanh's output and
+  1 - it)."""
+  decoder, variables, features, tokens = _cached_setup()
+  recomputed = make_decoder(recompute_attention=True)
+  init = functools.partial(recomputed.init, deterministic=True)
+  assert (jax.tree_util.tree_structure(jax.eval_shape(init, rng_key(42), features, tokens))
+          == jax.tree_util.tree_structure(variables))
+  params = variables["params"]
+  loss, grads = _loss_and_grads(decoder)(params, features, tokens)
+  re_loss, re_grads = _loss_and_grads(recomputed)(params, features, tokens)
+  np.testing.assert_allclose(re_loss, loss, rtol=1e-6)
+  for grad, re_grad in zip(jax.tree.leaves(grads), jax.tree.leaves(re_grads)):
+    np.testing.assert_allclose(re_grad, grad, rtol=1e-5, atol=1e-6)
+  per_step_attention = (TIME, BATCH, 1, POSITIONS, ATTN)
+  assert _forward_scan_residual_shapes(decoder, params, features, tokens).count(per_step_attention) == 2
+  assert per_step_attention not in _forward_scan_residual_shapes(recomputed, params, features, tokens)
+
+
+def test_bfloat16_features_equal_rounded_features():
+  """feature_dtype=bfloat16 with float32 compute: the same as float32 on bf16-rounded features
+  (teacher forcing and its gradients, a beam step), the features kept in bf16."""
+  decoder, variables, features, tokens = _cached_setup()
+  narrow = make_decoder(feature_dtype=jnp.bfloat16)
+  rounded = features.astype(jnp.bfloat16).astype(jnp.float32)
+  params = variables["params"]
+  loss, grads = _loss_and_grads(narrow)(params, features, tokens)
+  ref_loss, ref_grads = _loss_and_grads(decoder)(params, rounded, tokens)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  for grad, ref_grad in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(grad, ref_grad, rtol=1e-5, atol=1e-6)
+  encoded = narrow.apply(variables, features, method=Decoder.encode)
+  assert encoded.features.dtype == jnp.bfloat16 and encoded.projected_features.dtype == jnp.float32
+  ref_encoded = decoder.apply(variables, rounded, method=Decoder.encode)
+  carry, step_tokens = _random_step_inputs(np.random.default_rng(5), (BATCH, 3))
+  for a, b in zip(jax.tree.leaves(_jitted_step(narrow)(variables, encoded, carry, step_tokens)),
+                  jax.tree.leaves(_jitted_step(decoder)(variables, ref_encoded, carry, step_tokens))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_cast_matrices_casts_the_matrices_only():

@@ -168,8 +168,12 @@ def test_create_model_from_config(monkeypatch):
   assert model.decoder.hidden_dim == config.decoder.hidden_dim
   assert model.decoder.dtype == jnp.float32 and not model.encoder_trainable
   assert model.decoder.unroll == 1
+  assert not model.decoder.recompute_attention and model.decoder.feature_dtype is None
   config.decoder.unroll = 3
-  assert model_lib.create_model(config, vocab_size=VOCAB, encoder=TinyConvEncoder()).decoder.unroll == 3
+  config.decoder.recompute_attention = True
+  config.decoder.feature_dtype = "bfloat16"
+  decoder = model_lib.create_model(config, vocab_size=VOCAB, encoder=TinyConvEncoder()).decoder
+  assert decoder.unroll == 3 and decoder.recompute_attention and decoder.feature_dtype == jnp.bfloat16
 
   calls = []
   fake_encoders = types.ModuleType("flaxcap.encoders")
@@ -186,7 +190,8 @@ def test_create_model_from_config(monkeypatch):
 
 @pytest.mark.parametrize("field,value", [("decoder.dtype", "float16"), ("decoder.hidden_dim", 0),
                                          ("decoder.dropout_rate", 1.0),
-                                         ("decoder.attention_activation", "gelu")])
+                                         ("decoder.attention_activation", "gelu"),
+                                         ("decoder.feature_dtype", "float16")])
 def test_create_model_rejects_bad_config(field, value):
   config = tiny.get_config()
   section, name = field.split(".")

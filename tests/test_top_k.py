@@ -8,7 +8,8 @@ import pytest
 from flaxcap import top_k as top_k_lib
 
 
-@pytest.mark.parametrize("top_k", [top_k_lib.top_k, top_k_lib.top_k_by_rank])  # argmax rounds, counting
+@pytest.mark.parametrize("top_k", [top_k_lib.top_k, top_k_lib.top_k_by_rounds,  # argmax rounds
+                                   top_k_lib.top_k_by_rank])  # counting
 @pytest.mark.parametrize("width", [40, 100])
 def test_top_k_matches_lax_top_k_with_ties_and_infinities(top_k, width):
   rng = np.random.default_rng(3)
@@ -29,7 +30,7 @@ def test_top_k_matches_lax_top_k_with_ties_and_infinities(top_k, width):
     np.testing.assert_array_equal(indices[:4], order[:4])
 
 
-@pytest.mark.parametrize("method", ["flat", "chunks"])
+@pytest.mark.parametrize("method", top_k_lib.CANDIDATE_METHODS)
 def test_top_k_of_candidates_matches_lax_top_k_of_the_flat_candidates(method):
   """Every way of taking the 2K best of [batch, K, V] gives lax.top_k's values and indices, ties
   (to the lower flat index) and infinities included, for vocabularies the chunks divide or not."""

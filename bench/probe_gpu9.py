@@ -1,0 +1,580 @@
+"""Issue 8 GPU probe, round 4 (branch probe9): main's train step and beam search against variants.
+
+Not part of the bench suite: one script for one device call (~150-180 s on an H200, compilation
+included). In one process, on the issue's workloads (bench/workloads.py: random weights and inputs):
+
+  train_bf16, train_fp32   `train_lib.train_step` under `jax.pmap`, as bench/training.py times it
+      (dropout, cross-entropy + attention term, clipping + Adam), the decoder at the tutorial's sizes
+      (14x14x2048, 512, vocab 2,600, 21 steps): batch 512 bfloat16 and batch 128 float32. Variants
+      are `Decoder` options:
+        main                     main's decoder
+        recompute                recompute_attention: the attention score by multiply and sum under
+                                 nn.remat; the forward scan keeps no [B, 196, 512] tensor (main keeps
+                                 two a step, tanh's output and 1 - it: 2 x 103 MB a step at batch 512
+                                 bf16, written and read back)
+        bf16_features(+recompute)  feature_dtype=bfloat16 (float32 runs): the grid kept in bf16, so
+                                 each step's context product reads half of its 205 MB (at batch 128);
+                                 rounds the features, so not exact
+      A row: images/s (batch / median step), the compiled step's temporary memory, the first step's
+      loss and the parameters after all steps against main's (same initial state, batch and dropout
+      keys: only rounding differs).
+  beam256, beam1   `decoding.search` under `jax.jit`, as bench/beam_search.py times it: lite0 sizes
+      (7x7x1280, vocab 2,600), beam 5, max_len 20, bfloat16, weights edited to end captions near 12
+      tokens. Variants are `top_k.CANDIDATE_TOP_K` and `decoding.search(unroll=...)`:
+        main             the library's choice (batch 256: XLA's TopK over 5 x 2,600; batch 1: chunks)
+        rounds           10 rounds of argmax over the 13,000 candidates: 10 reductions, no TopK kernel
+        chunks_barrier   chunk maxima, the chosen entries written out before the final ranking
+                         (round 3, without the barrier: 13.1 ms at batch 256, one ranking 400 us a step)
+        unroll20         the library's top-k, the whole search unrolled (no loop)
+      A row: captions/s, and the share of images whose K hypotheses (tokens) are main's.
+  profile   jax.profiler traces of main's and the recompute train step (batch 512 bf16), summed per
+            GPU kernel: $OUT/profile_train_<variant>.txt.
+  grads     for each train variant timed: loss and gradients at --grad_batch against main's.
+
+The parts run in the order of --parts (beam256, train_bf16, train_fp32, beam1, profile, grads: the
+most wanted first), after 2 s of matmuls to raise the GPU's clocks; each part times main first and
+again after its variants (row main_again: the noise between the two). An item that would end after
+--budget_s (180 s) is skipped, and listed.
+
+    python3 bench/probe_gpu9.py                               # the GPU run, every part
+    JAX_PLATFORMS=cpu python bench/probe_gpu9.py --quick      # tiny shapes: every code path on a CPU
+
+Prints each row as it comes and a table at the end; rewrites $OUT/probe_gpu9.json after every row (OUT:
+environment variable, default /tmp). Needs jax, flax, optax, numpy (and train_lib's absl, tqdm); not
+tensorflow, not ml_collections (an empty stand-in satisfies `flaxcap.checkpoints`' import when it is
+missing; no checkpoint is read or written).
+"""
+
+import argparse
+import collections
+import functools
+import glob
+import json
+import os
+import pathlib
+import sys
+import time
+import traceback
+import types
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+try:
+  import ml_collections  # noqa: F401  pylint: disable=unused-import
+except ImportError:  # imported at the top of flaxcap/checkpoints.py (via train_lib); unused here
+  sys.modules["ml_collections"] = types.ModuleType("ml_collections")
+
+from flax import jax_utils  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench import common  # noqa: E402
+from bench import workloads  # noqa: E402
+from flaxcap import decoder as decoder_lib  # noqa: E402
+from flaxcap import decoding  # noqa: E402
+from flaxcap import model as model_lib  # noqa: E402
+from flaxcap import top_k as top_k_lib  # noqa: E402
+
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+
+# Decoder options of each training variant.
+TRAIN_VARIANTS = {
+    "main": {},
+    "recompute": {"recompute_attention": True},
+    "bf16_features": {"feature_dtype": jnp.bfloat16},
+    "bf16_features+recompute": {"feature_dtype": jnp.bfloat16, "recompute_attention": True},
+}
+# (top_k.CANDIDATE_TOP_K, unroll) of each beam search variant; None: the library's choice.
+BEAM_VARIANTS = {"main": (None, 1), "flat": ("flat", 1), "rounds": ("rounds", 1),
+                 "chunks": ("chunks", 1), "chunks_barrier": ("chunks_barrier", 1),
+                 "unroll20": (None, 20)}
+
+# Seconds a part's item takes on an H200 (compilation + timing), for the budget; rough.
+ESTIMATED_S = {"train": 16, "grads": 8, "beam": 6, "beam_unrolled": 12, "profile": 12}
+
+COLUMNS = [common.Column("part", "part"), common.Column("variant", "variant"),
+           common.Column("batch", "batch"), common.Column("dtype", "dtype"),
+           common.Column("ms", "ms", ".3f"), common.Column("rate", "per s", ",.0f"),
+           common.Column("vs_main", "vs main", ".3f"), common.Column("first_s", "1st s", ".1f"),
+           common.Column("temp_mib", "temp MiB", ",.0f"), common.Column("check", "vs main")]
+
+
+class Record:
+  """The probe's rows, time budget and JSON file ($OUT/probe_gpu9.json)."""
+
+  def __init__(self, out_dir: pathlib.Path, budget_s: float, args):
+    self.out_dir, self.budget_s, self.start = out_dir, budget_s, time.perf_counter()
+    self.payload = {"probe": "bench/probe_gpu9.py", "args": vars(args),
+                    "machine": common.machine(torch_too=False),
+                    "xla_flags": os.environ.get("XLA_FLAGS", ""), "rows": [], "errors": [],
+                    "skipped": [], "profiles": {}}
+
+  def elapsed(self) -> float:
+    return time.perf_counter() - self.start
+
+  def fits(self, what: str, estimate_s: float) -> bool:
+    """Whether `what` (about `estimate_s`) fits in what is left of the budget; logs a skip if not."""
+    if self.budget_s - self.elapsed() >= estimate_s:
+      return True
+    log(f"[{self.elapsed():.0f}s] skipped (budget): {what}")
+    self.payload["skipped"].append(what)
+    return False
+
+  def add(self, row: dict) -> dict:
+    """Keeps the row, logs it, and rewrites the JSON file (a run cut short keeps every row)."""
+    self.payload["rows"].append(row)
+    cells = [f"[{self.elapsed():.0f}s] {row['part']:16s} {row['variant']:24s} b{row['batch']:<4d}"]
+    for key, fmt in (("ms", "{:.3f} ms"), ("rate", "{:,.0f}/s"), ("vs_main", "vs main {:.3f}"),
+                     ("first_s", "first {:.1f} s"), ("check", "{}")):
+      if row.get(key) is not None:
+        cells.append(fmt.format(row[key]))
+    log("  ".join(cells))
+    self.save()
+    return row
+
+  def error(self, what: str, exc: BaseException):
+    log(f"[{self.elapsed():.0f}s] FAILED {what}: {exc!r}"[:2000])
+    traceback.print_exc()
+    self.payload["errors"].append({"what": what, "error": repr(exc)[:2000]})
+    self.save()
+
+  def save(self):
+    self.payload["elapsed_s"] = self.elapsed()
+    (self.out_dir / "probe_gpu9.json").write_text(json.dumps(self.payload, indent=1, default=str))
+
+
+def log(*args):
+  print(*args, flush=True)
+
+
+def make_decoder(sizes, dtype: str, *, dropout: float, **options) -> decoder_lib.Decoder:
+  """The decoder `model.create_decoder` builds from `workloads.config_for(sizes, dtype=dtype)`,
+  with `Decoder` options on top."""
+  return decoder_lib.Decoder(vocab_size=sizes.vocab, embed_dim=sizes.dim, hidden_dim=sizes.dim,
+                             attention_dim=sizes.dim, dropout_rate=dropout, dtype=DTYPES[dtype],
+                             **options)
+
+
+def optimizer_config():
+  """The fields of `workloads.config_for`'s config that `train_lib.create_optimizer` reads."""
+  ns = types.SimpleNamespace
+  return ns(num_epochs=20, encoder=ns(learning_rate=1e-4),
+            optimizer=ns(name="adam", learning_rate=4e-4, weight_decay=0.0, grad_clip_norm=5.0,
+                         schedule="cosine", warmup_steps=0))
+
+
+def max_abs_diff(tree, reference) -> tuple[float, str]:
+  """Largest |a - b| over two pytrees of the same structure, and the path where it is."""
+  worst = (0.0, "")
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(reference)):
+    diff = float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
+    worst = max(worst, (diff, jax.tree_util.keystr(path)))
+  return worst
+
+
+def max_relative_diff(tree, reference) -> tuple[float, str]:
+  """Largest max|a - b| / max|b| over the leaves (gradients of very different scales)."""
+  worst = (0.0, "")
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(reference)):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    diff = float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30))
+    worst = max(worst, (diff, jax.tree_util.keystr(path)))
+  return worst
+
+
+# -- training -----------------------------------------------------------------------------------------
+
+
+class TrainCase:
+  """One training workload (sizes, dtype, batch): inputs, main's initial parameters, and per variant
+  its compiled pmapped step."""
+
+  def __init__(self, sizes, dtype: str, batch: int):
+    from flaxcap import train_lib  # pylint: disable=g-import-not-at-top  (ml_collections stand-in)
+    self.train_lib, self.sizes, self.dtype, self.batch = train_lib, sizes, dtype, batch
+    self.device = common.jax_device()
+    self.features = workloads.random_features(batch, sizes).reshape(batch, sizes.locations,
+                                                                     sizes.channels)
+    self.tokens = workloads.random_tokens(batch, sizes)
+    model = self.model("main")
+    variables = jax.jit(functools.partial(model.init, deterministic=True,
+                                          method=model_lib.Captioner.decode_features))(
+        jax.random.key(0), jnp.asarray(self.features[:1]), jnp.asarray(self.tokens[:1, :-1]))
+    self.host_params = jax.device_get(variables["params"])
+    self.device_batch = jax_utils.replicate(
+        {"image_index": np.arange(batch, dtype=np.int32), "tokens": self.tokens}, devices=[self.device])
+    self.table = jax_utils.replicate(jnp.asarray(self.features), devices=[self.device])
+    self.compiled = {}  # variant -> compiled step
+    self.initial_states = {}  # variant -> its unreplicated initial TrainState (never donated)
+
+  def model(self, variant: str) -> model_lib.Captioner:
+    decoder = make_decoder(self.sizes, self.dtype, dropout=0.5, **TRAIN_VARIANTS[variant])
+    return model_lib.Captioner(encoder=None, decoder=decoder)  # decode_features only
+
+  def fresh_state(self, variant: str):
+    """main's initial parameters, a fresh Adam state and rng (the same values for every variant),
+    replicated anew from one TrainState per variant (a compiled step takes the pytree it was
+    compiled for: the same optimizer object)."""
+    if variant not in self.initial_states:
+      self.initial_states[variant] = workloads.flaxcap_train_state(
+          optimizer_config(), self.model(variant), {"params": self.host_params})
+    return jax_utils.replicate(self.initial_states[variant], devices=[self.device])
+
+  def compile(self, variant: str):
+    """The variant's `train_lib.train_step`, pmapped over one device as bench/training.py runs it,
+    compiled; returns (compiled step, seconds, memory analysis or None)."""
+    p_step = jax.pmap(functools.partial(self.train_lib.train_step, model=self.model(variant),
+                                        alpha_c=1.0, label_smoothing=0.0),
+                      axis_name=self.train_lib.AXIS, donate_argnums=(0,), devices=[self.device])
+    start = time.perf_counter()
+    try:
+      compiled = p_step.lower(self.fresh_state(variant), self.device_batch, self.table).compile()
+    except Exception as e:  # pylint: disable=broad-except  (then it compiles at its first call)
+      log(f"  lower/compile failed ({e!r:.200}); the first step compiles")
+      compiled = p_step
+    seconds = time.perf_counter() - start
+    try:
+      memory = compiled.memory_analysis()
+      memory = memory[0] if isinstance(memory, (list, tuple)) else memory
+    except Exception:  # pylint: disable=broad-except  (not every backend reports it)
+      memory = None
+    self.compiled[variant] = compiled
+    return compiled, seconds, memory
+
+  def run_steps(self, variant: str, steps: int):
+    """2 untimed steps and `steps` timed ones from the fresh state, each waited for (its metric sums
+    fetched, as bench/training.py does); returns (Timing, per-step losses, final params on the host)."""
+    step = self.compiled[variant]
+    holder = {"state": self.fresh_state(variant), "losses": []}
+
+    def run():
+      holder["state"], sums = step(holder["state"], self.device_batch, self.table)
+      sums = jax.device_get(sums)
+      holder["losses"].append(float(sums["token_loss"][0] / sums["num_tokens"][0]
+                                    + sums["attention_penalty"][0] / sums["num_images"][0]))
+
+    timing = common.time_calls(run, repeats=steps, warmup=2)
+    params = jax.device_get(jax.tree.map(lambda x: x[0], holder["state"].params))
+    return timing, holder["losses"], params
+
+
+def train_row(name: str, variant: str, case: TrainCase, timing, losses, **extra) -> dict:
+  return {"part": name, "variant": variant, "batch": case.batch, "dtype": case.dtype,
+          "ms": timing.median_s * 1e3, "rate": case.batch / timing.median_s,
+          "min_ms": timing.min_s * 1e3, "timing": timing.as_dict(), "losses": losses, **extra}
+
+
+def train_part(record: Record, name: str, case_args, variants, steps: int):
+  """Times each variant's train step (main first, and main again at the end: the drift between
+  the two is the noise floor); returns the TrainCase (for grads and profile) or None."""
+  if not record.fits(f"{name} set-up", ESTIMATED_S["train"]):
+    return None
+  try:
+    case = TrainCase(*case_args)
+  except Exception as e:  # pylint: disable=broad-except
+    record.error(f"{name} set-up", e)
+    return None
+  main = None
+  for variant in variants:
+    if not record.fits(f"{name} {variant}", ESTIMATED_S["train"]):
+      continue
+    try:
+      _, compile_s, memory = case.compile(variant)
+      timing, losses, params = case.run_steps(variant, steps)
+      row = train_row(name, variant, case, timing, losses, compile_s=compile_s,
+                      first_s=compile_s + timing.first_s,
+                      temp_mib=memory.temp_size_in_bytes / 2**20 if memory else None,
+                      options={k: str(v) for k, v in TRAIN_VARIANTS[variant].items()})
+      if variant == "main":
+        main = {"row": row, "params": params}
+      elif main:
+        loss_diff = abs(losses[0] - main["row"]["losses"][0])
+        param_diff, where = max_abs_diff(params, main["params"])
+        row.update(vs_main=row["rate"] / main["row"]["rate"], first_loss_diff=loss_diff,
+                   final_param_diff=param_diff, final_param_diff_at=where,
+                   check=f"loss1 {loss_diff:.1e}, params after {len(losses)} steps {param_diff:.1e}")
+      record.add(row)
+    except Exception as e:  # pylint: disable=broad-except
+      record.error(f"{name} {variant}", e)
+  if main and len(case.compiled) > 1:
+    try:
+      timing, losses, _ = case.run_steps("main", steps)
+      record.add(train_row(name, "main_again", case, timing, losses,
+                           vs_main=case.batch / timing.median_s / main["row"]["rate"],
+                           check="main timed again after the variants (noise)"))
+    except Exception as e:  # pylint: disable=broad-except
+      record.error(f"{name} main_again", e)
+  record.save()
+  return case
+
+
+def train_loss(model, params, features, tokens, rng):
+  """train_step's loss on one device (alpha_c 1, no label smoothing), dropout keyed by `rng`."""
+  input_tokens, target_tokens = model_lib.teacher_forcing_tokens(tokens)
+  logits, attention = model.apply({"params": params}, features, input_tokens, deterministic=False,
+                                  rngs={"dropout": rng}, method=model_lib.Captioner.decode_features)
+  sums = model_lib.caption_loss_sums(logits, target_tokens, attention)
+  return sums["token_loss"] / sums["num_tokens"] + sums["attention_penalty"] / sums["num_images"]
+
+
+def grads_part(record: Record, name: str, case: TrainCase, grad_batch: int):
+  """Loss and gradients of every variant timed in `case` against main's, at `grad_batch`."""
+  features = jnp.asarray(case.features[:grad_batch])
+  tokens = jnp.asarray(case.tokens[:grad_batch])
+  params = jax.device_put(case.host_params)
+  main = None
+  for variant in case.compiled:
+    if not record.fits(f"grads {name} {variant}", ESTIMATED_S["grads"]):
+      continue
+    try:
+      grad_fn = jax.jit(jax.value_and_grad(functools.partial(train_loss, case.model(variant))))
+      start = time.perf_counter()
+      loss, grads = jax.device_get(grad_fn(params, features, tokens, jax.random.key(7)))
+      row = {"part": f"grads_{name}", "variant": variant, "batch": grad_batch, "dtype": case.dtype,
+             "first_s": time.perf_counter() - start, "loss": float(loss)}
+      if variant == "main":
+        main = (float(loss), grads)
+      elif main:
+        grad_diff, where = max_relative_diff(grads, main[1])
+        row.update(loss_diff=abs(float(loss) - main[0]), grad_relative_diff=grad_diff,
+                   grad_relative_diff_at=where, grad_abs_diff=max_abs_diff(grads, main[1])[0],
+                   check=f"loss {abs(float(loss) - main[0]):.1e}, grads (rel. to max) {grad_diff:.1e} "
+                         f"at {where}")
+      record.add(row)
+    except Exception as e:  # pylint: disable=broad-except
+      record.error(f"grads {name} {variant}", e)
+  record.save()
+
+
+# -- beam search --------------------------------------------------------------------------------------
+
+
+def time_search(search, params, features, repeats: int):
+  """(result on the host, first call s, Timing of `repeats` calls after one warm-up call)."""
+  start = time.perf_counter()
+  result = jax.device_get(search(params, features))
+  first_s = time.perf_counter() - start
+  timing = common.time_calls(lambda: search(params, features).tokens.block_until_ready(),
+                             repeats=repeats, warmup=1)
+  return result, first_s, timing
+
+
+def agreement(result, reference) -> dict:
+  """How far a search's result is from the reference's: the share of images whose K hypotheses
+  (and whose best one) have the same tokens, and the largest score difference."""
+  same = np.all(result.tokens == reference.tokens, axis=(1, 2))
+  same_best = np.all(result.tokens[:, 0] == reference.tokens[:, 0], axis=1)
+  finite = np.isfinite(reference.scores)
+  score_diff = float(np.max(np.abs(np.where(finite, result.scores - reference.scores, 0.0))))
+  return {"same_tokens": float(np.mean(same)), "same_best": float(np.mean(same_best)),
+          "score_diff": score_diff,
+          "check": f"same tokens {np.mean(same):.0%} (best {np.mean(same_best):.0%}), "
+                   f"scores {score_diff:.1e}"}
+
+
+def beam_part(record: Record, name: str, sizes, batch: int, variants, *, repeats: int,
+              max_len: int, caption_length: int, beam: int = 5):
+  """Times `decoding.search` for each variant (main first, and main again at the end); token
+  agreement with main's result."""
+  if not record.fits(f"{name} set-up", ESTIMATED_S["beam"]):
+    return
+  try:
+    decoder = make_decoder(sizes, "bfloat16", dropout=0.0)
+    params = jax.device_put(workloads.end_captions_near(workloads.init_decoder_params(decoder, sizes),
+                                                        length=caption_length))
+    # As the Captioner does at load (and bench/beam_search.py): the word gate table, once.
+    table = jax.jit(lambda p: decoder.apply({"params": p}, method="word_gate_table"))(params)
+    features = jax.device_put(workloads.random_features(batch, sizes))
+  except Exception as e:  # pylint: disable=broad-except
+    record.error(f"{name} set-up", e)
+    return
+  main = None  # (row, result, search)
+  for variant in variants:
+    method, unroll = BEAM_VARIANTS[variant]
+    if not record.fits(f"{name} {variant}",
+                       ESTIMATED_S["beam_unrolled" if unroll > 1 else "beam"]):
+      continue
+    search = jax.jit(lambda p, f, unroll=unroll: decoding.search(
+        decoder, p, f, beam_size=beam, max_len=max_len, unroll=unroll, word_gate_table=table))
+    top_k_lib.CANDIDATE_TOP_K = method  # read while tracing (the first call)
+    try:
+      result, first_s, timing = time_search(search, params, features, repeats)
+      row = {"part": name, "variant": variant, "batch": batch, "dtype": "bfloat16", "beam": beam,
+             "ms": timing.median_s * 1e3, "rate": batch / timing.median_s,
+             "min_ms": timing.min_s * 1e3, "first_s": first_s, "timing": timing.as_dict(),
+             "candidate_top_k": top_k_lib.candidate_top_k_method(batch), "unroll": unroll,
+             "mean_length": float(np.mean(result.lengths[:, 0]))}
+      if variant == "main":
+        main = (row, result, search)
+      elif main:
+        row.update(vs_main=row["rate"] / main[0]["rate"], **agreement(result, main[1]))
+      record.add(row)
+    except Exception as e:  # pylint: disable=broad-except
+      record.error(f"{name} {variant}", e)
+    finally:
+      top_k_lib.CANDIDATE_TOP_K = None
+  if main and len(variants) > 1:
+    try:
+      _, _, timing = time_search(main[2], params, features, repeats)  # compiled: no tracing
+      record.add({"part": name, "variant": "main_again", "batch": batch, "dtype": "bfloat16",
+                  "ms": timing.median_s * 1e3, "rate": batch / timing.median_s,
+                  "timing": timing.as_dict(), "vs_main": batch / timing.median_s / main[0]["rate"],
+                  "check": "main timed again after the variants (noise)"})
+    except Exception as e:  # pylint: disable=broad-except
+      record.error(f"{name} main_again", e)
+  record.save()
+
+
+# -- kernel profile -----------------------------------------------------------------------------------
+
+
+def kernel_summary(trace_dir: str, calls: int) -> tuple[list[str], dict]:
+  """Device events of a jax.profiler trace summed per kernel name: text lines and a dict."""
+  paths = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))
+  if not paths:
+    return ["no trace written"], {}
+  data = jax.profiler.ProfileData.from_file(paths[-1])
+  lines, summary = [], {}
+  for plane in data.planes:
+    if "gpu" not in plane.name.lower():
+      continue
+    for line in plane.lines:
+      total, count = collections.Counter(), collections.Counter()
+      for event in line.events:
+        total[event.name] += event.duration_ns
+        count[event.name] += 1
+      if not total:
+        continue
+      lines.append(f"== {plane.name} / {line.name}: {len(total)} names, "
+                   f"{sum(total.values()) / 1e3 / calls:.1f} us per call, "
+                   f"{sum(count.values()) / calls:.0f} kernels per call")
+      for event_name, ns in total.most_common(80):
+        lines.append(f"  {ns / 1e3 / calls:9.1f} us/call {count[event_name] / calls:7.1f} x/call "
+                     f"{ns / max(count[event_name], 1) / 1e3:8.2f} us each  {event_name[:150]}")
+      summary[f"{plane.name}/{line.name}"] = {k: [ns / 1e3 / calls, count[k] / calls]
+                                              for k, ns in total.most_common(80)}
+  return lines or ["no GPU events in the trace (a CPU run)"], summary
+
+
+def profile_part(record: Record, case: TrainCase, variants, calls: int = 3):
+  """Kernel time per train step of the given (already compiled) variants: $OUT/profile_train_*.txt."""
+  for variant in variants:
+    if variant not in case.compiled or not record.fits(f"profile {variant}", ESTIMATED_S["profile"]):
+      continue
+    try:
+      step = case.compiled[variant]
+      state = case.fresh_state(variant)
+      state, sums = step(state, case.device_batch, case.table)
+      jax.block_until_ready(sums)
+      trace_dir = f"/tmp/probe_gpu9_trace_{variant}"
+      jax.profiler.start_trace(trace_dir)
+      for _ in range(calls):
+        state, sums = step(state, case.device_batch, case.table)
+        jax.block_until_ready(sums)
+      jax.profiler.stop_trace()
+      lines, summary = kernel_summary(trace_dir, calls)
+      path = record.out_dir / f"profile_train_{variant.replace('+', '_')}.txt"
+      path.write_text(f"train step, {case.dtype}, batch {case.batch}, variant {variant}; "
+                      f"per step (mean of {calls})\n" + "\n".join(lines) + "\n")
+      record.payload["profiles"][variant] = summary
+      log(f"--- profile {variant} (top of {path})")
+      log("\n".join(lines[:30]))
+    except Exception as e:  # pylint: disable=broad-except
+      record.error(f"profile {variant}", e)
+  record.save()
+
+
+# -- the run ------------------------------------------------------------------------------------------
+
+
+def warm_up(seconds: float, size: int = 4096):
+  """Matmuls for `seconds`, so that the first timing (main's) does not run at idle clocks."""
+  x = jnp.ones((size, size), jnp.bfloat16)
+  matmul = jax.jit(lambda x: (x @ x) * 1e-4)
+  end = time.perf_counter() + seconds
+  while time.perf_counter() < end:
+    x = jax.block_until_ready(matmul(x))
+
+
+def parse_args():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--quick", action="store_true", help="tiny shapes: every code path on a CPU")
+  parser.add_argument("--parts", default="beam256,train_bf16,train_fp32,beam1,profile,grads",
+                      help="in this order (most wanted first: the budget skips the last)")
+  parser.add_argument("--bf16_variants", default="main,recompute")
+  parser.add_argument("--fp32_variants", default="main,recompute,bf16_features+recompute")
+  parser.add_argument("--beam256_variants", default="main,rounds,chunks_barrier")
+  parser.add_argument("--beam1_variants", default="main,chunks_barrier,unroll20")
+  parser.add_argument("--profile_variants", default="main,recompute")
+  parser.add_argument("--steps", type=int, default=None, help="timed train steps (10; quick 2)")
+  parser.add_argument("--repeats", type=int, default=None, help="timed searches (20; quick 2)")
+  parser.add_argument("--grad_batch", type=int, default=None, help="images (32; quick 2)")
+  parser.add_argument("--budget_s", type=float, default=None,
+                      help="skip what would end after this many seconds (180; quick: no limit)")
+  args = parser.parse_args()
+  for flag, known in (("bf16_variants", TRAIN_VARIANTS), ("fp32_variants", TRAIN_VARIANTS),
+                      ("profile_variants", TRAIN_VARIANTS), ("beam256_variants", BEAM_VARIANTS),
+                      ("beam1_variants", BEAM_VARIANTS),
+                      ("parts", ("beam256", "beam1", "train_bf16", "train_fp32", "profile", "grads"))):
+    unknown = [name for name in getattr(args, flag).split(",") if name and name not in known]
+    if unknown:
+      parser.error(f"--{flag}: unknown {', '.join(unknown)}; known: {', '.join(known)}")
+  return args
+
+
+def main():
+  args = parse_args()
+  quick = args.quick
+  if quick:  # every path, tiny: the sizes keep the grid, vocabulary and chunking non-trivial
+    train_sizes = workloads.Sizes(grid=3, channels=16, dim=16, vocab=50, max_len=12)
+    beam_sizes = workloads.Sizes(grid=2, channels=8, dim=16, vocab=60)
+    bf16_batch, fp32_batch, big_beam_batch, max_len, caption_length = 4, 2, 8, 6, 4
+  else:
+    train_sizes, beam_sizes = workloads.SIZES["tutorial"], workloads.SIZES["lite0"]
+    bf16_batch, fp32_batch, big_beam_batch, max_len, caption_length = 512, 128, 256, 20, 12
+  steps = args.steps or (2 if quick else 10)
+  repeats = args.repeats or (2 if quick else 20)
+  grad_batch = args.grad_batch or (2 if quick else 32)
+  budget_s = args.budget_s or (1e9 if quick else 180.0)
+  out_dir = pathlib.Path(os.environ.get("OUT", "/tmp"))
+  out_dir.mkdir(parents=True, exist_ok=True)
+  record = Record(out_dir, budget_s, args)
+  log(common.machine_line(record.payload["machine"]) + f"; XLA_FLAGS={record.payload['xla_flags']!r}")
+  parts = args.parts.split(",")
+  warm_up(seconds=0.1 if quick else 2.0, size=256 if quick else 4096)
+  variants = lambda text: [v for v in text.split(",") if v]
+  beam = functools.partial(beam_part, record, repeats=repeats, max_len=max_len,
+                           caption_length=caption_length)
+  cases = {}
+  for part in parts:
+    if part == "beam256":
+      beam("beam256", beam_sizes, big_beam_batch, variants(args.beam256_variants))
+    elif part == "beam1":
+      beam("beam1", beam_sizes, 1, variants(args.beam1_variants))
+    elif part == "train_bf16":
+      cases[part] = train_part(record, part, (train_sizes, "bfloat16", bf16_batch),
+                               variants(args.bf16_variants), steps)
+    elif part == "train_fp32":
+      cases[part] = train_part(record, part, (train_sizes, "float32", fp32_batch),
+                               variants(args.fp32_variants), steps)
+    elif part == "grads":
+      for name, case in cases.items():
+        if case:
+          grads_part(record, name, case, grad_batch)
+    elif part == "profile":
+      if cases.get("train_bf16"):
+        profile_part(record, cases["train_bf16"], variants(args.profile_variants))
+  print()
+  common.print_table(record.payload["rows"], COLUMNS, title=(
+      f"probe_gpu9: train = images/s (train_lib.train_step, tutorial sizes), beam = captions/s "
+      f"(decoding.search, lite0, beam 5); median; {common.machine_line(record.payload['machine'])}"))
+  for error in record.payload["errors"]:
+    log(f"error: {error['what']}: {error['error'][:300]}")
+  if record.payload["skipped"]:
+    log(f"skipped for the budget: {', '.join(record.payload['skipped'])}")
+  record.save()
+  log(f"done in {record.elapsed():.0f} s; wrote {out_dir / 'probe_gpu9.json'}")
+
+
+if __name__ == "__main__":
+  main()
