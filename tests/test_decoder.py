@@ -313,6 +313,13 @@ def _forward_scan_residual_shapes(decoder, params, features, tokens):
   return [tuple(v.aval.shape) for v in forward_scan.outvars]
 
 
+def _assert_same_loss_and_grads(actual, expected):
+  """(loss, grads) pairs equal to float32 rounding."""
+  np.testing.assert_allclose(actual[0], expected[0], rtol=1e-6)
+  for grad, expected_grad in zip(jax.tree.leaves(actual[1]), jax.tree.leaves(expected[1])):
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-5, atol=1e-6)
+
+
 def test_recomputed_attention_gives_the_same_loss_and_gradients():
   """recompute_attention: the same parameters, loss and gradients; nothing of the attention's size
   [batch, 1, P, A] per step is kept by the forward scan (the default keeps two: tanh's output and
@@ -323,11 +330,8 @@ def test_recomputed_attention_gives_the_same_loss_and_gradients():
   assert (jax.tree_util.tree_structure(jax.eval_shape(init, rng_key(42), features, tokens))
           == jax.tree_util.tree_structure(variables))
   params = variables["params"]
-  loss, grads = _loss_and_grads(decoder)(params, features, tokens)
-  re_loss, re_grads = _loss_and_grads(recomputed)(params, features, tokens)
-  np.testing.assert_allclose(re_loss, loss, rtol=1e-6)
-  for grad, re_grad in zip(jax.tree.leaves(grads), jax.tree.leaves(re_grads)):
-    np.testing.assert_allclose(re_grad, grad, rtol=1e-5, atol=1e-6)
+  _assert_same_loss_and_grads(_loss_and_grads(recomputed)(params, features, tokens),
+                              _loss_and_grads(decoder)(params, features, tokens))
   per_step_attention = (TIME, BATCH, 1, POSITIONS, ATTN)
   assert _forward_scan_residual_shapes(decoder, params, features, tokens).count(per_step_attention) == 2
   assert per_step_attention not in _forward_scan_residual_shapes(recomputed, params, features, tokens)
@@ -340,11 +344,8 @@ def test_bfloat16_features_equal_rounded_features():
   narrow = make_decoder(feature_dtype=jnp.bfloat16)
   rounded = features.astype(jnp.bfloat16).astype(jnp.float32)
   params = variables["params"]
-  loss, grads = _loss_and_grads(narrow)(params, features, tokens)
-  ref_loss, ref_grads = _loss_and_grads(decoder)(params, rounded, tokens)
-  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
-  for grad, ref_grad in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
-    np.testing.assert_allclose(grad, ref_grad, rtol=1e-5, atol=1e-6)
+  _assert_same_loss_and_grads(_loss_and_grads(narrow)(params, features, tokens),
+                              _loss_and_grads(decoder)(params, rounded, tokens))
   encoded = narrow.apply(variables, features, method=Decoder.encode)
   assert encoded.features.dtype == jnp.bfloat16 and encoded.projected_features.dtype == jnp.float32
   ref_encoded = decoder.apply(variables, rounded, method=Decoder.encode)
