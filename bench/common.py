@@ -158,6 +158,30 @@ def peak_rss_bytes() -> int:
   return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
 
 
+# -- inputs --------------------------------------------------------------------------------------------
+
+
+FLICKR8K_IMAGES = REPO_ROOT.parent / "shared" / "data" / "flickr8k" / "Flicker8k_Dataset"
+
+
+def default_image() -> pathlib.Path:
+  """A 500x375 JPEG made from the first Flickr8k photo (or noise), written once under bench/results/
+  (bench/latency.py's and bench/memory.py's image; numpy and Pillow only, no jax or torch)."""
+  path = RESULTS_DIR / "latency_image.jpg"
+  if not path.exists():
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    photos = sorted(FLICKR8K_IMAGES.glob("*.jpg")) if FLICKR8K_IMAGES.is_dir() else []
+    if photos:
+      image = Image.open(photos[0]).convert("RGB").resize((500, 375), Image.Resampling.BICUBIC)
+    else:  # the noise of workloads.random_images(1, 500), cropped
+      noise = np.random.default_rng(2).integers(0, 256, (1, 500, 500, 3), dtype=np.uint8)
+      image = Image.fromarray(noise[0, :375])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, quality=90)
+  return path
+
+
 # -- the record of where a number came from ------------------------------------------------------------
 
 

@@ -21,11 +21,13 @@ its captions end; the random decoder's always end at 12 tokens.
 The image: --image, or by default a 500x375 JPEG (quality 90, Flickr8k's usual size) written to
 bench/results/ from the first Flickr8k photo, or from noise when the data set is absent.
 
-Besides the end-to-end medians the script times each stage on its own (decode + resize, encoder, search;
-flaxcap's stages as separately jitted functions, compiled with the Captioner's XLA options), which is the
-profile BENCHMARKS.md discusses.
+With --stages (the default on a GPU; run_all.py --full passes it on the CPU) the script also times each
+stage on its own (decode + resize, encoder, search; flaxcap's stages as separately jitted functions,
+compiled with the Captioner's XLA options), which is the profile BENCHMARKS.md discusses. flaxcap's
+encoder stage compiles while its pipeline is built, so it is part of "load + 1st call s" then.
 
     python bench/latency.py [--model=shipped | --checkpoint DIR] [--image PHOTO.jpg] [--repeats 20]
+        [--torch_repeats 10] [--stages]
 
 Prints a table and writes JSON (default bench/results/latency.json).
 """
@@ -53,7 +55,7 @@ from flaxcap import images as images_lib  # noqa: E402
 from flaxcap import inference  # noqa: E402
 from flaxcap import model as model_lib  # noqa: E402
 
-FLICKR8K_IMAGES = common.REPO_ROOT.parent / "shared" / "data" / "flickr8k" / "Flicker8k_Dataset"
+FLICKR8K_IMAGES = common.FLICKR8K_IMAGES
 
 _IMAGE = flags.DEFINE_string("image", None, "The image file (default: see the module docstring).")
 _MODEL = flags.DEFINE_enum("model", "random", ["random", "shipped"],
@@ -62,23 +64,21 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
                                   "A trained flaxcap model (overrides --model).")
 _BEAM_SIZE = flags.DEFINE_integer("beam_size", 3, "Beam width.")
 _MAX_LEN = flags.DEFINE_integer("max_len", 20, "Longest caption in tokens.")
-_REPEATS = flags.DEFINE_integer("repeats", 20, "Timed captions per pipeline (the median counts).")
+_REPEATS = flags.DEFINE_integer("repeats", 20, "Timed captions per pipeline (the median counts), and "
+                                "timed calls per stage.")
+# In BENCHMARKS.md's 30-repeat CPU runs the median of 10 consecutive torch captions (~170 ms each) was
+# within 1% (1 thread) and 8% (2 threads) of the median of all 30; flaxcap's (~45 ms) moved up to 14%,
+# so it keeps --repeats.
+_TORCH_REPEATS = flags.DEFINE_integer("torch_repeats", None, "The same for the torch pipeline (default: "
+                                      "--repeats when given or on a GPU, else 10).")
 _PIPELINES = flags.DEFINE_list("pipelines", ["flaxcap", "torch"], "flaxcap and/or torch.")
+_STAGES = flags.DEFINE_bool("stages", None, "Also time each stage on its own (default: on a GPU; on the "
+                            "CPU only when asked, as run_all.py --full does: flaxcap's stage functions "
+                            "compile for ~10 s there).")
 _OUTPUT = flags.DEFINE_string("output", "latency", "JSON path, or a name under bench/results/.")
 
 
-def default_image() -> pathlib.Path:
-  """A 500x375 JPEG made from the first Flickr8k photo (or noise), written once under bench/results/."""
-  path = common.RESULTS_DIR / "latency_image.jpg"
-  if not path.exists():
-    photos = sorted(FLICKR8K_IMAGES.glob("*.jpg")) if FLICKR8K_IMAGES.is_dir() else []
-    if photos:
-      image = Image.open(photos[0]).convert("RGB").resize((500, 375), Image.Resampling.BICUBIC)
-    else:
-      image = Image.fromarray(workloads.random_images(1, 500)[0, :375])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, quality=90)
-  return path
+default_image = common.default_image  # a 500x375 JPEG under bench/results/ (see bench/common.py)
 
 
 @dataclasses.dataclass
@@ -110,7 +110,10 @@ def flaxcap_model(checkpoint: str | None, caption_length: int = 12, *, shipped: 
                              f"{caption_length} tokens), vocabulary {sizes.vocab}")
 
 
-def flaxcap_pipeline(captioner, *, path: str, beam_size: int, max_len: int) -> Pipeline:
+def flaxcap_pipeline(captioner, *, path: str, beam_size: int, max_len: int,
+                     stages: bool = True) -> Pipeline:
+  """`Captioner.caption`; with `stages`, its stages as separately jitted functions (the encoder's
+  compiled here)."""
   size = captioner.config.image_size
 
   def caption(image_path):
@@ -119,6 +122,9 @@ def flaxcap_pipeline(captioner, *, path: str, beam_size: int, max_len: int) -> P
       raise RuntimeError(result.message)
     return result.text
 
+  description = "Captioner.caption([path]) (one jitted encoder + search)"
+  if not stages:
+    return Pipeline("flaxcap", caption, {}, description)
   image = images_lib.load_image(path, size)[None]
   options = inference.compiler_options()  # as the Captioner's own function
   encode = jax.jit(captioner.encoder.apply, compiler_options=options)
@@ -133,10 +139,11 @@ def flaxcap_pipeline(captioner, *, path: str, beam_size: int, max_len: int) -> P
       "search": lambda: search(captioner.decoder_params, features,
                                word_gate_table=captioner.word_gate_table).tokens.block_until_ready(),
   }
-  return Pipeline("flaxcap", caption, stages, "Captioner.caption([path]) (one jitted encoder + search)")
+  return Pipeline("flaxcap", caption, stages, description)
 
 
-def torch_pipeline(captioner, decoder_params, *, path: str, beam_size: int, max_len: int) -> Pipeline:
+def torch_pipeline(captioner, decoder_params, *, path: str, beam_size: int, max_len: int,
+                   stages: bool = True) -> Pipeline:
   """`torch_reference.CaptionPipeline` with the flaxcap model's decoder weights and vocabulary."""
   from bench import torch_reference  # pylint: disable=g-import-not-at-top
   config, vocab = captioner.config, captioner.vocab
@@ -152,13 +159,15 @@ def torch_pipeline(captioner, decoder_params, *, path: str, beam_size: int, max_
   pipeline = torch_reference.CaptionPipeline(encoder.to(device), decoder.to(device), list(vocab.words),
                                              image_size=config.image_size, beam_size=beam_size,
                                              max_len=max_len)
+  description = "Pillow + efficientnet_lite_pytorch + per-image beam search, eager"
+  if not stages:
+    return Pipeline("torch", pipeline, {}, description)
   pixels = pipeline.load(path)
   features = pipeline.encode(pixels)
   stages = {"decode + resize": lambda: pipeline.load(path),
             "encoder": lambda: (pipeline.encode(pixels), common.torch_sync(device)),
             "search": lambda: pipeline.search(features)}
-  return Pipeline("torch", pipeline, stages,
-                  "Pillow + efficientnet_lite_pytorch + per-image beam search, eager")
+  return Pipeline("torch", pipeline, stages, description)
 
 
 # The printed table (also rendered by bench/report.py).
@@ -177,23 +186,30 @@ def main(argv):
   print(common.machine_line(info), flush=True)
   captioner, decoder_params, model_description = flaxcap_model(_CHECKPOINT.value,
                                                                shipped=_MODEL.value == "shipped")
+  gpu = common.on_gpu()
+  stages = gpu if _STAGES.value is None else _STAGES.value
   builders = {
-      "flaxcap": lambda: flaxcap_pipeline(captioner, path=path, beam_size=beam_size, max_len=max_len),
+      "flaxcap": lambda: flaxcap_pipeline(captioner, path=path, beam_size=beam_size, max_len=max_len,
+                                          stages=stages),
       "torch": lambda: torch_pipeline(captioner, decoder_params, path=path, beam_size=beam_size,
-                                      max_len=max_len),
+                                      max_len=max_len, stages=stages),
   }
+  torch_repeats = _TORCH_REPEATS.value or (repeats if gpu or flags.FLAGS["repeats"].present else 10)
+  all_repeats = {"flaxcap": repeats, "torch": torch_repeats}
+  # Stage warm-ups: the first call compiles flaxcap's stage functions; on a GPU one more.
+  stage_warmup = 2 if gpu else 1
   rows, texts = [], {}
   for name in _PIPELINES.value:
     start = time.perf_counter()
     pipeline = builders[name]()
     texts[name] = pipeline.caption(path)  # warm-up: compiles flaxcap's function for this shape
     setup_s = time.perf_counter() - start
-    timing = common.time_calls(lambda: pipeline.caption(path), repeats=repeats, warmup=1)
+    timing = common.time_calls(lambda: pipeline.caption(path), repeats=all_repeats[name], warmup=1)
     rows.append({"pipeline": name, "stage": "file -> caption text", "ms": timing.median_s * 1e3,
                  "min_ms": timing.min_s * 1e3, "setup_s": setup_s, "timing": timing.as_dict(),
-                 "description": pipeline.description})
+                 "repeats": all_repeats[name], "description": pipeline.description})
     for stage, run in pipeline.stages.items():
-      stage_timing = common.time_calls(run, repeats=repeats, warmup=2)
+      stage_timing = common.time_calls(run, repeats=all_repeats[name], warmup=stage_warmup)
       rows.append({"pipeline": name, "stage": f"  {stage}", "ms": stage_timing.median_s * 1e3,
                    "min_ms": stage_timing.min_s * 1e3, "timing": stage_timing.as_dict()})
   for row in rows:
@@ -203,15 +219,16 @@ def main(argv):
   image_size = Image.open(path).size
   common.print_table(rows, COLUMNS, title=(
       f"one image file ({pathlib.Path(path).name}, {image_size[0]}x{image_size[1]}) -> caption, beam "
-      f"{beam_size}, max_len {max_len}, median of {repeats} after warm-up; model: {model_description}; "
+      f"{beam_size}, max_len {max_len}, median of {repeats} (torch: {all_repeats['torch']}) after "
+      f"warm-up; model: {model_description}; "
       f"{common.machine_line(info)}"))
   for name, text in texts.items():
     print(f"{name} caption: {text}")
   common.write_json(_OUTPUT.value, {
       "benchmark": "latency", "machine": info, "image": path, "image_size": image_size,
       "file_bytes": os.path.getsize(path), "beam_size": beam_size, "max_len": max_len,
-      "repeats": repeats, "model": model_description, "captions": texts,
-      "target_ms": 50.0, "rows": rows})
+      "repeats": repeats, "torch_repeats": all_repeats["torch"], "stages": stages,
+      "model": model_description, "captions": texts, "target_ms": 50.0, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -3,10 +3,14 @@
 Every measurement runs in a fresh child process (`python bench/memory.py --child=NAME`), because a
 process's peaks only ever grow:
 
-  infer_flaxcap, infer_torch   the pipelines of bench/latency.py built and run on one image file (beam 3)
-                               three times; peak RSS (`getrusage` ru_maxrss) after the imports and at the
-                               end. The torch child imports neither jax nor flaxcap's model, and its
-                               decoder keeps torch's own random weights (captions run to max_len 20).
+  infer_flaxcap, infer_torch   one image file captioned (beam 3) three times; peak RSS (VmHWM) after the
+                               imports and at the end. flaxcap: `Captioner.load()` of the shipped model
+                               (models/flickr8k, as run_all's latency figure; --infer_model=random:
+                               bench/latency.py's random decoder) and `Captioner.caption`. torch:
+                               bench/latency.py's torch pipeline; the child imports neither jax nor
+                               flaxcap's model, and its decoder keeps torch's own random weights
+                               (captions run to max_len 20). The two start together and run side by
+                               side: a process's peak RSS does not depend on the others.
   train_<part>_<framework>_<dtype>
                                (GPU only) bench/training.py's train step at --train_batch (128) run for
                                3 steps: jax's `peak_bytes_in_use` of the device / torch's
@@ -16,7 +20,7 @@ process's peaks only ever grow:
 On the CPU the train-step rows are skipped (no device memory to speak of: the host's RSS includes
 everything else in the process).
 
-    python bench/memory.py [--train_batch 128] [--memory_output memory]
+    python bench/memory.py [--train_batch 128] [--infer_model shipped] [--memory_output memory]
 
 Prints a table and writes JSON (default bench/results/memory.json).
 """
@@ -36,27 +40,41 @@ _CHILD = flags.DEFINE_string("child", None, "Internal: run one measurement and p
 _ROWS = flags.DEFINE_list("rows", None, "Measurements to run, e.g. infer_flaxcap,train_decoder_flaxcap_float32 "
                           "(default: the inference rows, and on a GPU all eight train rows).")
 _TRAIN_BATCH = flags.DEFINE_integer("train_batch", 128, "Batch of the train-step rows (GPU).")
+_INFER_MODEL = flags.DEFINE_enum("infer_model", "shipped", ["shipped", "random"],
+                                 "infer_flaxcap's model: models/flickr8k (when shipped; else random), or "
+                                 "bench/latency.py's random decoder.")
 # Not "output": the infer_flaxcap child imports bench/latency.py, which defines that flag.
 _OUTPUT = flags.DEFINE_string("memory_output", "memory", "JSON path, or a name under bench/results/.")
 
 _MARK = "MEMORY_RESULT "
 
 
+def _start(name: str) -> subprocess.Popen:
+  """Starts `python bench/memory.py --child=NAME` (its JSON line comes back on stdout)."""
+  command = [sys.executable, __file__, f"--child={name}", f"--train_batch={_TRAIN_BATCH.value}",
+             f"--infer_model={_INFER_MODEL.value}"]
+  if common.TORCH_THREADS.value:
+    command.append(f"--torch_threads={common.TORCH_THREADS.value}")
+  return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def _child(name: str) -> dict:
   """Runs one measurement in this (fresh) process."""
   if name == "infer_flaxcap":  # jax only: torch is not imported
     from bench import latency  # pylint: disable=g-import-not-at-top
+    from flaxcap import inference  # pylint: disable=g-import-not-at-top
     after_imports = common.peak_rss_bytes()
-    path = str(latency.default_image())
-    captioner, _, _ = latency.flaxcap_model(None)
-    caption = latency.flaxcap_pipeline(captioner, path=path, beam_size=3, max_len=20).caption
+    path = str(common.default_image())
+    shipped = _INFER_MODEL.value == "shipped" and inference.default_checkpoint().exists()
+    captioner, _, _ = latency.flaxcap_model(None, shipped=shipped)
+
+    def caption(image_path):  # what latency.py's flaxcap pipeline times, without its stage functions
+      return next(iter(captioner.caption([image_path], beam_size=3, max_len=20))).text
   elif name == "infer_torch":  # torch only: neither jax nor flaxcap's model is imported here
     from bench import torch_reference  # pylint: disable=g-import-not-at-top
     common.configure_torch()
     after_imports = common.peak_rss_bytes()
-    path = str(common.RESULTS_DIR / "latency_image.jpg")
-    if not pathlib.Path(path).exists():
-      raise FileNotFoundError(f"{path}: run infer_flaxcap (or bench/latency.py) first")
+    path = str(common.default_image())
     words = ["<pad>", "<bos>", "<eos>", "<unk>"] + [f"w{i}" for i in range(4, 2600)]
     caption = torch_reference.CaptionPipeline(
         torch_reference.efficientnet_lite("efficientnet_lite0", pretrained=True),
@@ -98,6 +116,12 @@ def main(argv):
   if _CHILD.value:
     print(_MARK + json.dumps(_child(_CHILD.value)), flush=True)
     return
+  # The inference children only read their own peak RSS, which other processes do not change: they
+  # start at once and run side by side (and beside this process's imports). Train rows (device
+  # memory) run one at a time.
+  common.default_image()
+  inference_rows = _ROWS.value or ["infer_flaxcap", "infer_torch"]
+  started = {name: _start(name) for name in inference_rows if name.startswith("infer_")}
   gpu = common.on_gpu()
   info = common.machine()
   print(common.machine_line(info), flush=True)
@@ -109,14 +133,14 @@ def main(argv):
     children = _ROWS.value
   rows = []
   for name in children:
-    print(f"{name} ...", flush=True)
-    command = [sys.executable, __file__, f"--child={name}", f"--train_batch={_TRAIN_BATCH.value}"]
-    if common.TORCH_THREADS.value:
-      command.append(f"--torch_threads={common.TORCH_THREADS.value}")
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    lines = [line for line in done.stdout.splitlines() if line.startswith(_MARK)]
+    if name not in started:
+      print(f"{name} ...", flush=True)
+      started[name] = _start(name)
+    done = started[name]
+    stdout, stderr = done.communicate()
+    lines = [line for line in stdout.splitlines() if line.startswith(_MARK)]
     if done.returncode or not lines:
-      print(done.stderr[-3000:], file=sys.stderr)
+      print(stderr[-3000:], file=sys.stderr)
       rows.append({"measurement": name, "error": f"exit code {done.returncode}"})
       continue
     result = json.loads(lines[-1][len(_MARK):])
@@ -125,10 +149,12 @@ def main(argv):
                     if isinstance(value, int) and key.startswith("peak")}})
   print()
   common.print_table(rows, COLUMNS, title=(
-      f"peak memory, each row a fresh process; inference: one image file -> caption, beam 3 (bench/"
-      f"latency.py's pipelines); train rows (GPU only): batch {_TRAIN_BATCH.value}; "
+      f"peak memory, each row a fresh process; inference: one image file -> caption, beam 3 (flaxcap: "
+      f"the {_INFER_MODEL.value} model; torch: bench/latency.py's pipeline); train rows (GPU only): "
+      f"batch {_TRAIN_BATCH.value}; "
       f"{common.machine_line(info)}"))
   common.write_json(_OUTPUT.value, {"benchmark": "memory", "machine": info, "rows": rows,
+                                    "infer_model": _INFER_MODEL.value,
                                     "train_batch": _TRAIN_BATCH.value})
 
 

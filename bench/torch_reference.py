@@ -18,13 +18,17 @@ way most people run this model:
 
 `load_flaxcap_decoder_params` copies a flaxcap `Decoder`'s parameters into `SoftAttentionDecoder`, so both
 frameworks run the same weights. `python bench/torch_reference.py` checks that on small random inputs:
-logits, loss and gradients agree with flaxcap, and the captions of the batched searches agree.
+logits, loss and every parameter's gradient agree with flaxcap; with `--searches` (the default on a GPU)
+also the captions of flaxcap's search and the two torch searches at beams 1 and 3. On the CPU the
+searches are left to bench/beam_search.py, whose "agrees" column compares the same searches' captions at
+full size (each search here compiled for seconds).
 
 Code here is written for the benchmarks from the paper's description; it is not the tutorial's code.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import pathlib
@@ -385,12 +389,24 @@ def load_flaxcap_decoder_params(decoder: SoftAttentionDecoder, params: dict[str,
   and `context_gates` = the LSTM's W_ih over [E y; z], `init_state` = [init_c | init_h]. Kernels are
   [in, out] (torch weights [out, in]); the LSTM gate order (i, f, g, o) is the same.
   """
+  weights = _as_torch_layout(params, hidden=decoder.lstm.hidden_size,
+                             attention=decoder.hidden_att.out_features)
+  weights["lstm.bias_hh"] = np.zeros(4 * decoder.lstm.hidden_size, np.float32)  # flaxcap has one bias
+  state = decoder.state_dict()
+  if set(weights) != set(state):
+    raise ValueError(f"parameter names differ: {sorted(set(weights) ^ set(state))}")
+  decoder.load_state_dict({name: torch.from_numpy(np.array(value, np.float32)).reshape(state[name].shape)
+                           for name, value in weights.items()})  # np.array copies: writable
+
+
+def _as_torch_layout(params: dict[str, Any], *, hidden: int, attention: int) -> dict[str, np.ndarray]:
+  """flaxcap `Decoder` params (or their gradients) -> `SoftAttentionDecoder`'s names and layouts (all but
+  `lstm.bias_hh`, which flaxcap does not have). Each torch array is a slice or transpose of one flaxcap
+  array (or two side by side), so gradients map the same way."""
   p = {name: {k: np.asarray(v, np.float32) for k, v in leaves.items()} if isinstance(leaves, dict)
        else np.asarray(leaves, np.float32) for name, leaves in params.items()}
-  hidden = decoder.lstm.hidden_size
-  attention = decoder.hidden_att.out_features
   fused = p["hidden_proj"]["kernel"]  # [H, 4H + A + 1]
-  weights = {
+  return {
       "embedding.weight": p["embedding"]["embedding"],
       "feature_att.weight": p["feature_proj"]["kernel"].T, "feature_att.bias": p["feature_proj"]["bias"],
       "hidden_att.weight": fused[:, 4 * hidden:4 * hidden + attention].T,
@@ -404,23 +420,39 @@ def load_flaxcap_decoder_params(decoder: SoftAttentionDecoder, params: dict[str,
                                        axis=1),
       "lstm.bias_ih": p["input_gates"]["bias"],
       "lstm.weight_hh": fused[:, :4 * hidden].T,
-      "lstm.bias_hh": np.zeros(4 * hidden, np.float32),
       "hidden_out.weight": p["hidden_out"]["kernel"].T, "hidden_out.bias": p["hidden_out"]["bias"],
       "context_out.weight": p["context_out"]["kernel"].T,
       "logits_out.weight": p["logits_out"]["kernel"].T, "logits_out.bias": p["logits_out"]["bias"],
   }
-  state = decoder.state_dict()
-  if set(weights) != set(state):
-    raise ValueError(f"parameter names differ: {sorted(set(weights) ^ set(state))}")
-  decoder.load_state_dict({name: torch.from_numpy(np.ascontiguousarray(value)).reshape(state[name].shape)
-                           for name, value in weights.items()})
 
 
 # -- self-check: `python bench/torch_reference.py` -----------------------------------------------------
 
 
-def _self_check() -> None:
-  """Same weights in both frameworks: logits, loss, gradients and beam-search captions agree."""
+def _random_params(shapes, rng: np.random.Generator) -> dict[str, Any]:
+  """Random values for a flaxcap `Decoder`'s parameter shapes (`jax.eval_shape` of its init), as numpy.
+
+  Kernels [in, out] ~ N(0, 1/in), the embedding [V, E] ~ N(0, 1/E), and the vectors (biases, the gate
+  bias) ~ N(0, 0.1^2) rather than flax's zeros, so that the check also covers where each bias goes.
+  Drawn here instead of by `Decoder.init`, whose 16 random initializers took XLA:CPU ~6 s to compile.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
+  def draw(path, leaf):
+    if len(leaf.shape) == 1:
+      std = 0.1
+    elif "embedding" in jax.tree_util.keystr(path):
+      std = leaf.shape[-1] ** -0.5
+    else:
+      std = leaf.shape[0] ** -0.5
+    return (rng.standard_normal(leaf.shape) * std).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def _self_check(searches: bool) -> None:
+  """Same weights in both frameworks: logits, loss and gradients agree; with `searches`, the captions of
+  flaxcap's search and of the two torch searches (beam 1 and 3) too."""
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -429,7 +461,11 @@ def _self_check() -> None:
   from flaxcap import model as model_lib  # pylint: disable=g-import-not-at-top
 
   jax.config.update("jax_default_matmul_precision", "float32")
+  # On the CPU without LLVM's optimisations: each program here runs once, and it compiled 1.5x slower
+  # with them.
+  options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
   torch.manual_seed(0)
+  torch.set_num_threads(1)  # tiny tensors: more threads only spin (bench/common.py)
   vocab, channels, dim, batch, max_len = 60, 24, 32, 6, 10
   rng = np.random.default_rng(0)
   features = np.abs(rng.normal(size=(batch, 3, 3, channels))).astype(np.float32)
@@ -439,14 +475,17 @@ def _self_check() -> None:
   flax_decoder = decoder_lib.Decoder(vocab_size=vocab, embed_dim=dim, hidden_dim=dim, attention_dim=dim,
                                      dropout_rate=0.0)
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
-  params = flax_decoder.init(jax.random.key(0), features, inputs, deterministic=True)["params"]
-  params = jax.tree.map(lambda x: x * 2.0, params)  # sharper distributions: fewer near-ties
+  shapes = jax.eval_shape(lambda key: flax_decoder.init(key, features, inputs, deterministic=True),
+                          jax.random.key(0))["params"]
+  params = jax.tree.map(lambda x: x * 2.0, _random_params(shapes, rng))  # sharper: fewer near-ties
 
   def flax_loss(params):
     logits, attention = flax_decoder.apply({"params": params}, features, inputs, deterministic=True)
     return model_lib.caption_loss(logits, targets, attention, alpha_c=1.0)[0], logits
 
-  (loss, logits), grads = jax.value_and_grad(flax_loss, has_aux=True)(params)
+  # Jitted: op by op, jax compiled ~300 small programs here (most of the check's ~40 s on the CPU).
+  (loss, logits), grads = jax.jit(jax.value_and_grad(flax_loss, has_aux=True),
+                                  compiler_options=options)(params)
   torch_decoder = SoftAttentionDecoder(vocab, channels, embed_dim=dim, hidden_dim=dim,
                                        attention_dim=dim, dropout=0.0)
   load_flaxcap_decoder_params(torch_decoder, params)
@@ -460,20 +499,23 @@ def _self_check() -> None:
     torch_loss = caption_loss(torch_logits, targets_t, attention)
     torch_loss.backward()
     logit_error = float(np.abs(torch_logits.detach().numpy()[mask] - np.asarray(logits)[mask]).max())
-    grad_error = max(
-        float(np.abs(torch_decoder.logits_out.weight.grad.numpy().T
-                     - np.asarray(grads["logits_out"]["kernel"])).max()),
-        float(np.abs(torch_decoder.lstm.weight_hh.grad.numpy().T
-                     - np.asarray(grads["hidden_proj"]["kernel"])[:, :4 * dim]).max()))
+    torch_grads = {name: p.grad.numpy() for name, p in torch_decoder.named_parameters()}
+    grad_error = max(float(np.abs(torch_grads[name] - flax_grad).max())  # every parameter's gradient
+                     for name, flax_grad in _as_torch_layout(grads, hidden=dim, attention=dim).items())
     torch_loss = float(torch_loss.detach())
     print(f"shrink_batch={shrink}: max |logits diff| {logit_error:.2e}, loss {torch_loss:.6f} vs "
-          f"flaxcap {float(loss):.6f}, max |grad diff| (vocabulary layer, LSTM W_hh) {grad_error:.2e}")
+          f"flaxcap {float(loss):.6f}, max |grad diff| (every parameter) {grad_error:.2e}")
     assert logit_error < 1e-4 and abs(torch_loss - float(loss)) < 1e-5 and grad_error < 1e-5
 
+  if not searches:
+    print("torch reference agrees with flaxcap (logits, loss, gradients; the searches' captions: "
+          "--searches, or bench/beam_search.py's 'agrees' column)")
+    return
   torch_decoder.eval()
   for beam in (1, 3):
-    result = decoding.search(flax_decoder, params, jnp.asarray(features), beam_size=beam,
-                             max_len=max_len)
+    result = jax.jit(functools.partial(decoding.search, flax_decoder, beam_size=beam,
+                                       max_len=max_len),
+                     compiler_options=options)(params, jnp.asarray(features))
     flax_tokens = np.asarray(result.tokens)[:, 0]
     batched, _, _ = beam_search_batched(torch_decoder, features_t, beam_size=beam, max_len=max_len)
     per_image = [beam_search_per_image(torch_decoder, features_t[i], beam_size=beam,
@@ -487,4 +529,14 @@ def _self_check() -> None:
 
 
 if __name__ == "__main__":
-  _self_check()
+  import argparse  # pylint: disable=g-import-not-at-top
+  _parser = argparse.ArgumentParser(description="Checks the torch reference against flaxcap.")
+  _parser.add_argument("--searches", action=argparse.BooleanOptionalAction, default=None,
+                       help="also compare the searches' captions (default: on a GPU only; on the CPU "
+                       "each search compiles for seconds, and bench/beam_search.py compares the captions "
+                       "of the same searches at full size)")
+  _args = _parser.parse_args()
+  if _args.searches is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    _args.searches = jax.default_backend() == "gpu"
+  _self_check(_args.searches)

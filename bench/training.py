@@ -15,13 +15,13 @@ Frameworks (--frameworks), all on the same batch in this process:
   jax_naive  (decoder part) the textbook cell under `nn.scan` (features re-projected every step,
              `nn.LSTMCell`, the vocabulary layer inside the loop) through the same flaxcap train step
 
-Each row: one untimed step (jax: the compilation), one warm-up step, then --steps timed steps, each waited
-for; images/s = batch / median step; tokens/s counts the real (non-pad) target tokens. FLOPs are the
-analytic count of bench/roofline.py (all 21 steps; the torch reference skips finished captions, so it
-does up to ~30% less work at the same images/s); on a GPU the row also shows achieved TFLOP/s against the
-matmul peak measured at the start of the run.
+Each row: one untimed step (jax: the compilation), on a GPU one more warm-up step (--warmup), then --steps
+timed steps, each waited for; images/s = batch / median step; tokens/s counts the real (non-pad) target
+tokens. FLOPs are the analytic count of bench/roofline.py (all 21 steps; the torch reference skips
+finished captions, so it does up to ~30% less work at the same images/s); on a GPU the row also shows
+achieved TFLOP/s against the matmul peak measured at the start of the run.
 
-    python bench/training.py                          # CPU default: decoder, batch 32, float32 (~1 min)
+    python bench/training.py                          # CPU default: decoder, batch 32, float32 (~30 s)
     python bench/training.py --parts=decoder,full --batch_sizes=32,128 --dtypes=float32,bfloat16
     python bench/training.py --sizes=tutorial --batch_sizes=128,512           # GPU defaults: see --help
 
@@ -36,7 +36,6 @@ import time
 
 from absl import app
 from absl import flags
-from flax import jax_utils
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -61,6 +60,8 @@ _FULL_BATCH_SIZES = flags.DEFINE_string("full_batch_sizes", None,
 _DTYPES = flags.DEFINE_list("dtypes", None, "float32 and/or bfloat16 (default: float32 on the CPU, "
                             "both on a GPU).")
 _STEPS = flags.DEFINE_integer("steps", None, "Timed steps per row (default: 2 on the CPU, 20 on a GPU).")
+_WARMUP = flags.DEFINE_integer("warmup", None, "Untimed steps before them, the first compiling (default: "
+                               "1 on the CPU, 2 on a GPU).")
 _DECODER_UNROLL = flags.DEFINE_integer("decoder_unroll", 1, "flaxcap: time steps per iteration of the "
                                        "decoder's teacher-forced scan (config.decoder.unroll).")
 _RECOMPUTE_ATTENTION = flags.DEFINE_bool("recompute_attention", False, "flaxcap: recompute the "
@@ -126,7 +127,8 @@ class NaiveDecoder(nn.Module):
 # -- one row per (part, framework, dtype, batch) --------------------------------------------------------
 
 
-def time_flaxcap_step(part, framework, sizes, dtype, batch, steps, decoder_options=None):
+def time_flaxcap_step(part, framework, sizes, dtype, batch, steps, decoder_options=None,
+                      warmup=2):
   """Times train_lib.train_step (pmapped over one device); returns (Timing, first loss, last loss).
 
   `decoder_options`: config.decoder fields to set (e.g. {"unroll": 3}).
@@ -145,20 +147,22 @@ def time_flaxcap_step(part, framework, sizes, dtype, batch, steps, decoder_optio
   if part == "decoder":
     features = workloads.random_features(batch, sizes).reshape(batch, sizes.locations, sizes.channels)
     variables = jax.jit(functools.partial(model.init, deterministic=True,
-                                          method=model_lib.Captioner.decode_features))(
-                                              key, jnp.asarray(features[:1]), input_tokens)
+                                          method=model_lib.Captioner.decode_features),
+                        compiler_options=workloads.init_compiler_options())(
+                            key, jnp.asarray(features[:1]), input_tokens)
     host_batch = {"image_index": np.arange(batch, dtype=np.int32), "tokens": tokens}
-    table = jax_utils.replicate(jnp.asarray(features), devices=[device])
+    table = workloads.replicate(jnp.asarray(features), device)
   else:
     images = workloads.random_images(batch, sizes.image_size)
-    variables = jax.jit(functools.partial(model.init, train=False))(key, jnp.asarray(images[:1]),
-                                                                    input_tokens)
+    variables = jax.jit(functools.partial(model.init, train=False),
+                        compiler_options=workloads.init_compiler_options())(
+                            key, jnp.asarray(images[:1]), input_tokens)
     host_batch = {"images": images, "tokens": tokens}
     table = None
   jax.block_until_ready(variables)
   print(f"  initialised the parameters: {time.perf_counter() - start:.1f} s", flush=True)
-  state = jax_utils.replicate(workloads.flaxcap_train_state(config, model, variables), devices=[device])
-  device_batch = jax_utils.replicate(host_batch, devices=[device])
+  state = workloads.replicate(workloads.flaxcap_train_state(config, model, variables), device)
+  device_batch = workloads.replicate(host_batch, device)
   p_step = jax.pmap(functools.partial(train_lib.train_step, model=model, alpha_c=1.0, label_smoothing=0.0),
                     axis_name=train_lib.AXIS, donate_argnums=(0,), devices=[device])
   holder = {"state": state, "losses": []}
@@ -169,11 +173,16 @@ def time_flaxcap_step(part, framework, sizes, dtype, batch, steps, decoder_optio
     holder["losses"].append(float(sums["token_loss"][0] / sums["num_tokens"][0]
                                   + sums["attention_penalty"][0] / sums["num_images"][0]))
 
-  timing = common.time_calls(run, repeats=steps, warmup=2)
+  timing = common.time_calls(run, repeats=steps, warmup=warmup)
   return timing, holder["losses"][0], holder["losses"][-1]
 
 
-def time_torch_step(part, sizes, dtype, batch, steps):
+def default_warmup() -> int:
+  """Untimed steps before the timed ones: 2 on a GPU; 1 on the CPU (the compilation's own step)."""
+  return 2 if common.on_gpu() else 1
+
+
+def time_torch_step(part, sizes, dtype, batch, steps, warmup=2):
   import torch  # pylint: disable=g-import-not-at-top
   from bench import torch_reference  # pylint: disable=g-import-not-at-top
   device = common.torch_device()
@@ -198,7 +207,7 @@ def time_torch_step(part, sizes, dtype, batch, steps):
     common.torch_sync(device)
     losses.append(float(loss))
 
-  timing = common.time_calls(run, repeats=steps, warmup=2)
+  timing = common.time_calls(run, repeats=steps, warmup=warmup)
   return timing, losses[0], losses[-1]
 
 
@@ -224,6 +233,7 @@ def main(argv):
   steps = _STEPS.value or (20 if gpu else 2)
   decoder_options = {"unroll": _DECODER_UNROLL.value, "recompute_attention": _RECOMPUTE_ATTENTION.value,
                      "feature_dtype": _FEATURE_DTYPE.value}
+  warmup = _WARMUP.value or default_warmup()
   common.configure_torch()
   info = common.machine()
   print(common.machine_line(info), flush=True)
@@ -240,13 +250,14 @@ def main(argv):
           print(f"{part} {framework} {dtype} batch {batch} ...", flush=True)
           if framework == "torch":
             try:
-              timing, first_loss, last_loss = time_torch_step(part, sizes, dtype, batch, steps)
+              timing, first_loss, last_loss = time_torch_step(part, sizes, dtype, batch, steps,
+                                                              warmup)
             except ImportError as e:  # e.g. no efficientnet_lite_pytorch for the full part
               print(f"  torch skipped: {e}", flush=True)
               continue
           else:
             timing, first_loss, last_loss = time_flaxcap_step(part, framework, sizes, dtype, batch, steps,
-                                                              decoder_options)
+                                                              decoder_options, warmup)
           tokens = workloads.real_target_tokens(workloads.random_tokens(batch, sizes))
           row = {"part": part, "framework": framework, "dtype": dtype, "batch": batch,
                  "grid": f"{sizes.grid}x{sizes.grid}x{sizes.channels}", "vocab": sizes.vocab,
@@ -273,7 +284,7 @@ def main(argv):
   common.print_table(rows, COLUMNS, title=f"train step (fwd + bwd + Adam), {steps} timed steps, "
                      f"median; {common.machine_line(info)}")
   common.write_json(_OUTPUT.value, {
-      "benchmark": "training", "machine": info, "peaks": peaks, "steps": steps,
+      "benchmark": "training", "machine": info, "peaks": peaks, "steps": steps, "warmup": warmup,
       "decoder_unroll": _DECODER_UNROLL.value, "decoder_options": decoder_options,
       "sizes": {"decoder": dataclasses.asdict(decoder_sizes), "full": dataclasses.asdict(full_sizes)},
       "notes": "images/s = batch / median step time; tokens/s = real target tokens / median step time; "

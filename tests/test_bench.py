@@ -1,0 +1,61 @@
+"""bench/: the pieces bench/run_all.py relies on (the scripts themselves are run by run_all, not here)."""
+
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_replicate_compiles_a_pmapped_step_once():
+  from bench import workloads  # pylint: disable=g-import-not-at-top
+  from flaxcap import train_lib  # pylint: disable=g-import-not-at-top
+  device = jax.devices()[0]
+  traces = []
+
+  def step(state, batch):
+    traces.append(1)  # runs once per compilation
+    return {"w": state["w"] + batch, "step": state["step"] + 1}, jnp.sum(batch)
+
+  p_step = jax.pmap(step, axis_name=train_lib.AXIS, donate_argnums=(0,), devices=[device])
+  state = workloads.replicate({"w": np.ones((4, 4), np.float32), "step": np.int32(0)}, device)
+  batch = workloads.replicate(np.ones((4,), np.float32), device)
+  for _ in range(3):
+    state, _ = p_step(state, batch)
+  assert len(traces) == 1
+  np.testing.assert_array_equal(np.asarray(state["step"]), [3])
+  np.testing.assert_array_equal(np.asarray(state["w"])[0], np.full((4, 4), 4.0))
+
+
+def test_torch_reference_agrees_with_flaxcap():
+  pytest.importorskip("torch")
+  done = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "torch_reference.py")],
+                        capture_output=True, text=True, check=False, cwd=REPO_ROOT, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "torch reference agrees with flaxcap" in done.stdout
+
+
+def test_run_all_preload_starts_no_jax_backend():
+  pytest.importorskip("torch")
+  code = ("from bench import run_all; run_all._preload(); "
+          "from jax._src import xla_bridge; assert not xla_bridge._backends; print('ok')")
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                        cwd=REPO_ROOT, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.stdout.strip().endswith("ok")
+
+
+def test_default_image_needs_neither_jax_nor_torch(tmp_path, monkeypatch):
+  from bench import common  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+  monkeypatch.setattr(common, "FLICKR8K_IMAGES", tmp_path / "absent")
+  path = common.default_image()
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  with Image.open(path) as image:
+    assert image.size == (500, 375)
+  assert common.default_image() == path  # written once
