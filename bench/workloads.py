@@ -190,6 +190,7 @@ def replicate(tree, device):
   the step's outputs one named `train_lib.AXIS`: the second step saw a new input sharding and compiled
   the whole train step again (~10 s on the CPU). Arrays placed on the step's own mesh compile once.
   """
+  from flaxcap import train_lib  # pylint: disable=g-import-not-at-top
   sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array([device]), (train_lib.AXIS,)),
                                         jax.sharding.PartitionSpec(train_lib.AXIS))
   return jax.tree.map(lambda x: jax.device_put(jnp.asarray(x)[None], sharding), tree)
