@@ -183,17 +183,9 @@ def flaxcap_train_state(config, model, variables, *, seed: int = 1) -> train_lib
 
 
 def replicate(tree, device):
-  """`flax.jax_utils.replicate` onto one device for a step pmapped with `train_lib.AXIS`, placed as the
-  step's own outputs are.
-
-  With jax 0.10's pmap, `jax_utils.replicate`'s arrays carry a mesh axis named "_device_put_sharded" and
-  the step's outputs one named `train_lib.AXIS`: the second step saw a new input sharding and compiled
-  the whole train step again (~10 s on the CPU). Arrays placed on the step's own mesh compile once.
-  """
+  """`train_lib.replicate` onto one device: the pmapped step compiles once (see there)."""
   from flaxcap import train_lib  # pylint: disable=g-import-not-at-top
-  sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array([device]), (train_lib.AXIS,)),
-                                        jax.sharding.PartitionSpec(train_lib.AXIS))
-  return jax.tree.map(lambda x: jax.device_put(jnp.asarray(x)[None], sharding), tree)
+  return train_lib.replicate(tree, [device])
 
 
 def decoder_for(sizes: Sizes, dtype: str = "float32", dropout: float = 0.0):

@@ -16,7 +16,6 @@ import time
 from typing import Any
 
 from absl import logging
-from flax import jax_utils
 from flax.training import train_state
 import jax
 from jax import lax
@@ -268,8 +267,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   step = int(state.step)
   start_epoch, skip_batches = divmod(step, steps_per_epoch)
 
-  replicated_table = None if data.feature_table is None else jax_utils.replicate(data.feature_table)
-  replicated_state = jax_utils.replicate(state)
+  replicated_table = None if data.feature_table is None else replicate(data.feature_table)
+  replicated_state = replicate(state)
   writer = _summary_writer(workdir) if is_chief else None
   guard = _NaNGuard()
   eval_metrics = {}
@@ -331,6 +330,26 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   if writer:
     writer.close()
   return eval_metrics
+
+
+def replicate(tree, devices=None):
+  """A copy of `tree` on each of `devices` (default: the local devices), leading axis [devices, ...],
+  placed as a step pmapped with `AXIS` places its outputs.
+
+  `flax.jax_utils.replicate`'s arrays carry another mesh axis name ("_device_put_sharded" on jax 0.10),
+  so the step's second call, fed the first call's outputs, saw a new input sharding and compiled the
+  whole train step again.
+  """
+  devices = list(devices or jax.local_devices())
+  sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)),
+                                        jax.sharding.PartitionSpec(AXIS))
+
+  def put(leaf):
+    leaf = leaf if isinstance(leaf, jax.Array) else np.asarray(leaf)
+    return jax.make_array_from_single_device_arrays(
+        (len(devices),) + leaf.shape, sharding, [jax.device_put(leaf[None], d) for d in devices])
+
+  return jax.tree_util.tree_map(put, tree)
 
 
 def unreplicate(tree):

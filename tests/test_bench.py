@@ -4,32 +4,9 @@ import pathlib
 import subprocess
 import sys
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def test_replicate_compiles_a_pmapped_step_once():
-  from bench import workloads  # pylint: disable=g-import-not-at-top
-  from flaxcap import train_lib  # pylint: disable=g-import-not-at-top
-  device = jax.devices()[0]
-  traces = []
-
-  def step(state, batch):
-    traces.append(1)  # runs once per compilation
-    return {"w": state["w"] + batch, "step": state["step"] + 1}, jnp.sum(batch)
-
-  p_step = jax.pmap(step, axis_name=train_lib.AXIS, donate_argnums=(0,), devices=[device])
-  state = workloads.replicate({"w": np.ones((4, 4), np.float32), "step": np.int32(0)}, device)
-  batch = workloads.replicate(np.ones((4,), np.float32), device)
-  for _ in range(3):
-    state, _ = p_step(state, batch)
-  assert len(traces) == 1
-  np.testing.assert_array_equal(np.asarray(state["step"]), [3])
-  np.testing.assert_array_equal(np.asarray(state["w"])[0], np.full((4, 4), 4.0))
 
 
 def test_torch_reference_agrees_with_flaxcap():

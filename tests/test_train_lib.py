@@ -8,8 +8,8 @@ import subprocess
 import sys
 import time
 
-from flax import jax_utils
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -67,8 +67,8 @@ def _run_steps(num_devices, config, feature_table, token_batches):
   state = train_lib.create_train_state(config, model, data, steps_per_epoch=10)
   devices = jax.local_devices()[:num_devices]
   step = _pmapped_step(model, num_devices)
-  state = jax_utils.replicate(state, devices=devices)
-  table = jax_utils.replicate(feature_table, devices=devices)
+  state = train_lib.replicate(state, devices)
+  table = train_lib.replicate(feature_table, devices)
   for image_index, tokens in token_batches:
     batch = {"image_index": image_index.reshape(num_devices, -1),
              "tokens": tokens.reshape(num_devices, -1, tokens.shape[-1])}
@@ -250,3 +250,27 @@ def test_fine_tuning_trains_the_chosen_encoder_stages_from_images(shapes_root, t
   trained = {name for name, moved in changed.items() if moved}
   assert trained and all(name.startswith("stage3_") for name in trained), trained
   assert any(name.startswith("stage2_") for name in changed)  # frozen stages are there, unchanged
+
+
+@pytest.mark.parametrize("num_devices", [1, 4])
+def test_replicate_places_arrays_so_a_pmapped_step_compiles_once(num_devices):
+  """`train_lib.replicate`: a copy per device, placed as the step's outputs, so feeding a step its own
+  outputs does not trace and compile it again (with flax's `jax_utils.replicate` it did, on step 2)."""
+  devices = jax.local_devices()[:num_devices]
+  assert len(devices) == num_devices  # the suite runs with 4 host devices (tests/conftest.py)
+  traces = []
+
+  def step(state, batch):
+    traces.append(1)  # runs once per trace
+    return {"w": state["w"] + batch, "step": state["step"] + 1}, jnp.sum(batch)
+
+  p_step = jax.pmap(step, axis_name=train_lib.AXIS, donate_argnums=(0,), devices=devices)
+  weights = np.random.default_rng(0).normal(size=(4, 4)).astype(np.float32)
+  state = train_lib.replicate({"w": weights, "step": np.int32(0)}, devices)
+  batch = train_lib.replicate(np.ones((4,), np.float32), devices)
+  for _ in range(3):
+    state, _ = p_step(state, batch)
+  assert len(traces) == 1
+  np.testing.assert_array_equal(np.asarray(state["step"]), [3] * num_devices)
+  for copy in np.asarray(state["w"]):
+    np.testing.assert_allclose(copy, weights + 3.0)
