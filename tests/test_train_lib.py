@@ -234,7 +234,7 @@ def test_cached_feature_training_and_inference_never_import_tensorflow():
 
 
 def test_fine_tuning_trains_the_chosen_encoder_stages_from_images(shapes_root, tmp_path):
-  # Features from stage 3 keep the compiled encoder (forward through stages 0-3, backward through 3)
+  # Features from stage 2 keep the compiled encoder (forward through stages 0-2, backward through 2)
   # small: the whole Lite0 made this test a quarter of the suite's time on 2 cores.
   config = _config(shapes_root, num_epochs=1, encoder__feature_stage=2, encoder__trainable_stages=(2,),
                    encoder__learning_rate=1e-2)
