@@ -191,14 +191,18 @@ def create_train_state(config, model, data: train_data.TrainData, steps_per_epoc
   init_rng, state_rng = jax.random.split(jax.random.key(config.seed))
   input_tokens = jnp.zeros((1, config.data.max_len - 1), jnp.int32)
   if data.feature_table is not None:
-    features = jnp.zeros((1,) + data.feature_table.shape[1:], jnp.float32)
-    variables = model.init(init_rng, features, input_tokens, deterministic=True,
-                           method=model_lib.Captioner.decode_features)
-    params, batch_stats = dict(variables["params"]), {}
-  else:
-    images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.uint8)
-    variables = model.init(init_rng, images, input_tokens, train=False)
-    params = dict(variables["params"], encoder=data.encoder_variables["params"])
+    feature_shape = data.feature_table.shape[1:]
+  else:  # the encoder's output shape, traced without running it
+    images = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.uint8)
+    feature_shape = jax.eval_shape(data.encoder.apply, data.encoder_variables, images).shape[1:]
+  # Only the decoder is initialized here (the same parameters as a whole-model init: flax derives
+  # each submodule's keys from its name); a fine-tuned encoder starts from its pretrained variables,
+  # so a random init of it, op by op, would be thrown away.
+  variables = model.init(init_rng, jnp.zeros((1,) + tuple(feature_shape), jnp.float32), input_tokens,
+                         deterministic=True, method=model_lib.Captioner.decode_features)
+  params, batch_stats = dict(variables["params"]), {}
+  if data.feature_table is None:
+    params["encoder"] = data.encoder_variables["params"]
     batch_stats = {"encoder": data.encoder_variables.get("batch_stats", {})}
   return TrainState.create(
       apply_fn=model.apply, params=params,

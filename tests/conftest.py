@@ -1,14 +1,27 @@
-"""Shared test set-up: quiet TF, four host CPU devices for pmap tests, and the real-data fixture."""
+"""Shared test set-up: quiet TF, four host CPU devices for pmap tests, one XLA compilation cache for
+the session, and the shared data and checkpoint fixtures."""
 
+import atexit
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=4").strip()
+# Every training run builds a new optimizer, so its pmapped step is traced and compiled anew, though
+# the program is the same (as are the encoder and search that Captioner.load, infer.py and app.py
+# compile). JAX's persistent cache, keyed by the compiled program, lets this process and the CLIs it
+# starts (they inherit the variable) compile each program once. A new empty folder per session,
+# removed at exit; JAX_COMPILATION_CACHE_DIR set beforehand is used as it is.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _XLA_CACHE = tempfile.mkdtemp(prefix="flaxcap-tests-xla-cache-")
+  atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
 
 import pytest  # noqa: E402
 
