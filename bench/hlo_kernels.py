@@ -22,6 +22,41 @@ _WHILE = re.compile(r"body=%?([\w.\-]+)")
 _COMMENT = re.compile(r"/\*.*?\*/")
 
 
+def trace_kernel_summary(trace_dir: str, calls: int) -> tuple[list[str], dict]:
+  """The GPU events of the newest `jax.profiler` trace under `trace_dir`, summed per kernel name and
+  divided by `calls` (the traced calls): text lines, and {plane/line: {kernel: [us/call, x/call]}}.
+
+  What a trace says that the HLO counts below do not: each kernel's measured time (used by
+  bench/probe_gpu9.py; a CPU trace has no GPU plane).
+  """
+  import glob  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  paths = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))
+  if not paths:
+    return ["no trace written"], {}
+  data = jax.profiler.ProfileData.from_file(paths[-1])
+  lines, summary = [], {}
+  for plane in data.planes:
+    if "gpu" not in plane.name.lower():
+      continue
+    for line in plane.lines:
+      total, count = collections.Counter(), collections.Counter()
+      for event in line.events:
+        total[event.name] += event.duration_ns
+        count[event.name] += 1
+      if not total:
+        continue
+      lines.append(f"== {plane.name} / {line.name}: {len(total)} names, "
+                   f"{sum(total.values()) / 1e3 / calls:.1f} us per call, "
+                   f"{sum(count.values()) / calls:.0f} kernels per call")
+      for event_name, ns in total.most_common(80):
+        lines.append(f"  {ns / 1e3 / calls:9.1f} us/call {count[event_name] / calls:7.1f} x/call "
+                     f"{ns / max(count[event_name], 1) / 1e3:8.2f} us each  {event_name[:150]}")
+      summary[f"{plane.name}/{line.name}"] = {k: [ns / 1e3 / calls, count[k] / calls]
+                                              for k, ns in total.most_common(80)}
+  return lines or ["no GPU events in the trace (a CPU run)"], summary
+
+
 def parse(text: str) -> tuple[dict[str, collections.Counter], list[str], str]:
   """Returns ({computation: Counter of kernel opcodes}, while body names, entry name)."""
   counts, bodies, entry, current = {}, [], None, None

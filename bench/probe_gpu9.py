@@ -46,9 +46,7 @@ missing; no checkpoint is read or written).
 """
 
 import argparse
-import collections
 import functools
-import glob
 import json
 import os
 import pathlib
@@ -69,6 +67,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench import common  # noqa: E402
+from bench import hlo_kernels  # noqa: E402
 from bench import workloads  # noqa: E402
 from flaxcap import decoder as decoder_lib  # noqa: E402
 from flaxcap import decoding  # noqa: E402
@@ -428,34 +427,6 @@ def beam_part(record: Record, name: str, sizes, batch: int, variants, *, repeats
 # -- kernel profile -----------------------------------------------------------------------------------
 
 
-def kernel_summary(trace_dir: str, calls: int) -> tuple[list[str], dict]:
-  """Device events of a jax.profiler trace summed per kernel name: text lines and a dict."""
-  paths = sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))
-  if not paths:
-    return ["no trace written"], {}
-  data = jax.profiler.ProfileData.from_file(paths[-1])
-  lines, summary = [], {}
-  for plane in data.planes:
-    if "gpu" not in plane.name.lower():
-      continue
-    for line in plane.lines:
-      total, count = collections.Counter(), collections.Counter()
-      for event in line.events:
-        total[event.name] += event.duration_ns
-        count[event.name] += 1
-      if not total:
-        continue
-      lines.append(f"== {plane.name} / {line.name}: {len(total)} names, "
-                   f"{sum(total.values()) / 1e3 / calls:.1f} us per call, "
-                   f"{sum(count.values()) / calls:.0f} kernels per call")
-      for event_name, ns in total.most_common(80):
-        lines.append(f"  {ns / 1e3 / calls:9.1f} us/call {count[event_name] / calls:7.1f} x/call "
-                     f"{ns / max(count[event_name], 1) / 1e3:8.2f} us each  {event_name[:150]}")
-      summary[f"{plane.name}/{line.name}"] = {k: [ns / 1e3 / calls, count[k] / calls]
-                                              for k, ns in total.most_common(80)}
-  return lines or ["no GPU events in the trace (a CPU run)"], summary
-
-
 def profile_part(record: Record, case: TrainCase, variants, calls: int = 3):
   """Kernel time per train step of the given (already compiled) variants: $OUT/profile_train_*.txt."""
   for variant in variants:
@@ -472,7 +443,7 @@ def profile_part(record: Record, case: TrainCase, variants, calls: int = 3):
         state, sums = step(state, case.device_batch, case.table)
         jax.block_until_ready(sums)
       jax.profiler.stop_trace()
-      lines, summary = kernel_summary(trace_dir, calls)
+      lines, summary = hlo_kernels.trace_kernel_summary(trace_dir, calls)
       path = record.out_dir / f"profile_train_{variant.replace('+', '_')}.txt"
       path.write_text(f"train step, {case.dtype}, batch {case.batch}, variant {variant}; "
                       f"per step (mean of {calls})\n" + "\n".join(lines) + "\n")
