@@ -7,6 +7,10 @@ def get_config():
   """Returns the default `ml_collections.ConfigDict`."""
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # A run to start from (a workdir, checkpoint or exported model): a new run takes its decoder's
+  # parameters (and its encoder's, when it fine-tuned one); "" = from scratch. Self-critical training
+  # needs one; a resumed run restores its own checkpoint instead.
+  config.init_checkpoint = ""
 
   # Data: where the captions and images are, and how they are laid out.
   config.data = ml_collections.ConfigDict()
@@ -30,7 +34,9 @@ def get_config():
   config.data.max_len = 22  # caption tokens incl. <bos>/<eos>
   config.data.augment = False  # random crop + colour jitter
   config.data.hflip = False  # horizontal flip swaps "left" and "right": off by default
-  config.data.cache_features = True  # frozen encoder: compute features once, cache under workdir
+  config.data.cache_features = True  # encode once, cache under workdir: a frozen encoder's features,
+  #   or when fine-tuning stages s.. the output of stages 0..s-1 (False: fine-tuning reads images
+  #   through tf.data every step; a frozen encoder always caches)
 
   config.vocab = ml_collections.ConfigDict()
   config.vocab.min_count = 5
@@ -71,7 +77,7 @@ def get_config():
   # Self-critical training (flaxcap/self_critical.py): fine-tunes a cross-entropy run on CIDEr-D.
   config.self_critical = ml_collections.ConfigDict()
   config.self_critical.num_samples = 0  # 0: cross-entropy training; K >= 2: K samples per image
-  config.self_critical.init_checkpoint = ""  # the run to start from: a workdir, checkpoint or export
+  #   (starts from config.init_checkpoint)
   # Score the end of a caption too (CIDEr-D with an end token on both sides); without it the samples
   # learn to stop mid-phrase ("a boy is playing in a").
   config.self_critical.reward_end = True

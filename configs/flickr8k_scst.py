@@ -14,7 +14,7 @@ from configs import flickr8k
 def get_config():
   config = flickr8k.get_config()
   config.self_critical.num_samples = 5
-  config.self_critical.init_checkpoint = "runs/flickr8k/checkpoints"  # the last cross-entropy epoch
+  config.init_checkpoint = "runs/flickr8k/checkpoints"  # the last cross-entropy epoch
   config.batch_size = 32  # images a step, each sampled 5 times
   config.num_epochs = 20
   config.optimizer.learning_rate = 5e-5

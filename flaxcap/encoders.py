@@ -179,7 +179,8 @@ def block_counts(name: str) -> tuple[int, ...]:
   return (1,) + _RESNET_BLOCKS[name]
 
 
-def _stage_index(stage: int, count: int, field: str) -> int:
+def stage_index(stage: int, count: int, field: str) -> int:
+  """`stage` in [0, count) (negative counts from the end); ConfigError naming `field` if out of range."""
   if not -count <= stage < count:
     raise errors.ConfigError(f"{field}: stage {stage} out of range [-{count}, {count - 1}]")
   return stage % count
@@ -190,7 +191,7 @@ def feature_shape(name: str, image_size: int | tuple[int, int],
   """The `(h, w, channels)` of the feature grid for `image_size` (an int or (height, width))."""
   height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
   specs = _stage_specs(name)
-  last = _stage_index(feature_stage, len(specs), "config.encoder.feature_stage")
+  last = stage_index(feature_stage, len(specs), "config.encoder.feature_stage")
   for _, _, steps in specs[:last + 1]:
     for step in steps:
       halve = (lambda n: -(-n // 2)) if step == "ceil" else (lambda n: n // 2)
@@ -233,7 +234,7 @@ def trainable_param_labels(name: str, encoder_params: Any, trainable_stages: Seq
     BatchNorm statistics follow `train=True`.
   """
   count = num_stages(name)
-  stages = {_stage_index(s, count, "config.encoder.trainable_stages") for s in trainable_stages}
+  stages = {stage_index(s, count, "config.encoder.trainable_stages") for s in trainable_stages}
 
   def label(path, unused_leaf):
     top = getattr(path[0], "key", str(path[0]))
@@ -258,13 +259,23 @@ class _StagedEncoder(nn.Module):
   """Shared fields and stage bookkeeping of the encoders."""
   feature_stage: int = -1
   trainable_stages: tuple[int, ...] | None = None
+  start_stage: int = 0  # > 0: the input is stage `start_stage - 1`'s output, not images
   num_classes: int = 1000
   dtype: Any = jnp.float32
 
   def _plan(self, count: int, return_logits: bool) -> tuple[int, int]:
     """(index of the feature stage, index of the last stage to run)."""
-    feature = _stage_index(self.feature_stage, count, "feature_stage")
+    feature = stage_index(self.feature_stage, count, "feature_stage")
     return feature, count - 1 if return_logits else feature
+
+  def _inputs(self, inputs: jax.Array) -> jax.Array:
+    """Images, normalized (`start_stage` 0), or a stage's output grid [batch, h, w, c] as given."""
+    if self.start_stage == 0:
+      return normalize_images(inputs, self.dtype)
+    if inputs.ndim != 4:
+      raise ValueError(f"expected stage {self.start_stage - 1}'s output [batch, h, w, channels], "
+                       f"got shape {inputs.shape}")
+    return inputs.astype(self.dtype)
 
   def _use_running_average(self, stage: int, count: int, train: bool) -> bool:
     if not train:
@@ -359,9 +370,9 @@ class EfficientNetLite(_StagedEncoder):
     count = len(lite_stages) + 2
     feature_stage, last_stage = self._plan(count, return_logits)
     conv = functools.partial(nn.Conv, use_bias=False, padding="SAME", dtype=self.dtype)
-    hidden = normalize_images(images, self.dtype)
+    hidden = self._inputs(images)
     features = None
-    for stage in range(last_stage + 1):
+    for stage in range(self.start_stage, last_stage + 1):
       running = self._use_running_average(stage, count, train)
       if stage == 0:
         hidden = conv(32, (3, 3), strides=2, name="stage0_conv")(hidden)
@@ -405,9 +416,9 @@ class VGG16(_StagedEncoder):
     """images [batch, H, W, 3] -> features [batch, h, w, c] (and logits [batch, 1000] on request)."""
     del train  # No BatchNorm; dropout in the classifier is not applied.
     feature_stage, last_stage = self._plan(len(_VGG16_STAGES), return_logits)
-    hidden = normalize_images(images, self.dtype)
+    hidden = self._inputs(images)
     features = None
-    for stage in range(last_stage + 1):
+    for stage in range(self.start_stage, last_stage + 1):
       if stage > 0:
         hidden = nn.max_pool(hidden, (2, 2), strides=(2, 2))
       for index, channels in enumerate(_VGG16_STAGES[stage]):
@@ -460,9 +471,9 @@ class ResNet(_StagedEncoder):
     """images [batch, H, W, 3] -> features [batch, h, w, c] (and logits [batch, 1000] on request)."""
     count = len(self.blocks_per_stage) + 1
     feature_stage, last_stage = self._plan(count, return_logits)
-    hidden = normalize_images(images, self.dtype)
+    hidden = self._inputs(images)
     features = None
-    for stage in range(last_stage + 1):
+    for stage in range(self.start_stage, last_stage + 1):
       running = self._use_running_average(stage, count, train)
       if stage == 0:
         hidden = nn.Conv(64, (7, 7), strides=2, padding=((3, 3), (3, 3)), use_bias=False,
@@ -483,7 +494,7 @@ class ResNet(_StagedEncoder):
 
 
 def create_encoder(name: str, *, feature_stage: int = -1, dtype: Any = jnp.float32,
-                   trainable_stages: Sequence[int] | None = None) -> nn.Module:
+                   trainable_stages: Sequence[int] | None = None, start_stage: int = 0) -> nn.Module:
   """Builds encoder `name` (see `ENCODER_NAMES`) as a linen module.
 
   Args:
@@ -493,6 +504,10 @@ def create_encoder(name: str, *, feature_stage: int = -1, dtype: Any = jnp.float
     dtype: compute dtype (jnp.float32 or jnp.bfloat16, or their names); parameters stay float32.
     trainable_stages: stages whose BatchNorm uses batch statistics when called with `train=True`;
       None = all stages, `()` = none (a frozen encoder inside a model that trains).
+    start_stage: 0 runs from images; s > 0 builds the encoder's tail, which takes stage s - 1's
+      output (an encoder with `feature_stage=s - 1`) and runs stages s.. with the same parameter
+      names, so the whole encoder's variables serve both halves. Fine-tuning caches the frozen head
+      of the network this way (`flaxcap.train_data`).
 
   Returns:
     A module whose `__call__(images, *, train=False, return_logits=False)` maps images uint8
@@ -501,13 +516,16 @@ def create_encoder(name: str, *, feature_stage: int = -1, dtype: Any = jnp.float
     lazily: `init` with `return_logits=True` to get the classifier and all stages.
   """
   _check_name(name)
-  _stage_index(feature_stage, num_stages(name), "config.encoder.feature_stage")
+  feature_index = stage_index(feature_stage, num_stages(name), "config.encoder.feature_stage")
+  if not 0 <= start_stage <= feature_index:
+    raise errors.ConfigError(f"start_stage {start_stage}: must be in [0, feature stage "
+                             f"{feature_index}]")
   if trainable_stages is not None:
     trainable_stages = tuple(
-        _stage_index(s, num_stages(name), "config.encoder.trainable_stages")
+        stage_index(s, num_stages(name), "config.encoder.trainable_stages")
         for s in trainable_stages)
   fields = dict(feature_stage=feature_stage, trainable_stages=trainable_stages,
-                dtype=jnp.dtype(dtype))
+                start_stage=start_stage, dtype=jnp.dtype(dtype))
   if name in _LITE_SCALING:
     return EfficientNetLite(variant=name, **fields)
   if name == "vgg16":

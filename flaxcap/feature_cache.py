@@ -20,11 +20,11 @@ from flaxcap import errors
 from flaxcap import images as images_lib
 
 
-def _describe(config, split: str, image_ids: Sequence[str]) -> dict:
+def _describe(config, split: str, image_ids: Sequence[str], feature_stage: int) -> dict:
   return {
       "encoder": config.encoder.name,
       "weights": config.encoder.weights,
-      "feature_stage": config.encoder.feature_stage,
+      "feature_stage": feature_stage,
       "image_size": config.image_size,
       "split": split,
       "image_ids": list(image_ids),
@@ -80,17 +80,22 @@ def encode_records(records, encode_fn: Callable[[np.ndarray], np.ndarray], *, im
 
 
 def cached_features(workdir: str | os.PathLike, config, split: str, records,
-                    encode_fn: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, list]:
+                    encode_fn: Callable[[np.ndarray], np.ndarray],
+                    feature_stage: int | None = None) -> tuple[np.ndarray, list]:
   """Returns (features [N, P, C] float16, the records that have an image), encoding on a cache miss.
 
   Records whose image cannot be read are dropped with one warning (their names are logged singly by
   the decoder). The returned features are memory-mapped from `<workdir>/features/<split>.npy`.
+  `feature_stage` names the stage `encode_fn` stops at, when it is not `config.encoder.feature_stage`
+  (fine-tuning caches the output of the frozen stages before the trainable ones).
   """
   cache_dir = pathlib.Path(workdir) / "features"
   cache_dir.mkdir(parents=True, exist_ok=True)
   features_path = cache_dir / f"{split}.npy"
   meta_path = cache_dir / f"{split}.json"
-  description = _describe(config, split, [r.image_id for r in records])
+  if feature_stage is None:
+    feature_stage = config.encoder.feature_stage
+  description = _describe(config, split, [r.image_id for r in records], feature_stage)
   if features_path.exists() and meta_path.exists():
     meta = json.loads(meta_path.read_text())
     if meta["description"] == description:

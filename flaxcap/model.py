@@ -114,12 +114,19 @@ def create_decoder(config, vocab_size: int) -> decoder_lib.Decoder:
       recompute_attention=bool(dec.get("recompute_attention", False)), feature_dtype=feature_dtype)
 
 
-def create_encoder(config) -> nn.Module:
-  """The encoder module named by `config.encoder` (`config.half_precision` forces bfloat16)."""
+def create_encoder(config, *, feature_stage: int | None = None, start_stage: int = 0) -> nn.Module:
+  """The encoder module named by `config.encoder` (`config.half_precision` forces bfloat16).
+
+  `feature_stage` (default `config.encoder.feature_stage`) and `start_stage` cut it into the frozen
+  head and the trained tail of fine-tuning from cached features (`encoders.create_encoder`).
+  """
   from flaxcap import encoders  # pylint: disable=g-import-not-at-top  (heavy; not needed by decoding)
   dtype = jnp.bfloat16 if config.get("half_precision", False) else _dtype(config, "encoder.dtype")
-  return encoders.create_encoder(config.encoder.name, feature_stage=config.encoder.feature_stage,
-                                 dtype=dtype, trainable_stages=tuple(config.encoder.trainable_stages))
+  if feature_stage is None:
+    feature_stage = config.encoder.feature_stage
+  return encoders.create_encoder(config.encoder.name, feature_stage=feature_stage, dtype=dtype,
+                                 trainable_stages=tuple(config.encoder.trainable_stages),
+                                 start_stage=start_stage)
 
 
 def pretrained_encoder(config) -> tuple[nn.Module, dict]:

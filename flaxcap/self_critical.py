@@ -24,7 +24,6 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxcap import checkpoints
 from flaxcap import decoding
 from flaxcap import epoch_plan
 from flaxcap import errors
@@ -117,12 +116,12 @@ def check_config(config) -> None:
   if config.encoder.trainable_stages:
     raise errors.ConfigError("self-critical training runs on cached features: leave "
                              "config.encoder.trainable_stages empty")
-  if not config.self_critical.init_checkpoint:
-    raise errors.ConfigError("config.self_critical.init_checkpoint is empty: name the "
-                             "cross-entropy run to start from (a workdir, checkpoint or exported model)")
-  if not pathlib.Path(config.self_critical.init_checkpoint).exists():
-    raise errors.ConfigError(f"{config.self_critical.init_checkpoint}: config.self_critical."
-                             "init_checkpoint does not exist; train the cross-entropy run first")
+  if not config.init_checkpoint:
+    raise errors.ConfigError("config.init_checkpoint is empty: self-critical training starts from a "
+                             "cross-entropy run (a workdir, checkpoint or exported model)")
+  if not pathlib.Path(config.init_checkpoint).exists():
+    raise errors.ConfigError(f"{config.init_checkpoint}: config.init_checkpoint does not exist; "
+                             "train the cross-entropy run first")
   advantages(np.zeros((1, int(config.self_critical.num_samples))))  # num_samples >= 2
 
 
@@ -151,22 +150,6 @@ class SelfCritical:
   def steps_per_epoch(self) -> int:
     """Full global batches of `config.batch_size` images in one pass over the training images."""
     return epoch_plan.steps_per_epoch(self.data.captions, "one", self.config.batch_size)
-
-  def initial_state(self, state):
-    """`state` with the decoder parameters of `config.self_critical.init_checkpoint`."""
-    path = self.config.self_critical.init_checkpoint
-    variables, _, vocab = checkpoints.load_for_inference(path)
-    if vocab != self.data.vocab:
-      raise errors.ConfigError(f"{path}: its vocabulary ({len(vocab)} words) differs from this "
-                               f"run's ({len(self.data.vocab)}); train both on the same data and "
-                               "config.vocab")
-    decoder_params = variables["params"]["decoder"]
-    expected = jax.tree_util.tree_map(np.shape, state.params["decoder"])
-    if jax.tree_util.tree_map(np.shape, decoder_params) != expected:
-      raise errors.ConfigError(f"{path}: its decoder's parameter shapes differ from "
-                               "config.decoder's; use the config it was trained with")
-    params = dict(state.params, decoder=jax.tree_util.tree_map(jnp.asarray, decoder_params))
-    return state.replace(params=params, opt_state=state.tx.init(params))
 
   def batches(self, *, epoch: int, num_devices: int, skip_batches: int):
     """Every training image once per epoch, shuffled: {"image_index": int32 [devices, per_device]}."""

@@ -1,10 +1,15 @@
 """What a training run reads: records, vocabulary, caption tokens, cached features, batches.
 
-`prepare(config, workdir)` gathers it once. Two paths:
+`prepare(config, workdir)` gathers it once. Three paths:
 - frozen encoder (default): train and eval images are encoded once into `<workdir>/features/`, and
   batches are rows of that table plus tokens (numpy only; no TensorFlow is imported);
-- fine-tuning (`config.encoder.trainable_stages` non-empty): batches of decoded images come from the
-  tf.data pipeline, and eval images are encoded with the current encoder parameters.
+- fine-tuning the last stages (`config.encoder.trainable_stages` from stage s > 0 on, with
+  `config.data.cache_features`, the default): the same, but the table holds the output of the frozen
+  stages 0..s-1, and each step runs the encoder's tail (stages s..) on its rows (`start_stage`); still
+  no TensorFlow, and a step costs only the tail and the decoder;
+- fine-tuning from images (stage 0 trainable, `config.data.cache_features=False`, or augmentation):
+  batches of decoded images come from the tf.data pipeline.
+When the encoder is fine-tuned, eval images are encoded with the current encoder parameters.
 """
 
 import dataclasses
@@ -19,6 +24,7 @@ import numpy as np
 from flaxcap import datasets
 from flaxcap import epoch_plan
 from flaxcap import decoding
+from flaxcap import encoders
 from flaxcap import errors
 from flaxcap import feature_cache
 from flaxcap import model as model_lib
@@ -33,10 +39,11 @@ class TrainData:
   train_records: list
   eval_records: list
   captions: epoch_plan.CaptionTable | None  # the train captions, tokenized (frozen encoder)
-  encoder: Any  # the encoder module
-  encoder_variables: dict  # its pretrained variables
-  feature_table: np.ndarray | None = None  # float16 [num_train, P, C] (frozen encoder)
-  eval_features: np.ndarray | None = None  # float16 [num_eval, P, C] (frozen encoder)
+  encoder: Any  # the encoder module (when the frozen stages are cached: the tail it trains)
+  encoder_variables: dict  # its pretrained variables (of the whole encoder)
+  feature_table: np.ndarray | None = None  # float16 [num_train, P, C] (frozen encoder) or
+  #   [num_train, h, w, c] (the frozen stages' output, fine-tuning the tail)
+  eval_features: np.ndarray | None = None  # float16, the same for the eval images
 
   def steps_per_epoch(self) -> int:
     return epoch_plan.steps_per_epoch(self.captions, self.config.data.captions_per_epoch,
@@ -46,8 +53,9 @@ class TrainData:
                     skip_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """One epoch of batches shaped [num_devices, per_device, ...], from batch `skip_batches` on.
 
-    Frozen encoder: {"image_index": int32, rows of `feature_table`; "tokens": int32 [..., max_len]}.
-    Fine-tuning: {"images": uint8 [..., H, W, 3]; "tokens"} from the tf.data pipeline.
+    With a feature table: {"image_index": int32, rows of `feature_table`; "tokens": int32
+    [..., max_len]}. Fine-tuning from images: {"images": uint8 [..., H, W, 3]; "tokens"} from the
+    tf.data pipeline.
     Both follow `epoch_plan.plan_epoch`, a pure function of (seed, epoch).
     """
     config = self.config
@@ -73,17 +81,34 @@ class TrainData:
   def _search_fn(self, beam_size: int, max_len: int, length_penalty: float):
     return _jitted_search(self._decoder, beam_size, max_len, length_penalty)
 
+  def eval_feature_grid(self, params, batch_stats=None, *, batch_size: int = 64) -> np.ndarray:
+    """The decoder's input for every eval image, [num_eval, P, C] (float16 when cached).
+
+    A frozen encoder's features come from the cache; a fine-tuned encoder runs with `params`
+    ({"encoder": ..., "decoder": ...}) and `batch_stats` (its running statistics; None = the
+    pretrained ones), from images or from the cached output of its frozen stages.
+    """
+    if not self.config.encoder.trainable_stages:
+      return self.eval_features
+    stats = batch_stats["encoder"] if batch_stats else self.encoder_variables.get("batch_stats")
+    variables = {"params": params["encoder"], **({"batch_stats": stats} if stats else {})}
+    encode = _jitted_apply(self.encoder)
+    if self.eval_features is None:
+      features, valid = feature_cache.encode_records(
+          self.eval_records, lambda images: encode(variables, images),
+          image_size=self.config.image_size)
+      return features[valid]
+    grids = []
+    for start in range(0, len(self.eval_features), batch_size):
+      rows = np.asarray(self.eval_features[start:start + batch_size], np.float32)
+      grids.append(np.asarray(encode(variables, _pad_rows(rows, batch_size)))[:len(rows)])
+    return np.concatenate(grids).reshape(len(self.eval_features), -1, grids[0].shape[-1])
+
   def caption_eval_split(self, params, *, beam_size: int, max_len: int,
-                         length_penalty: float, batch_size: int) -> dict[str, str]:
+                         length_penalty: float, batch_size: int,
+                         batch_stats=None) -> dict[str, str]:
     """Captions every eval image: {image_id: caption text} (batches padded to one shape)."""
-    if self.eval_features is not None:
-      features = self.eval_features
-    else:
-      encode = jax.jit(lambda images: self.encoder.apply(
-          {"params": params["encoder"], **_stats(self.encoder_variables)}, images))
-      features, valid = feature_cache.encode_records(self.eval_records, encode,
-                                                     image_size=self.config.image_size)
-      features = features[valid]
+    features = self.eval_feature_grid(params, batch_stats)
     records = self.eval_records
     if self.config.eval.max_images:
       records, features = records[:self.config.eval.max_images], features[:self.config.eval.max_images]
@@ -92,13 +117,24 @@ class TrainData:
     for start in range(0, len(records), batch_size):
       chunk = np.asarray(features[start:start + batch_size], np.float32)
       count = len(chunk)
-      if count < batch_size:
-        chunk = np.concatenate([chunk, np.zeros((batch_size - count,) + chunk.shape[1:], chunk.dtype)])
-      result = search_fn(params["decoder"], chunk)
+      result = search_fn(params["decoder"], _pad_rows(chunk, batch_size))
       best_tokens = np.asarray(result.tokens[:count, 0])
       for record, tokens in zip(records[start:start + count], best_tokens):
         captions[record.image_id] = self.vocab.decode(tokens)
     return captions
+
+
+def _pad_rows(rows: np.ndarray, size: int) -> np.ndarray:
+  """`rows` with zero rows appended up to `size` (one shape, one compilation)."""
+  if len(rows) == size:
+    return rows
+  return np.concatenate([rows, np.zeros((size - len(rows),) + rows.shape[1:], rows.dtype)])
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_apply(encoder):
+  """`encoder.apply` jitted (inference mode), kept across evaluations."""
+  return jax.jit(encoder.apply)
 
 
 @functools.lru_cache(maxsize=8)
@@ -108,8 +144,17 @@ def _jitted_search(decoder, beam_size: int, max_len: int, length_penalty: float)
                                    length_penalty=length_penalty))
 
 
-def _stats(variables):
-  return {"batch_stats": variables["batch_stats"]} if variables.get("batch_stats") else {}
+def tail_start_stage(config) -> int:
+  """The first trainable encoder stage when fine-tuning runs from cached features, else 0.
+
+  Fine-tuning caches the frozen stages' output when `config.data.cache_features` is on, no image
+  augmentation is asked for, and stage 0 is frozen; otherwise (0) images flow through tf.data.
+  """
+  stages = tuple(config.encoder.trainable_stages)
+  if not stages or not config.data.cache_features or config.data.augment or config.data.hflip:
+    return 0
+  count = encoders.num_stages(config.encoder.name)
+  return min(encoders.stage_index(s, count, "config.encoder.trainable_stages") for s in stages)
 
 
 def prepare(config, workdir) -> TrainData:
@@ -129,11 +174,20 @@ def prepare(config, workdir) -> TrainData:
   data = TrainData(config=config, vocab=vocab, train_records=train_records,
                    eval_records=eval_records, captions=None,
                    encoder=encoder, encoder_variables=encoder_variables)
-  if not config.encoder.trainable_stages:
-    encode = jax.jit(lambda images: encoder.apply(encoder_variables, images))
+  tail_start = tail_start_stage(config)
+  if not config.encoder.trainable_stages or tail_start:
+    # Cache what does not change: the whole frozen encoder's output, or its frozen head's.
+    head_stage = tail_start - 1 if tail_start else None
+    head = model_lib.create_encoder(config, feature_stage=head_stage) if tail_start else encoder
+    encode = jax.jit(lambda images: head.apply(encoder_variables, images))
     data.feature_table, data.train_records = feature_cache.cached_features(
-        workdir, config, "train", train_records, encode)
+        workdir, config, "train", train_records, encode, feature_stage=head_stage)
     data.eval_features, data.eval_records = feature_cache.cached_features(
-        workdir, config, "eval", eval_records, encode)
+        workdir, config, "eval", eval_records, encode, feature_stage=head_stage)
+  if tail_start:
+    data.encoder = model_lib.create_encoder(config, start_stage=tail_start)
+    grid = encoders.feature_shape(config.encoder.name, config.image_size, tail_start - 1)
+    data.feature_table = data.feature_table.reshape((-1,) + grid)
+    data.eval_features = data.eval_features.reshape((-1,) + grid)
   data.captions = epoch_plan.encode_captions(data.train_records, vocab, config.data.max_len)
   return data

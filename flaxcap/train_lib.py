@@ -3,7 +3,9 @@
 `train_and_evaluate(config, workdir)` is the whole job. With a frozen encoder (the default) every image
 is encoded once (`feature_cache`), the feature table lives on the devices, and a batch is a set of table
 rows plus caption tokens, so an epoch costs only the decoder. With `config.encoder.trainable_stages` set,
-images flow through the encoder every step from the tf.data pipeline.
+the table holds the frozen stages' output and each step runs the encoder's trainable tail on its rows,
+or (stage 0 trainable, augmentation, `config.data.cache_features=False`) images flow through the
+whole encoder every step from the tf.data pipeline (`train_data`).
 
 The batch order is a pure function of (seed, epoch) and dropout keys of (seed, step), so a run restarted
 from its latest checkpoint continues exactly where it stopped.
@@ -94,7 +96,9 @@ def train_step(state: TrainState, batch, feature_table, *, model, alpha_c: float
   Args:
     batch: {"tokens": int32 [per_device, max_len]} and either {"image_index": int32 [per_device]},
       rows of `feature_table`, or {"images": uint8 [per_device, H, W, 3]}.
-    feature_table: cached encoder features [num_images, P, C], or None when images are given.
+    feature_table: cached encoder features [num_images, P, C] (a frozen encoder) or the frozen
+      stages' output [num_images, h, w, c] (the model's encoder is the trainable tail), or None
+      when images are given.
   Returns:
     The new state, and metric sums over the global batch.
   """
@@ -102,15 +106,16 @@ def train_step(state: TrainState, batch, feature_table, *, model, alpha_c: float
   input_tokens, target_tokens = model_lib.teacher_forcing_tokens(batch["tokens"])
 
   def loss_fn(params):
-    if feature_table is not None:
+    if feature_table is not None and not model.encoder_trainable:
       features = feature_table[batch["image_index"]]
       logits, attention = model.apply(
           {"params": params}, features, input_tokens, deterministic=False, rngs={"dropout": rng},
           method=model_lib.Captioner.decode_features)
       new_model_state = {}
-    else:
+    else:  # images, or the cached output of the frozen stages for the encoder's trainable tail
+      inputs = batch["images"] if feature_table is None else feature_table[batch["image_index"]]
       (logits, attention), new_model_state = model.apply(
-          {"params": params, "batch_stats": state.batch_stats}, batch["images"], input_tokens,
+          {"params": params, "batch_stats": state.batch_stats}, inputs, input_tokens,
           train=True, rngs={"dropout": rng}, mutable=["batch_stats"])
     sums = model_lib.caption_loss_sums(logits, target_tokens, attention,
                                        label_smoothing=label_smoothing)
@@ -162,10 +167,6 @@ class CrossEntropy:
   def steps_per_epoch(self) -> int:
     return self.data.steps_per_epoch()
 
-  def initial_state(self, state: TrainState) -> TrainState:
-    """The state a new run starts from (a resumed run restores its own)."""
-    return state
-
   def batches(self, *, epoch: int, num_devices: int, skip_batches: int):
     return self.data.train_batches(epoch=epoch, num_devices=num_devices, skip_batches=skip_batches)
 
@@ -190,18 +191,20 @@ def create_train_state(config, model, data: train_data.TrainData, steps_per_epoc
   """Initializes the decoder (and the pretrained encoder when it is fine-tuned) and the optimizer."""
   init_rng, state_rng = jax.random.split(jax.random.key(config.seed))
   input_tokens = jnp.zeros((1, config.data.max_len - 1), jnp.int32)
-  if data.feature_table is not None:
+  if not model.encoder_trainable:
     feature_shape = data.feature_table.shape[1:]
   else:  # the encoder's output shape, traced without running it
-    images = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.uint8)
-    feature_shape = jax.eval_shape(data.encoder.apply, data.encoder_variables, images).shape[1:]
+    inputs = (jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.uint8)
+              if data.feature_table is None else
+              jax.ShapeDtypeStruct((1,) + data.feature_table.shape[1:], jnp.float32))
+    feature_shape = jax.eval_shape(data.encoder.apply, data.encoder_variables, inputs).shape[1:]
   # Only the decoder is initialized here (the same parameters as a whole-model init: flax derives
   # each submodule's keys from its name); a fine-tuned encoder starts from its pretrained variables,
   # so a random init of it, op by op, would be thrown away.
   variables = model.init(init_rng, jnp.zeros((1,) + tuple(feature_shape), jnp.float32), input_tokens,
                          deterministic=True, method=model_lib.Captioner.decode_features)
   params, batch_stats = dict(variables["params"]), {}
-  if data.feature_table is None:
+  if model.encoder_trainable:  # the whole encoder's variables (a tail ignores its head's)
     params["encoder"] = data.encoder_variables["params"]
     batch_stats = {"encoder": data.encoder_variables.get("batch_stats", {})}
   return TrainState.create(
@@ -210,13 +213,49 @@ def create_train_state(config, model, data: train_data.TrainData, steps_per_epoc
       batch_stats=batch_stats, rng=state_rng)
 
 
+def warm_start(config, state: TrainState, vocab) -> TrainState:
+  """`state` with the parameters of `config.init_checkpoint` (unchanged when it is "").
+
+  The decoder's parameters always; the encoder's (and its BatchNorm statistics) when that run
+  fine-tuned its encoder and this one fine-tunes too (a frozen run's encoder is the pretrained one
+  this run starts from anyway). The optimizer starts afresh.
+  """
+  path = config.init_checkpoint
+  if not path:
+    return state
+  variables, source_config, source_vocab = checkpoints.load_for_inference(path)
+  if source_vocab != vocab:
+    raise errors.ConfigError(f"{path}: its vocabulary ({len(source_vocab)} words) differs from "
+                             f"this run's ({len(vocab)}); train both on the same data and config.vocab")
+  for field in ("name", "weights", "feature_stage"):
+    if source_config.encoder[field] != config.encoder[field]:
+      raise errors.ConfigError(f"{path}: trained with config.encoder.{field} = "
+                               f"{source_config.encoder[field]!r}, this run has "
+                               f"{config.encoder[field]!r}; config.init_checkpoint needs the same "
+                               "encoder")
+  shapes = lambda tree: jax.tree_util.tree_map(np.shape, tree)
+  if shapes(variables["params"]["decoder"]) != shapes(state.params["decoder"]):
+    raise errors.ConfigError(f"{path}: its decoder's parameter shapes differ from config.decoder's; "
+                             "use the config it was trained with")
+  params = dict(state.params, decoder=variables["params"]["decoder"])
+  batch_stats = state.batch_stats
+  if "encoder" in variables["params"] and "encoder" in state.params:
+    params["encoder"] = variables["params"]["encoder"]
+    batch_stats = dict(batch_stats, **variables.get("batch_stats", {}))
+  params = jax.tree_util.tree_map(jnp.asarray, params)
+  return state.replace(params=params, batch_stats=batch_stats, opt_state=state.tx.init(params))
+
+
 def evaluate(config, params, data: train_data.TrainData, *, metrics=("BLEU", "CIDEr"),
-             beam_size=None) -> dict[str, float]:
-  """Captions the eval split (greedy by default) and scores it against its references."""
+             beam_size=None, batch_stats=None) -> dict[str, float]:
+  """Captions the eval split (greedy by default) and scores it against its references.
+
+  `batch_stats`: a fine-tuned encoder's running statistics (the train state's).
+  """
   beam_size = beam_size or config.eval.beam_size
   captions = data.caption_eval_split(params, beam_size=beam_size, max_len=config.eval.max_len,
                                      length_penalty=config.eval.length_penalty,
-                                     batch_size=config.eval.batch_size)
+                                     batch_size=config.eval.batch_size, batch_stats=batch_stats)
   references = {record.image_id: list(record.captions) for record in data.eval_records}
   references = {key: references[key] for key in captions}
   return metrics_lib.score(references, captions, metrics=metrics)
@@ -255,7 +294,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   workdir.mkdir(parents=True, exist_ok=True)
   is_chief = jax.process_index() == 0
   data = train_data.prepare(config, workdir)
-  model = model_lib.create_model(config, len(data.vocab))
+  model = model_lib.create_model(config, len(data.vocab), encoder=data.encoder)
   if config.self_critical.num_samples:
     objective = self_critical.SelfCritical(config, model, data, axis_name=AXIS)
   else:
@@ -267,7 +306,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                                       best_metric=config.eval.best_metric)
   store.check_vocab(data.vocab)
   state = create_train_state(config, model, data, steps_per_epoch)
-  state = store.restore_latest(state) or objective.initial_state(state)
+  state = store.restore_latest(state) or warm_start(config, state, data.vocab)
   step = int(state.step)
   start_epoch, skip_batches = divmod(step, steps_per_epoch)
 
@@ -308,7 +347,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     store.save_latest(step, state, config, data.vocab)
     summary = objective.summarize(_stack(epoch_sums)) if epoch_sums else {}
     if (epoch + 1) % config.eval.every_epochs == 0 or epoch + 1 == config.num_epochs:
-      eval_metrics = evaluate(config, state.params, data)
+      eval_metrics = evaluate(config, state.params, data, batch_stats=state.batch_stats)
       improved = store.offer_best(step, state, config, data.vocab, eval_metrics)
       if writer:
         for name, value in eval_metrics.items():

@@ -178,6 +178,38 @@ def test_trainable_param_labels_drive_multi_transform():
   assert float(jnp.abs(updates["classifier"]["kernel"]).max()) == 0.0
 
 
+@pytest.mark.parametrize("name, split_stage, feature_stage", [
+    ("efficientnet_lite0", 7, -1), ("efficientnet_lite0", 3, 5), ("vgg16", 3, -1),
+    ("resnet50", 4, -1)])
+def test_tail_from_a_stage_output_equals_the_whole_encoder(name, split_stage, feature_stage):
+  """Head (feature_stage = s - 1) then tail (start_stage = s), one set of variables: the whole encoder,
+  in inference and in training mode (batch statistics of the tail's stages only)."""
+  images = jnp.asarray(np.random.default_rng(1).integers(0, 256, (3, 40, 40, 3), dtype=np.uint8))
+  whole = encoders.create_encoder(name, feature_stage=feature_stage, trainable_stages=(split_stage,))
+  variables = _random_variables(whole, images)
+  head = encoders.create_encoder(name, feature_stage=split_stage - 1)
+  tail = encoders.create_encoder(name, feature_stage=feature_stage, start_stage=split_stage,
+                                 trainable_stages=(split_stage,))
+  head_output = jax.jit(head.apply)(variables, images)
+  assert head_output.shape[1:] == encoders.feature_shape(name, 40, split_stage - 1)
+  np.testing.assert_allclose(jax.jit(tail.apply)(variables, head_output),
+                             jax.jit(whole.apply)(variables, images), rtol=1e-5, atol=1e-5)
+  train = functools.partial(nn.Module.apply, train=True, mutable=["batch_stats"])
+  tail_output, tail_stats = jax.jit(functools.partial(train, tail))(variables, head_output)
+  whole_output, whole_stats = jax.jit(functools.partial(train, whole))(variables, images)
+  np.testing.assert_allclose(tail_output, whole_output, rtol=1e-5, atol=1e-5)
+  for got, want in zip(jax.tree.leaves(tail_stats), jax.tree.leaves(whole_stats)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_tail_checks_its_start_stage_and_input():
+  with pytest.raises(errors.ConfigError, match="start_stage"):
+    encoders.create_encoder("efficientnet_lite0", feature_stage=4, start_stage=5)
+  tail = encoders.create_encoder("efficientnet_lite0", start_stage=8)
+  with pytest.raises(ValueError, match="stage 7's output"):
+    tail.init(jax.random.key(0), jnp.zeros((2, 49, 320)))
+
+
 def test_batch_stats_update_only_in_trainable_stages_when_training():
   images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8))
   encoder = encoders.create_encoder("efficientnet_lite0", feature_stage=3, trainable_stages=(2,))

@@ -184,7 +184,7 @@ def test_create_model_from_config(monkeypatch):
   config.half_precision = True
   model = model_lib.create_model(config, vocab_size=VOCAB)
   assert calls == [(config.encoder.name, {"feature_stage": -1, "dtype": jnp.bfloat16,
-                                           "trainable_stages": (5, 6)})]
+                                           "trainable_stages": (5, 6), "start_stage": 0})]
   assert model.encoder_trainable and model.decoder.dtype == jnp.bfloat16
 
 

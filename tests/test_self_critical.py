@@ -104,7 +104,7 @@ def _scst_config(shapes_root, init_checkpoint, **overrides):
   config = tiny.get_config()
   config.data.root = str(shapes_root)
   config.self_critical.num_samples = 4
-  config.self_critical.init_checkpoint = str(init_checkpoint)
+  config.init_checkpoint = str(init_checkpoint)
   config.batch_size = 4
   config.optimizer.learning_rate = 1e-2
   config.num_epochs = 10

@@ -15,9 +15,11 @@ import pytest
 
 from configs import tiny
 from flaxcap import checkpoints
+from flaxcap import encoders
 from flaxcap import errors
 from flaxcap import feature_cache
 from flaxcap import model as model_lib
+from flaxcap import train_data
 from flaxcap import train_lib
 from recording_writer import RecordingWriter
 
@@ -209,8 +211,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(shapes_root, shared_f
   good_step = max(int(p.name) for p in (pathlib.Path(workdir) / checkpoints.LATEST_DIR).iterdir()
                   if p.name.isdigit())
   original = feature_cache.cached_features
-  monkeypatch.setattr(feature_cache, "cached_features", lambda *a: (
-      lambda features, records: (np.full_like(features, np.nan), records))(*original(*a)))
+  monkeypatch.setattr(feature_cache, "cached_features", lambda *a, **k: (
+      lambda features, records: (np.full_like(features, np.nan), records))(*original(*a, **k)))
   config.num_epochs = 2
   with pytest.raises(errors.TrainingError, match=f"at step {good_step + 1}.*{good_step}"):
     train_lib.train_and_evaluate(config, workdir)
@@ -233,23 +235,79 @@ def test_cached_feature_training_and_inference_never_import_tensorflow():
   assert result.returncode == 0, result.stderr[-2000:]
 
 
+def _changed_stages(trained, reference):
+  """{top-level name: whether any leaf differs} between two encoder parameter trees."""
+  return {name: any(not np.allclose(a, b) for a, b in zip(
+      jax.tree_util.tree_leaves(trained[name]), jax.tree_util.tree_leaves(reference[name])))
+          for name in reference}
+
+
 def test_fine_tuning_trains_the_chosen_encoder_stages_from_images(shapes_root, tmp_path):
   # Features from stage 2 keep the compiled encoder (forward through stages 0-2, backward through 2)
   # small: the whole Lite0 made this test a quarter of the suite's time on 2 cores.
   config = _config(shapes_root, num_epochs=1, encoder__feature_stage=2, encoder__trainable_stages=(2,),
-                   encoder__learning_rate=1e-2)
+                   encoder__learning_rate=1e-2, data__cache_features=False)
   train_lib.train_and_evaluate(config, str(tmp_path))
   assert not (tmp_path / "features").exists()  # images went through the encoder every step
   variables, _, _ = checkpoints.load_for_inference(tmp_path / checkpoints.LATEST_DIR)
   _, pretrained = model_lib.pretrained_encoder(config)
-  trained_encoder = variables["params"]["encoder"]
-  changed = {name: any(not np.allclose(a, b) for a, b in zip(
-      jax.tree_util.tree_leaves(trained_encoder[name]),
-      jax.tree_util.tree_leaves(pretrained["params"][name]))) for name in pretrained["params"]}
+  changed = _changed_stages(variables["params"]["encoder"], pretrained["params"])
   assert changed, "no encoder parameters"
   trained = {name for name, moved in changed.items() if moved}
   assert trained and all(name.startswith("stage2_") for name in trained), trained
   assert any(name.startswith("stage1_") for name in changed)  # frozen stages are there, unchanged
+
+
+def test_fine_tuning_the_last_stages_trains_from_the_cached_output_of_the_frozen_ones(
+    shapes_root, tmp_path, monkeypatch):
+  """Stages 7-8 of Lite0 trained on a cache of stage 6's output: no images, no tf.data; only those
+  stages (and their BatchNorm statistics) move, and the eval split is encoded with them."""
+  monkeypatch.setitem(sys.modules, "flaxcap.input_pipeline", None)  # importing it fails the test
+  config = _config(shapes_root, num_epochs=1, encoder__trainable_stages=(7, 8),
+                   encoder__learning_rate=1e-2)
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  data = train_data.prepare(config, tmp_path)  # the cache is there: no encoding
+  assert data.feature_table.shape[1:] == encoders.feature_shape("efficientnet_lite0", 64, 6)
+  variables, _, _ = checkpoints.load_for_inference(tmp_path / checkpoints.LATEST_DIR)
+  _, pretrained = model_lib.pretrained_encoder(config)
+  changed = _changed_stages(variables["params"]["encoder"], pretrained["params"])
+  assert {name for name, moved in changed.items() if moved} == {"stage7_block0", "stage8_conv",
+                                                                 "stage8_bn"}
+  stats = _changed_stages(variables["batch_stats"]["encoder"], pretrained["batch_stats"])
+  assert {name for name, moved in stats.items() if moved} == {"stage7_block0", "stage8_bn"}
+
+  # The eval features come from the trained tail over the cache: the whole trained encoder's output
+  # on the images, up to the cache's float16 rounding (far from the pretrained encoder's).
+  tail_features = data.eval_feature_grid(variables["params"],
+                                         {"encoder": variables["batch_stats"]["encoder"]})
+  whole = model_lib.create_encoder(config)
+  trained = {"params": variables["params"]["encoder"],
+             "batch_stats": variables["batch_stats"]["encoder"]}
+  for encoder_variables, close in ((trained, True), (pretrained, False)):
+    features, valid = feature_cache.encode_records(
+        data.eval_records, jax.jit(lambda images, v=encoder_variables: whole.apply(v, images)),
+        image_size=config.image_size)
+    assert valid.all()
+    error = np.abs(np.asarray(features, np.float32) - tail_features).max()
+    assert (error < 0.05) == close, error
+
+
+def test_a_run_starts_from_init_checkpoint(shapes_root, tiny_checkpoint, shared_features_workdir):
+  start, _, _ = checkpoints.load_for_inference(tiny_checkpoint)
+  config = _config(shapes_root, num_epochs=1, init_checkpoint=str(tiny_checkpoint),
+                   optimizer__learning_rate=0.0)  # no update: the run ends where it started
+  workdir = shared_features_workdir()
+  train_lib.train_and_evaluate(config, workdir)
+  ended, _, _ = checkpoints.load_for_inference(pathlib.Path(workdir) / checkpoints.LATEST_DIR)
+  for a, b in zip(jax.tree_util.tree_leaves(start["params"]["decoder"]),
+                  jax.tree_util.tree_leaves(ended["params"]["decoder"])):
+    np.testing.assert_array_equal(a, b)
+  config = _config(shapes_root, init_checkpoint=str(tiny_checkpoint), decoder__hidden_dim=16)
+  with pytest.raises(errors.ConfigError, match="decoder's parameter shapes"):
+    train_lib.train_and_evaluate(config, shared_features_workdir("other_decoder"))
+  config = _config(shapes_root, init_checkpoint=str(tiny_checkpoint), encoder__feature_stage=7)
+  with pytest.raises(errors.ConfigError, match="config.encoder.feature_stage"):
+    train_lib.train_and_evaluate(config, str(pathlib.Path(workdir).parent / "other_encoder"))
 
 
 @pytest.mark.parametrize("num_devices", [1, 4])
