@@ -8,8 +8,8 @@ def get_config():
   config = ml_collections.ConfigDict()
   config.seed = 0
   # A run to start from (a workdir, checkpoint or exported model): a new run takes its decoder's
-  # parameters (and its encoder's, when it fine-tuned one); "" = from scratch. Self-critical training
-  # needs one; a resumed run restores its own checkpoint instead.
+  # parameters, and its encoder's when it fine-tuned one (kept frozen or trained further); "" = from
+  # scratch. Self-critical training needs one; a resumed run restores its own checkpoint instead.
   config.init_checkpoint = ""
 
   # Data: where the captions and images are, and how they are laid out.

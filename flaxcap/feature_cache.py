@@ -20,8 +20,10 @@ from flaxcap import errors
 from flaxcap import images as images_lib
 
 
-def _describe(config, split: str, image_ids: Sequence[str], feature_stage: int) -> dict:
-  return {
+def _describe(config, split: str, image_ids: Sequence[str], feature_stage: int,
+              weights_id: str) -> dict:
+  weights = {"weights_id": weights_id} if weights_id else {}
+  return weights | {
       "encoder": config.encoder.name,
       "weights": config.encoder.weights,
       "feature_stage": feature_stage,
@@ -81,13 +83,14 @@ def encode_records(records, encode_fn: Callable[[np.ndarray], np.ndarray], *, im
 
 def cached_features(workdir: str | os.PathLike, config, split: str, records,
                     encode_fn: Callable[[np.ndarray], np.ndarray],
-                    feature_stage: int | None = None) -> tuple[np.ndarray, list]:
+                    feature_stage: int | None = None, weights_id: str = "") -> tuple[np.ndarray, list]:
   """Returns (features [N, P, C] float16, the records that have an image), encoding on a cache miss.
 
   Records whose image cannot be read are dropped with one warning (their names are logged singly by
   the decoder). The returned features are memory-mapped from `<workdir>/features/<split>.npy`.
   `feature_stage` names the stage `encode_fn` stops at, when it is not `config.encoder.feature_stage`
-  (fine-tuning caches the output of the frozen stages before the trainable ones).
+  (fine-tuning caches the output of the frozen stages before the trainable ones); `weights_id`
+  names encoder weights that are not `config.encoder.weights` (a fine-tuned run's).
   """
   cache_dir = pathlib.Path(workdir) / "features"
   cache_dir.mkdir(parents=True, exist_ok=True)
@@ -95,7 +98,7 @@ def cached_features(workdir: str | os.PathLike, config, split: str, records,
   meta_path = cache_dir / f"{split}.json"
   if feature_stage is None:
     feature_stage = config.encoder.feature_stage
-  description = _describe(config, split, [r.image_id for r in records], feature_stage)
+  description = _describe(config, split, [r.image_id for r in records], feature_stage, weights_id)
   if features_path.exists() and meta_path.exists():
     meta = json.loads(meta_path.read_text())
     if meta["description"] == description:

@@ -10,10 +10,14 @@
 - fine-tuning from images (stage 0 trainable, `config.data.cache_features=False`, or augmentation):
   batches of decoded images come from the tf.data pipeline.
 When the encoder is fine-tuned, eval images are encoded with the current encoder parameters.
+
+A run started from `config.init_checkpoint` whose model fine-tuned its encoder takes that encoder
+(frozen or trained further) instead of the pretrained one, and carries it in its own checkpoints.
 """
 
 import dataclasses
 import functools
+import hashlib
 import itertools
 from typing import Any, Iterator
 
@@ -21,6 +25,7 @@ from absl import logging
 import jax
 import numpy as np
 
+from flaxcap import checkpoints
 from flaxcap import datasets
 from flaxcap import epoch_plan
 from flaxcap import decoding
@@ -44,6 +49,8 @@ class TrainData:
   feature_table: np.ndarray | None = None  # float16 [num_train, P, C] (frozen encoder) or
   #   [num_train, h, w, c] (the frozen stages' output, fine-tuning the tail)
   eval_features: np.ndarray | None = None  # float16, the same for the eval images
+  init_params: dict | None = None  # `config.init_checkpoint`'s params ({"decoder", ("encoder")})
+  encoder_from_checkpoint: bool = False  # `encoder_variables` are init_checkpoint's fine-tuned ones
 
   def steps_per_epoch(self) -> int:
     return epoch_plan.steps_per_epoch(self.captions, self.config.data.captions_per_epoch,
@@ -157,6 +164,32 @@ def tail_start_stage(config) -> int:
   return min(encoders.stage_index(s, count, "config.encoder.trainable_stages") for s in stages)
 
 
+def _load_init_checkpoint(config, vocab) -> dict | None:
+  """`config.init_checkpoint`'s variables, checked against this run's vocabulary and encoder."""
+  path = config.init_checkpoint
+  if not path:
+    return None
+  variables, source_config, source_vocab = checkpoints.load_for_inference(path)
+  if source_vocab != vocab:
+    raise errors.ConfigError(f"{path}: its vocabulary ({len(source_vocab)} words) differs from "
+                             f"this run's ({len(vocab)}); train both on the same data and config.vocab")
+  for field in ("name", "weights", "feature_stage"):
+    if source_config.encoder[field] != config.encoder[field]:
+      raise errors.ConfigError(f"{path}: trained with config.encoder.{field} = "
+                               f"{source_config.encoder[field]!r}, this run has "
+                               f"{config.encoder[field]!r}; config.init_checkpoint needs the same "
+                               "encoder")
+  return variables
+
+
+def _fingerprint(variables) -> str:
+  """A short hash of every leaf's bytes: names encoder weights in a feature cache's description."""
+  digest = hashlib.sha1()
+  for leaf in jax.tree_util.tree_leaves(variables):
+    digest.update(np.ascontiguousarray(leaf, np.float32).tobytes())
+  return digest.hexdigest()[:16]
+
+
 def prepare(config, workdir) -> TrainData:
   """Reads the splits, builds the vocabulary from train captions, encodes or sets up the images."""
   train_records = datasets.load_records(config.data, config.data.train_split)
@@ -170,10 +203,21 @@ def prepare(config, workdir) -> TrainData:
                                      min_count=config.vocab.min_count, max_size=config.vocab.max_size)
   logging.info("%d train and %d %s images; vocabulary of %d words", len(train_records),
                len(eval_records), config.data.eval_split, len(vocab))
+  init_variables = _load_init_checkpoint(config, vocab)
   encoder, encoder_variables = model_lib.pretrained_encoder(config)
   data = TrainData(config=config, vocab=vocab, train_records=train_records,
                    eval_records=eval_records, captions=None,
                    encoder=encoder, encoder_variables=encoder_variables)
+  weights_id = ""
+  if init_variables is not None:
+    data.init_params = init_variables["params"]
+    if "encoder" in init_variables["params"]:  # that run fine-tuned its encoder: start from it
+      data.encoder_from_checkpoint = True
+      data.encoder_variables = encoder_variables = {
+          "params": init_variables["params"]["encoder"],
+          **({"batch_stats": init_variables["batch_stats"]["encoder"]}
+             if init_variables.get("batch_stats", {}).get("encoder") else {})}
+      weights_id = _fingerprint(encoder_variables)
   tail_start = tail_start_stage(config)
   if not config.encoder.trainable_stages or tail_start:
     # Cache what does not change: the whole frozen encoder's output, or its frozen head's.
@@ -181,9 +225,11 @@ def prepare(config, workdir) -> TrainData:
     head = model_lib.create_encoder(config, feature_stage=head_stage) if tail_start else encoder
     encode = jax.jit(lambda images: head.apply(encoder_variables, images))
     data.feature_table, data.train_records = feature_cache.cached_features(
-        workdir, config, "train", train_records, encode, feature_stage=head_stage)
+        workdir, config, "train", train_records, encode, feature_stage=head_stage,
+        weights_id=weights_id)
     data.eval_features, data.eval_records = feature_cache.cached_features(
-        workdir, config, "eval", eval_records, encode, feature_stage=head_stage)
+        workdir, config, "eval", eval_records, encode, feature_stage=head_stage,
+        weights_id=weights_id)
   if tail_start:
     data.encoder = model_lib.create_encoder(config, start_stage=tail_start)
     grid = encoders.feature_shape(config.encoder.name, config.image_size, tail_start - 1)

@@ -204,7 +204,9 @@ def create_train_state(config, model, data: train_data.TrainData, steps_per_epoc
   variables = model.init(init_rng, jnp.zeros((1,) + tuple(feature_shape), jnp.float32), input_tokens,
                          deterministic=True, method=model_lib.Captioner.decode_features)
   params, batch_stats = dict(variables["params"]), {}
-  if model.encoder_trainable:  # the whole encoder's variables (a tail ignores its head's)
+  # The whole encoder's variables (a tail ignores its head's) when they train, or when they are a
+  # fine-tuned run's (frozen here, but checkpoints and exports must carry them).
+  if model.encoder_trainable or data.encoder_from_checkpoint:
     params["encoder"] = data.encoder_variables["params"]
     batch_stats = {"encoder": data.encoder_variables.get("batch_stats", {})}
   return TrainState.create(
@@ -213,37 +215,20 @@ def create_train_state(config, model, data: train_data.TrainData, steps_per_epoc
       batch_stats=batch_stats, rng=state_rng)
 
 
-def warm_start(config, state: TrainState, vocab) -> TrainState:
-  """`state` with the parameters of `config.init_checkpoint` (unchanged when it is "").
+def warm_start(state: TrainState, data: train_data.TrainData) -> TrainState:
+  """`state` with the decoder parameters of `config.init_checkpoint` (unchanged when it is "").
 
-  The decoder's parameters always; the encoder's (and its BatchNorm statistics) when that run
-  fine-tuned its encoder and this one fine-tunes too (a frozen run's encoder is the pretrained one
-  this run starts from anyway). The optimizer starts afresh.
+  A fine-tuned encoder of that run is already in `state` (`train_data.prepare` took it as the encoder's
+  variables); the optimizer starts afresh.
   """
-  path = config.init_checkpoint
-  if not path:
+  if data.init_params is None:
     return state
-  variables, source_config, source_vocab = checkpoints.load_for_inference(path)
-  if source_vocab != vocab:
-    raise errors.ConfigError(f"{path}: its vocabulary ({len(source_vocab)} words) differs from "
-                             f"this run's ({len(vocab)}); train both on the same data and config.vocab")
-  for field in ("name", "weights", "feature_stage"):
-    if source_config.encoder[field] != config.encoder[field]:
-      raise errors.ConfigError(f"{path}: trained with config.encoder.{field} = "
-                               f"{source_config.encoder[field]!r}, this run has "
-                               f"{config.encoder[field]!r}; config.init_checkpoint needs the same "
-                               "encoder")
   shapes = lambda tree: jax.tree_util.tree_map(np.shape, tree)
-  if shapes(variables["params"]["decoder"]) != shapes(state.params["decoder"]):
-    raise errors.ConfigError(f"{path}: its decoder's parameter shapes differ from config.decoder's; "
-                             "use the config it was trained with")
-  params = dict(state.params, decoder=variables["params"]["decoder"])
-  batch_stats = state.batch_stats
-  if "encoder" in variables["params"] and "encoder" in state.params:
-    params["encoder"] = variables["params"]["encoder"]
-    batch_stats = dict(batch_stats, **variables.get("batch_stats", {}))
-  params = jax.tree_util.tree_map(jnp.asarray, params)
-  return state.replace(params=params, batch_stats=batch_stats, opt_state=state.tx.init(params))
+  if shapes(data.init_params["decoder"]) != shapes(state.params["decoder"]):
+    raise errors.ConfigError(f"{data.config.init_checkpoint}: its decoder's parameter shapes differ "
+                             "from config.decoder's; use the config it was trained with")
+  params = dict(state.params, decoder=jax.tree_util.tree_map(jnp.asarray, data.init_params["decoder"]))
+  return state.replace(params=params, opt_state=state.tx.init(params))
 
 
 def evaluate(config, params, data: train_data.TrainData, *, metrics=("BLEU", "CIDEr"),
@@ -306,7 +291,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                                       best_metric=config.eval.best_metric)
   store.check_vocab(data.vocab)
   state = create_train_state(config, model, data, steps_per_epoch)
-  state = store.restore_latest(state) or warm_start(config, state, data.vocab)
+  state = store.restore_latest(state) or warm_start(state, data)
   step = int(state.step)
   start_epoch, skip_batches = divmod(step, steps_per_epoch)
 

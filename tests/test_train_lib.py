@@ -65,7 +65,8 @@ def test_overfits_shapes_and_greedy_decodes_training_captions(shapes_root, share
 def _run_steps(num_devices, config, feature_table, token_batches):
   """Runs `train_step` pmapped over the first `num_devices` devices on the same global batches."""
   model = model_lib.create_model(config, vocab_size=20)
-  data = type("Data", (), {"feature_table": feature_table, "encoder_variables": None})()
+  data = type("Data", (), {"feature_table": feature_table, "encoder_variables": None,
+                           "encoder_from_checkpoint": False})()
   state = train_lib.create_train_state(config, model, data, steps_per_epoch=10)
   devices = jax.local_devices()[:num_devices]
   step = _pmapped_step(model, num_devices)
@@ -283,13 +284,28 @@ def test_fine_tuning_the_last_stages_trains_from_the_cached_output_of_the_frozen
   whole = model_lib.create_encoder(config)
   trained = {"params": variables["params"]["encoder"],
              "batch_stats": variables["batch_stats"]["encoder"]}
-  for encoder_variables, close in ((trained, True), (pretrained, False)):
+  whole_features = {}
+  for name, encoder_variables in (("trained", trained), ("pretrained", pretrained)):
     features, valid = feature_cache.encode_records(
         data.eval_records, jax.jit(lambda images, v=encoder_variables: whole.apply(v, images)),
         image_size=config.image_size)
     assert valid.all()
-    error = np.abs(np.asarray(features, np.float32) - tail_features).max()
-    assert (error < 0.05) == close, error
+    whole_features[name] = np.asarray(features, np.float32)
+  assert np.abs(whole_features["trained"] - tail_features).max() < 0.05
+  assert np.abs(whole_features["pretrained"] - tail_features).max() > 0.05
+
+  # A frozen run started from this one keeps its fine-tuned encoder: in its feature cache and in its
+  # checkpoints (so that inference loads it too).
+  frozen = _config(shapes_root, num_epochs=1, init_checkpoint=str(tmp_path / checkpoints.LATEST_DIR))
+  frozen_workdir = tmp_path / "frozen"
+  train_lib.train_and_evaluate(frozen, str(frozen_workdir))
+  frozen_data = train_data.prepare(frozen, frozen_workdir)
+  assert np.abs(np.asarray(frozen_data.eval_features, np.float32)
+                - whole_features["trained"]).max() < 0.05
+  carried, _, _ = checkpoints.load_for_inference(frozen_workdir / checkpoints.LATEST_DIR)
+  for a, b in zip(jax.tree_util.tree_leaves(carried["params"]["encoder"]),
+                  jax.tree_util.tree_leaves(variables["params"]["encoder"])):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_a_run_starts_from_init_checkpoint(shapes_root, tiny_checkpoint, shared_features_workdir):
