@@ -103,11 +103,7 @@ class Captioner:
           f"{path}: no model is shipped in this checkout yet; train one with train.py and pass "
           "--checkpoint runs/<name>")
     variables, config, vocab = checkpoints.load_for_inference(path)
-    encoder, encoder_variables = model_lib.pretrained_encoder(config)
-    if "encoder" in variables["params"]:  # a fine-tuned encoder travels in the checkpoint
-      encoder_variables = {"params": variables["params"]["encoder"]}
-      if "batch_stats" in variables:
-        encoder_variables["batch_stats"] = variables["batch_stats"]["encoder"]
+    encoder, encoder_variables = model_lib.encoder_and_variables(config, variables)
     return cls(config, vocab, variables["params"]["decoder"], encoder, encoder_variables)
 
   @functools.lru_cache(maxsize=16)

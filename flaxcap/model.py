@@ -143,6 +143,22 @@ def pretrained_encoder(config) -> tuple[nn.Module, dict]:
                                              None if weights == "imagenet" else weights)
 
 
+def encoder_and_variables(config, checkpoint_variables: dict | None = None) -> tuple[nn.Module, dict]:
+  """The encoder of `config` with the variables a checkpoint carries (a fine-tuned encoder: no
+  weights package is read), or else its pretrained ones (`pretrained_encoder`).
+
+  `checkpoint_variables`: {"params": {"decoder", ("encoder")}, ("batch_stats": {"encoder"})}, as
+  `checkpoints.load_for_inference` returns them.
+  """
+  if not checkpoint_variables or "encoder" not in checkpoint_variables["params"]:
+    return pretrained_encoder(config)
+  variables = {"params": checkpoint_variables["params"]["encoder"]}
+  batch_stats = checkpoint_variables.get("batch_stats", {}).get("encoder")
+  if batch_stats:
+    variables["batch_stats"] = batch_stats
+  return create_encoder(config), variables
+
+
 def create_model(config, vocab_size: int, encoder: nn.Module | None = None) -> Captioner:
   """Builds the `Captioner` from a config.
 

@@ -204,20 +204,16 @@ def prepare(config, workdir) -> TrainData:
   logging.info("%d train and %d %s images; vocabulary of %d words", len(train_records),
                len(eval_records), config.data.eval_split, len(vocab))
   init_variables = _load_init_checkpoint(config, vocab)
-  encoder, encoder_variables = model_lib.pretrained_encoder(config)
+  # A fine-tuned init checkpoint's encoder, else the pretrained one.
+  encoder, encoder_variables = model_lib.encoder_and_variables(config, init_variables)
   data = TrainData(config=config, vocab=vocab, train_records=train_records,
                    eval_records=eval_records, captions=None,
-                   encoder=encoder, encoder_variables=encoder_variables)
+                   encoder=encoder, encoder_variables=encoder_variables,
+                   init_params=init_variables and init_variables["params"])
   weights_id = ""
-  if init_variables is not None:
-    data.init_params = init_variables["params"]
-    if "encoder" in init_variables["params"]:  # that run fine-tuned its encoder: start from it
-      data.encoder_from_checkpoint = True
-      data.encoder_variables = encoder_variables = {
-          "params": init_variables["params"]["encoder"],
-          **({"batch_stats": init_variables["batch_stats"]["encoder"]}
-             if init_variables.get("batch_stats", {}).get("encoder") else {})}
-      weights_id = _fingerprint(encoder_variables)
+  if init_variables is not None and "encoder" in init_variables["params"]:
+    data.encoder_from_checkpoint = True
+    weights_id = _fingerprint(encoder_variables)
   tail_start = tail_start_stage(config)
   if not config.encoder.trainable_stages or tail_start:
     # Cache what does not change: the whole frozen encoder's output, or its frozen head's.

@@ -295,7 +295,8 @@ def test_fine_tuning_the_last_stages_trains_from_the_cached_output_of_the_frozen
   assert np.abs(whole_features["pretrained"] - tail_features).max() > 0.05
 
   # A frozen run started from this one keeps its fine-tuned encoder: in its feature cache and in its
-  # checkpoints (so that inference loads it too).
+  # checkpoints (so that inference loads it too); neither reads the pretrained weights.
+  monkeypatch.setattr(model_lib, "pretrained_encoder", None)
   frozen = _config(shapes_root, num_epochs=1, init_checkpoint=str(tmp_path / checkpoints.LATEST_DIR))
   frozen_workdir = tmp_path / "frozen"
   train_lib.train_and_evaluate(frozen, str(frozen_workdir))
@@ -306,6 +307,10 @@ def test_fine_tuning_the_last_stages_trains_from_the_cached_output_of_the_frozen
   for a, b in zip(jax.tree_util.tree_leaves(carried["params"]["encoder"]),
                   jax.tree_util.tree_leaves(variables["params"]["encoder"])):
     np.testing.assert_array_equal(a, b)
+  from flaxcap import inference  # pylint: disable=g-import-not-at-top
+  captioner = inference.Captioner.load(frozen_workdir)
+  assert np.array_equal(captioner.encoder_variables["params"]["stage8_conv"]["kernel"],
+                        variables["params"]["encoder"]["stage8_conv"]["kernel"])
 
 
 def test_a_run_starts_from_init_checkpoint(shapes_root, tiny_checkpoint, shared_features_workdir):
