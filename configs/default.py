@@ -51,6 +51,8 @@ def get_config():
   config.encoder.feature_stage = -1  # -1: last conv stage (7x7 at 224 px); see README for others
   config.encoder.trainable_stages = ()  # () = frozen; e.g. (5, 6) fine-tunes those stages
   config.encoder.learning_rate = 1e-4  # for the trainable stages
+  config.encoder.frozen_batch_norm = False  # True: the trainable stages normalize with their running
+  #   statistics while training too, and keep them (weights, scales and offsets still train)
   config.encoder.dtype = "float32"  # float32 | bfloat16
 
   # Decoder: attention LSTM of "Show, Attend and Tell".

@@ -118,15 +118,18 @@ def create_encoder(config, *, feature_stage: int | None = None, start_stage: int
   """The encoder module named by `config.encoder` (`config.half_precision` forces bfloat16).
 
   `feature_stage` (default `config.encoder.feature_stage`) and `start_stage` cut it into the frozen
-  head and the trained tail of fine-tuning from cached features (`encoders.create_encoder`).
+  head and the trained tail of fine-tuning from cached features (`encoders.create_encoder`). The
+  stages whose BatchNorm follows the batch in training are the trainable ones, or none with
+  `config.encoder.frozen_batch_norm`.
   """
   from flaxcap import encoders  # pylint: disable=g-import-not-at-top  (heavy; not needed by decoding)
   dtype = jnp.bfloat16 if config.get("half_precision", False) else _dtype(config, "encoder.dtype")
   if feature_stage is None:
     feature_stage = config.encoder.feature_stage
+  batch_norm_stages = () if config.encoder.get("frozen_batch_norm", False) else tuple(
+      config.encoder.trainable_stages)
   return encoders.create_encoder(config.encoder.name, feature_stage=feature_stage, dtype=dtype,
-                                 trainable_stages=tuple(config.encoder.trainable_stages),
-                                 start_stage=start_stage)
+                                 trainable_stages=batch_norm_stages, start_stage=start_stage)
 
 
 def pretrained_encoder(config) -> tuple[nn.Module, dict]:

@@ -186,6 +186,10 @@ def test_create_model_from_config(monkeypatch):
   assert calls == [(config.encoder.name, {"feature_stage": -1, "dtype": jnp.bfloat16,
                                            "trainable_stages": (5, 6), "start_stage": 0})]
   assert model.encoder_trainable and model.decoder.dtype == jnp.bfloat16
+  # Frozen BatchNorm: no stage follows the batch's statistics; the stages still train.
+  config.encoder.frozen_batch_norm = True
+  model = model_lib.create_model(config, vocab_size=VOCAB)
+  assert calls[-1][1]["trainable_stages"] == () and model.encoder_trainable
 
 
 @pytest.mark.parametrize("field,value", [("decoder.dtype", "float16"), ("decoder.hidden_dim", 0),
