@@ -3,7 +3,10 @@
   python export.py --checkpoint runs/flickr8k --out models/flickr8k
 
 The copy holds float16 decoder params, the config and the vocabulary; `infer.py --checkpoint` and
-`Captioner.load()` read it like a training workdir.
+`Captioner.load()` read it like a training workdir. Several --checkpoint flags write the average of
+their parameters (a "model soup" of runs fine-tuned from one model; `checkpoints.average_variables`):
+
+  python export.py --checkpoint runs/scst_a --checkpoint runs/scst_b --out models/flickr8k
 """
 
 import sys
@@ -14,7 +17,8 @@ from absl import flags
 from flaxcap import checkpoints
 from flaxcap import errors
 
-flags.DEFINE_string("checkpoint", None, "Training workdir or checkpoint directory.", required=True)
+flags.DEFINE_multi_string("checkpoint", None, "Training workdir, checkpoint or exported model; "
+                          "repeat to average several.", required=True)
 flags.DEFINE_string("out", None, "Directory to write the exported model to.", required=True)
 
 

@@ -14,10 +14,11 @@ it when complete, so a process killed mid-save never leaves a step that fails to
 import json
 import os
 import pathlib
-from typing import Any
+from typing import Any, Sequence
 
 from absl import logging
 from flax import serialization
+from flax import traverse_util
 import jax
 import ml_collections
 import numpy as np
@@ -128,15 +129,89 @@ def _step_dir(path: pathlib.Path) -> tuple[pathlib.Path, int]:
 
 
 EXPORT_PARAMS = "params.msgpack"
+ENCODER_FIELDS = ("name", "weights", "feature_stage")
 
 
-def export(source: str | os.PathLike, out_dir: str | os.PathLike) -> pathlib.Path:
-  """Writes a compact inference copy of a checkpoint: float16 params, config and vocabulary.
+def model_mismatch(config, vocab, reference_config, reference_vocab, reference: str) -> str | None:
+  """Why a model's decoder cannot stand in for `reference`'s (vocabulary, encoder), or None.
+
+  Returns e.g. "its vocabulary (2541 words) differs from this run's (2540)"; the caller names the
+  model's path and says what needs the match.
+  """
+  if vocab != reference_vocab:
+    return f"its vocabulary ({len(vocab)} words) differs from {reference}'s ({len(reference_vocab)})"
+  for field in ENCODER_FIELDS:
+    if config.encoder[field] != reference_config.encoder[field]:
+      return (f"trained with config.encoder.{field} = {config.encoder[field]!r}, {reference} with "
+              f"{reference_config.encoder[field]!r}")
+  return None
+
+
+def _parameter_mismatch(flat, reference, path, reference_path) -> str | None:
+  """The first parameter (flattened name) missing from one model or shaped differently, or None."""
+  for name in sorted(flat.keys() ^ reference.keys()):
+    return f"{name} is in {path if name in flat else reference_path} only"
+  for name in sorted(reference):
+    if np.shape(flat[name]) != np.shape(reference[name]):
+      return f"{name} has shape {np.shape(flat[name])}, {reference_path}'s {np.shape(reference[name])}"
+  return None
+
+
+def average_variables(paths: Sequence[str | os.PathLike], loaded: Sequence[tuple]) -> dict:
+  """The leaf-by-leaf mean of several models' variables: a uniform "model soup".
+
+  Args:
+    paths: where each model came from (for error messages).
+    loaded: each model's `(variables, config, vocab)` as `load_for_inference` returns them.
+  Returns:
+    variables shaped like the first model's, float32; other leaves must be equal and are kept.
+  Raises:
+    CheckpointError: naming the model whose vocabulary, encoder, parameter names or shapes differ
+    from the first's.
+  """
+  first_variables, first_config, first_vocab = loaded[0]
+  first = traverse_util.flatten_dict(first_variables, sep="/")
+  flat_models = [first]
+  for path, (variables, config, vocab) in zip(paths[1:], loaded[1:]):
+    flat = traverse_util.flatten_dict(variables, sep="/")
+    mismatch = (model_mismatch(config, vocab, first_config, first_vocab, str(paths[0]))
+                or _parameter_mismatch(flat, first, path, paths[0]))
+    if mismatch is not None:
+      raise errors.CheckpointError(f"{path}: {mismatch}; only models of one architecture, "
+                                   "vocabulary and encoder can be averaged")
+    flat_models.append(flat)
+  averaged = {}
+  for name in first:
+    leaves = [np.asarray(model[name]) for model in flat_models]
+    if np.issubdtype(leaves[0].dtype, np.floating):
+      averaged[name] = np.mean(np.stack(leaves).astype(np.float32), axis=0)
+    elif all(np.array_equal(other, leaves[0]) for other in leaves[1:]):
+      averaged[name] = leaves[0]
+    else:
+      raise errors.CheckpointError(f"{paths[0]}: {name} holds integers that differ between the "
+                                   "models; it cannot be averaged")
+  return traverse_util.unflatten_dict(averaged, sep="/")
+
+
+def export(sources: str | os.PathLike | Sequence[str | os.PathLike],
+           out_dir: str | os.PathLike) -> pathlib.Path:
+  """Writes a compact inference copy of a checkpoint, or of the average of several.
+
+  Several `sources` (workdirs, checkpoints or exports) are averaged leaf by leaf
+  (`average_variables`, a uniform "model soup", Wortsman et al., 2022): meant for runs fine-tuned
+  from one model, e.g. self-critical runs at several learning rates from one cross-entropy
+  checkpoint, whose average can score above each of them. The copy takes the first one's config.
 
   `out_dir` then holds `params.msgpack` (flax msgpack, float16 leaves; the frozen encoder's weights are
   not copied: they come from the weights package named in the config), `config.json` and `vocab.json`.
   """
-  variables, config, vocab = load_for_inference(source)
+  paths = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
+  if not paths:
+    raise errors.CheckpointError("export: no checkpoint given")
+  loaded = [load_for_inference(path) for path in paths]
+  variables, config, vocab = loaded[0]
+  if len(loaded) > 1:
+    variables = average_variables(paths, loaded)
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   compact = jax.tree_util.tree_map(

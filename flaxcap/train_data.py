@@ -170,15 +170,10 @@ def _load_init_checkpoint(config, vocab) -> dict | None:
   if not path:
     return None
   variables, source_config, source_vocab = checkpoints.load_for_inference(path)
-  if source_vocab != vocab:
-    raise errors.ConfigError(f"{path}: its vocabulary ({len(source_vocab)} words) differs from "
-                             f"this run's ({len(vocab)}); train both on the same data and config.vocab")
-  for field in ("name", "weights", "feature_stage"):
-    if source_config.encoder[field] != config.encoder[field]:
-      raise errors.ConfigError(f"{path}: trained with config.encoder.{field} = "
-                               f"{source_config.encoder[field]!r}, this run has "
-                               f"{config.encoder[field]!r}; config.init_checkpoint needs the same "
-                               "encoder")
+  mismatch = checkpoints.model_mismatch(source_config, source_vocab, config, vocab, "this run")
+  if mismatch:
+    raise errors.ConfigError(f"{path}: {mismatch}; config.init_checkpoint needs the same vocabulary "
+                             "and encoder")
   return variables
 
 

@@ -1,0 +1,118 @@
+"""Checkpoints: exporting the average of several models (a model soup) and its checks."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+from flax import serialization
+from flax import traverse_util
+import numpy as np
+import pytest
+
+from flaxcap import checkpoints
+from flaxcap import errors
+from flaxcap import inference
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _steps(workdir):
+  """The tiny run's two kept checkpoints (different epochs of one run: different parameters)."""
+  steps = sorted((workdir / checkpoints.LATEST_DIR).iterdir(), key=lambda p: int(p.name))
+  assert len(steps) >= 2, steps
+  return steps[-2:]
+
+
+def _flat_params(path):
+  variables, _, _ = checkpoints.load_for_inference(path)
+  return traverse_util.flatten_dict(variables, sep="/")
+
+
+def _rewrite_export(directory, *, params=None, config=None):
+  """Edits an exported model in place: `params(flat) -> flat`, `config(dict) -> dict`."""
+  if params is not None:
+    tree = serialization.msgpack_restore((directory / checkpoints.EXPORT_PARAMS).read_bytes())
+    flat = params(traverse_util.flatten_dict(tree, sep="/"))
+    (directory / checkpoints.EXPORT_PARAMS).write_bytes(
+        serialization.msgpack_serialize(traverse_util.unflatten_dict(flat, sep="/")))
+  if config is not None:
+    (directory / "config.json").write_text(json.dumps(config(
+        json.loads((directory / "config.json").read_text()))))
+
+
+def test_export_of_two_checkpoints_holds_their_mean(tiny_checkpoint, tmp_path):
+  first, second = _steps(tiny_checkpoint)
+  soup = checkpoints.export([first, second], tmp_path / "soup")
+  averaged, a, b = _flat_params(soup), _flat_params(first), _flat_params(second)
+  assert averaged.keys() == a.keys() == b.keys()
+  moved = 0
+  for name, leaf in averaged.items():
+    expected = ((np.asarray(a[name], np.float64) + np.asarray(b[name], np.float64)) / 2)
+    np.testing.assert_allclose(leaf, expected.astype(np.float16), rtol=1e-3, atol=1e-4,
+                               err_msg=name)
+    moved += not np.allclose(a[name], b[name])
+  assert moved > len(averaged) // 2  # the two epochs differ, so the mean is neither of them
+  # The soup is a model like any export: it loads and captions.
+  captioner = inference.Captioner.load(soup)
+  assert captioner.vocab == inference.Captioner.load(first).vocab
+
+
+def test_export_of_one_checkpoint_in_a_list_equals_its_export(tiny_checkpoint, tmp_path):
+  first, _ = _steps(tiny_checkpoint)
+  alone = checkpoints.export(first, tmp_path / "alone")
+  listed = checkpoints.export([first], tmp_path / "listed")
+  assert ((alone / checkpoints.EXPORT_PARAMS).read_bytes()
+          == (listed / checkpoints.EXPORT_PARAMS).read_bytes())
+
+
+@pytest.mark.parametrize("edit, message", [
+    (dict(config=lambda c: {**c, "encoder": {**c["encoder"], "feature_stage": 5}}),
+     "config.encoder.feature_stage = 5"),
+    (dict(params=lambda flat: {name: (leaf[:-1] if "embed" in name else leaf)
+                               for name, leaf in flat.items()}), "embed.* has shape"),
+    (dict(params=lambda flat: {name: leaf for name, leaf in flat.items() if "embed" not in name}),
+     "embed.* is in .*first only"),
+])
+def test_models_that_cannot_be_averaged_are_named(tiny_checkpoint, tmp_path, edit, message):
+  first_step, _ = _steps(tiny_checkpoint)
+  first = checkpoints.export(first_step, tmp_path / "first")
+  other = checkpoints.export(first_step, tmp_path / "other")
+  _rewrite_export(other, **edit)
+  with pytest.raises(errors.CheckpointError, match=f"^{other}: .*{message}"):
+    checkpoints.export([first, other], tmp_path / "soup")
+  assert not (tmp_path / "soup").exists()
+
+
+def test_models_with_another_vocabulary_cannot_be_averaged(tiny_checkpoint, tmp_path):
+  first_step, _ = _steps(tiny_checkpoint)
+  first = checkpoints.export(first_step, tmp_path / "first")
+  other = checkpoints.export(first_step, tmp_path / "other")
+  vocab = json.loads((other / "vocab.json").read_text())
+  words = vocab["words"] if isinstance(vocab, dict) else vocab
+  words[-1] = words[-1] + "x"
+  (other / "vocab.json").write_text(json.dumps(vocab))
+  with pytest.raises(errors.CheckpointError, match=f"^{other}: its vocabulary"):
+    checkpoints.export([first, other], tmp_path / "soup")
+
+
+def test_export_cli_averages_repeated_checkpoints(tiny_checkpoint, tmp_path):
+  first, second = _steps(tiny_checkpoint)
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", XLA_FLAGS="")
+  result = subprocess.run(
+      [sys.executable, str(REPO_ROOT / "export.py"), f"--checkpoint={first}",
+       f"--checkpoint={second}", f"--out={tmp_path / 'soup'}"],
+      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  library = checkpoints.export([first, second], tmp_path / "library")
+  assert ((tmp_path / "soup" / checkpoints.EXPORT_PARAMS).read_bytes()
+          == (library / checkpoints.EXPORT_PARAMS).read_bytes())
+  result = subprocess.run(
+      [sys.executable, str(REPO_ROOT / "export.py"), f"--checkpoint={first}",
+       f"--checkpoint={tmp_path / 'missing'}", f"--out={tmp_path / 'bad'}"],
+      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1
+  assert "Traceback" not in result.stderr
+  assert result.stderr.strip().splitlines()[-1] == (
+      f"export.py: error: {tmp_path / 'missing'}: checkpoint directory does not exist")
