@@ -7,6 +7,9 @@ The copy holds float16 decoder params, the config and the vocabulary; `infer.py 
 their parameters (a "model soup" of runs fine-tuned from one model; `checkpoints.average_variables`):
 
   python export.py --checkpoint runs/scst_a --checkpoint runs/scst_b --out models/flickr8k
+
+--data_root DIR rebuilds the vocabulary's ending rates (`config.eval.min_ending_rate`) from the
+training captions under DIR, for models trained before vocabularies kept them.
 """
 
 import sys
@@ -20,13 +23,16 @@ from flaxcap import errors
 flags.DEFINE_multi_string("checkpoint", None, "Training workdir, checkpoint or exported model; "
                           "repeat to average several.", required=True)
 flags.DEFINE_string("out", None, "Directory to write the exported model to.", required=True)
+flags.DEFINE_string("data_root", None, "Rebuild the vocabulary's ending rates from the training "
+                    "captions under this data root (models trained before vocabularies kept them).")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
-    out = checkpoints.export(flags.FLAGS.checkpoint, flags.FLAGS.out)
+    out = checkpoints.export(flags.FLAGS.checkpoint, flags.FLAGS.out,
+                             data_root=flags.FLAGS.data_root)
   except errors.FlaxcapError as e:
     print(f"export.py: error: {e}", file=sys.stderr)
     sys.exit(1)

@@ -7,6 +7,7 @@
   --attention_out DIR                    one PNG per image: each word's attention over the photo
   --dataset DIR --split dev              caption a whole split and print BLEU-1..4, METEOR, ROUGE-L, CIDEr
                                          (with --json: each image's caption, then the scores)
+  --beam_size, --max_len, --length_penalty, --min_ending_rate   the search (defaults: the model's config)
 
 An unreadable image gets one line on stderr and the others are still captioned; the exit code is 1
 when any image failed.
@@ -31,6 +32,8 @@ flags.DEFINE_string("checkpoint", None, "Model directory (default: the model shi
 flags.DEFINE_integer("beam_size", 3, "Beam width (1 = greedy).")
 flags.DEFINE_integer("max_len", None, "Longest caption in words (default: the model's config).")
 flags.DEFINE_float("length_penalty", None, "GNMT length penalty alpha (default: the model's config).")
+flags.DEFINE_float("min_ending_rate", None, "No caption ends on a word that ends fewer than this "
+                   "fraction of its training captions; 0 = off (default: the model's config).")
 flags.DEFINE_integer("batch_size", 16, "Images per compiled batch.")
 flags.DEFINE_bool("json", False, "Print one JSON object per line instead of 'path: caption'.")
 flags.DEFINE_string("attention_out", None, "Write one attention overlay PNG per image here.")
@@ -71,7 +74,9 @@ def caption_files(captioner, paths) -> int:
   used_names = set()
   from flaxcap import inference  # pylint: disable=g-import-not-at-top
   for result in captioner.caption(paths, beam_size=FLAGS.beam_size, max_len=FLAGS.max_len,
-                                  length_penalty=FLAGS.length_penalty, batch_size=FLAGS.batch_size):
+                                  length_penalty=FLAGS.length_penalty,
+                                  min_ending_rate=FLAGS.min_ending_rate,
+                                  batch_size=FLAGS.batch_size):
     if isinstance(result, inference.Failure):
       failures += 1
       _report_error(result.message)
@@ -89,9 +94,7 @@ def score_dataset(captioner) -> None:
   from flaxcap import datasets  # pylint: disable=g-import-not-at-top
   from flaxcap import metrics  # pylint: disable=g-import-not-at-top
   from flaxcap import inference  # pylint: disable=g-import-not-at-top
-  data_config = captioner.config.data.copy_and_resolve_references()
-  data_config.root = FLAGS.dataset
-  data_config.images_dir = data_config.captions_file = data_config.karpathy_json = ""
+  data_config = datasets.rooted_at(captioner.config.data, FLAGS.dataset)
   if FLAGS.layout:
     data_config.layout = FLAGS.layout
   records = datasets.load_records(data_config, FLAGS.split)
@@ -100,7 +103,8 @@ def score_dataset(captioner) -> None:
   candidates = {}
   for record, result in zip(records, captioner.caption(
       [r.image_path for r in records], beam_size=FLAGS.beam_size, max_len=FLAGS.max_len,
-      length_penalty=FLAGS.length_penalty, batch_size=FLAGS.batch_size)):
+      length_penalty=FLAGS.length_penalty, min_ending_rate=FLAGS.min_ending_rate,
+      batch_size=FLAGS.batch_size)):
     if isinstance(result, inference.Failure):
       _report_error(result.message)
     else:

@@ -2,6 +2,8 @@
 
 import ml_collections
 
+from flaxcap import vocab
+
 
 def get_config():
   """Returns the default `ml_collections.ConfigDict`."""
@@ -104,6 +106,9 @@ def get_config():
   config.eval.beam_size = 1  # greedy during training
   config.eval.max_len = 20
   config.eval.length_penalty = 0.0
+  # Inference (Captioner, infer.py): no caption ends on a word that ends fewer than this fraction of
+  # its training occurrences ("... playing in a red"); 0 = off. Training's own evaluation ignores it.
+  config.eval.min_ending_rate = vocab.DEFAULT_MIN_ENDING_RATE
   config.eval.batch_size = 128
   config.eval.best_metric = "CIDEr"
   config.eval.patience = 5  # epochs without improvement before stopping (0 = never)

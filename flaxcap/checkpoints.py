@@ -6,7 +6,7 @@ A training workdir holds two orbax `CheckpointManager` directories:
     <workdir>/best/<step>/          the best state by the eval metric, for inference
 
 Each step directory holds three items: `state` (params, batch statistics, optimizer state, step, RNG),
-`config` (the `ConfigDict` the run was trained with, as JSON) and `vocab` (the vocabulary's words), so
+`config` (the `ConfigDict` the run was trained with, as JSON) and `vocab` (the vocabulary's words and ending rates), so
 `load_for_inference(dir)` needs nothing else. Orbax writes each step to a temporary directory and renames
 it when complete, so a process killed mid-save never leaves a step that fails to load.
 """
@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from flaxcap import datasets
 from flaxcap import errors
 from flaxcap import vocab as vocab_lib
 
@@ -58,7 +59,7 @@ class CheckpointStore:
     return ocp.args.Composite(
         state=ocp.args.StandardSave(jax.device_get(state)),
         config=ocp.args.JsonSave(json.loads(config.to_json())),
-        vocab=ocp.args.JsonSave({"words": list(vocab.words)}),
+        vocab=ocp.args.JsonSave(vocab.to_json()),
     )
 
   def save_latest(self, step: int, state, config, vocab) -> None:
@@ -193,14 +194,35 @@ def average_variables(paths: Sequence[str | os.PathLike], loaded: Sequence[tuple
   return traverse_util.unflatten_dict(averaged, sep="/")
 
 
+def vocabulary_with_ending_rates(config, vocab, data_root: str | os.PathLike, source=""):
+  """`vocab` rebuilt from the training captions under `data_root`, with its ending rates.
+
+  For models saved before vocabularies kept `ending_rates`: the model's `config.data` layout is read
+  under `data_root` and the vocabulary built as training built it; its words must equal `vocab`'s.
+  """
+  data_config = datasets.rooted_at(config.data, data_root)
+  records = datasets.load_records(data_config, data_config.train_split)
+  rebuilt = vocab_lib.Vocabulary.build((c for r in records for c in r.captions),
+                                       min_count=config.vocab.min_count,
+                                       max_size=config.vocab.max_size)
+  if rebuilt != vocab:
+    raise errors.CheckpointError(
+        f"{source}: the vocabulary built from {data_root}'s {data_config.train_split!r} captions "
+        f"({len(rebuilt)} words) is not the model's ({len(vocab)}); pass the data it was trained on")
+  return rebuilt
+
+
 def export(sources: str | os.PathLike | Sequence[str | os.PathLike],
-           out_dir: str | os.PathLike) -> pathlib.Path:
+           out_dir: str | os.PathLike, *, data_root: str | os.PathLike | None = None
+           ) -> pathlib.Path:
   """Writes a compact inference copy of a checkpoint, or of the average of several.
 
   Several `sources` (workdirs, checkpoints or exports) are averaged leaf by leaf
   (`average_variables`, a uniform "model soup", Wortsman et al., 2022): meant for runs fine-tuned
   from one model, e.g. self-critical runs at several learning rates from one cross-entropy
   checkpoint, whose average can score above each of them. The copy takes the first one's config.
+  `data_root`: rebuild the vocabulary's ending rates from the training captions there
+  (`vocabulary_with_ending_rates`), for models trained before vocabularies kept them.
 
   `out_dir` then holds `params.msgpack` (flax msgpack, float16 leaves; the frozen encoder's weights are
   not copied: they come from the weights package named in the config), `config.json` and `vocab.json`.
@@ -212,6 +234,8 @@ def export(sources: str | os.PathLike | Sequence[str | os.PathLike],
   variables, config, vocab = loaded[0]
   if len(loaded) > 1:
     variables = average_variables(paths, loaded)
+  if data_root is not None:
+    vocab = vocabulary_with_ending_rates(config, vocab, data_root, source=paths[0])
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   compact = jax.tree_util.tree_map(
@@ -263,5 +287,5 @@ def load_for_inference(path: str | os.PathLike):
   if state.get("batch_stats"):
     variables["batch_stats"] = state["batch_stats"]
   config = ml_collections.ConfigDict(restored["config"])
-  vocab = vocab_lib.Vocabulary(list(restored["vocab"]["words"]))
+  vocab = vocab_lib.Vocabulary.from_json(restored["vocab"])
   return variables, config, vocab

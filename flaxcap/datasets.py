@@ -276,6 +276,14 @@ def _default_karpathy_json(root: pathlib.Path) -> pathlib.Path:
   raise errors.DataError(f"{root}: found {len(found)} dataset_*.json files; set --config.data.karpathy_json")
 
 
+def rooted_at(data_config, root: str):
+  """A copy of config.data reading the same layout under another root (its file paths cleared)."""
+  moved = data_config.copy_and_resolve_references()
+  moved.root = str(root)
+  moved.images_dir = moved.captions_file = moved.karpathy_json = ""
+  return moved
+
+
 def load_records(data_config, split: str) -> list[CaptionRecord]:
   """Reads `split` of the dataset that `data_config` (config.data) describes.
 

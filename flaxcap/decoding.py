@@ -19,13 +19,14 @@ from flaxcap import vocab as vocab_lib
 
 
 def _step_fn(decoder: decoder_lib.Decoder, decoder_params, features, *, steps_per_image: int,
-             word_gate_table=None, project_context: bool | None = None):
+             word_gate_table=None, project_context: bool | None = None, eos_banned_after=None):
   """(step_fn, initial carry) for the searches of `beam_search` over these features.
 
   `steps_per_image` is how many context vectors a search multiplies per image (hypotheses x
   steps); above the grid's locations the grid is pushed through the context layers once per image
   (unless `project_context` says otherwise). The decoder's matrices are cast to its compute dtype
-  here, once, not in every step (`decoder.cast_matrices`).
+  here, once, not in every step (`decoder.cast_matrices`). `eos_banned_after` (bool [V] or None):
+  after these tokens `<eos>` gets log-probability -1e9, so no caption ends on them.
   """
   variables = {"params": decoder_lib.cast_matrices(decoder_params, decoder.dtype)}
   grid_locations = decoder_lib.flatten_features(features).shape[1]
@@ -43,15 +44,20 @@ def _step_fn(decoder: decoder_lib.Decoder, decoder_params, features, *, steps_pe
         variables, encoded, carry, unflatten(flat_tokens), word_gates=word_gate_table,
         method=decoder_lib.Decoder.step)
     flatten = functools.partial(einops.rearrange, pattern="b k ... -> (b k) ...")
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
-    return flatten(log_probs), jax.tree_util.tree_map(flatten, new_carry), flatten(attention)
+    log_probs = flatten(jax.nn.log_softmax(logits.astype(jnp.float32)))
+    if eos_banned_after is not None:
+      banned = jnp.asarray(eos_banned_after)[flat_tokens]
+      log_probs = log_probs.at[:, vocab_lib.EOS].set(
+          jnp.where(banned, -1e9, log_probs[:, vocab_lib.EOS]))
+    return log_probs, jax.tree_util.tree_map(flatten, new_carry), flatten(attention)
 
   return step_fn, carry
 
 
 def search(decoder: decoder_lib.Decoder, decoder_params, features, *, beam_size: int, max_len: int,
            length_penalty: float = 0.0, unroll: int = 1, word_gate_table=None,
-           project_context: bool | None = None) -> beam_search.BeamSearchResult:
+           project_context: bool | None = None,
+           eos_banned_after=None) -> beam_search.BeamSearchResult:
   """Beam (or greedy, when `beam_size` is 1) search from encoder features.
 
   Args:
@@ -64,12 +70,15 @@ def search(decoder: decoder_lib.Decoder, decoder_params, features, *, beam_size:
     project_context: push the grid through the context's layers once per image
       (`Decoder.encode(..., project_context=True)`); None: when beam_size x max_len > P. Same
       results up to rounding.
+    eos_banned_after: None, or bool [V]: no caption ends right after these tokens
+      (`Vocabulary.eos_banned_after`: words that almost never end a training caption).
   Returns:
     `BeamSearchResult` with tokens [batch, beam, max_len], scores [batch, beam], lengths
     [batch, beam] and attention [batch, beam, max_len, P].
   """
   step_fn, carry = _step_fn(decoder, decoder_params, features, steps_per_image=beam_size * max_len,
-                            word_gate_table=word_gate_table, project_context=project_context)
+                            word_gate_table=word_gate_table, project_context=project_context,
+                            eos_banned_after=eos_banned_after)
   search_fn = beam_search.greedy_search if beam_size == 1 else functools.partial(
       beam_search.beam_search, beam_size=beam_size, length_penalty=length_penalty)
   return search_fn(step_fn, carry, max_len=max_len, bos_id=vocab_lib.BOS, eos_id=vocab_lib.EOS,

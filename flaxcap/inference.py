@@ -22,6 +22,7 @@ from flaxcap import decoding
 from flaxcap import errors
 from flaxcap import images as images_lib
 from flaxcap import model as model_lib
+from flaxcap import vocab as vocab_lib
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -108,21 +109,34 @@ class Captioner:
 
   @functools.lru_cache(maxsize=16)
   def _compiled(self, beam_size: int, max_len: int, length_penalty: float):
-    def caption_batch(encoder_variables, decoder_params, word_gate_table, images):
+    def caption_batch(encoder_variables, decoder_params, word_gate_table, eos_banned_after, images):
       grid = self.encoder.apply(encoder_variables, images)
       return decoding.search(self.decoder, decoder_params, grid, beam_size=beam_size,
                              max_len=max_len, length_penalty=length_penalty,
-                             word_gate_table=word_gate_table)
+                             word_gate_table=word_gate_table, eos_banned_after=eos_banned_after)
     return jax.jit(caption_batch, compiler_options=compiler_options())
 
+  @functools.lru_cache(maxsize=4)
+  def _eos_banned_after(self, min_ending_rate: float):
+    banned = self.vocab.eos_banned_after(min_ending_rate)
+    return None if banned is None else jax.device_put(banned)
+
   def caption_arrays(self, images: np.ndarray, *, beam_size: int = 3, max_len: int | None = None,
-                     length_penalty: float | None = None) -> list[Caption]:
-    """Captions uint8 images [batch, size, size, 3] (already resized to `config.image_size`)."""
+                     length_penalty: float | None = None,
+                     min_ending_rate: float | None = None) -> list[Caption]:
+    """Captions uint8 images [batch, size, size, 3] (already resized to `config.image_size`).
+
+    `max_len`, `length_penalty` and `min_ending_rate` (no caption ends on a word that ends fewer than
+    this fraction of its training occurrences; `Vocabulary.eos_banned_after`) default to the model's
+    `config.eval`.
+    """
     max_len = max_len or self.config.eval.max_len
     length_penalty = self.config.eval.length_penalty if length_penalty is None else length_penalty
+    if min_ending_rate is None:
+      min_ending_rate = self.config.eval.get("min_ending_rate", vocab_lib.DEFAULT_MIN_ENDING_RATE)
     search = self._compiled(int(beam_size), int(max_len), float(length_penalty))
     result = search(self.encoder_variables, self.decoder_params, self.word_gate_table,
-                    jnp.asarray(images))
+                    self._eos_banned_after(float(min_ending_rate)), jnp.asarray(images))
     height, width = self.feature_grid_shape
     tokens, scores, lengths, attention = jax.device_get(
         (result.tokens, result.scores, result.lengths, result.aux))
@@ -141,12 +155,15 @@ class Captioner:
     return captions
 
   def caption(self, images_or_paths: Iterable, *, beam_size: int = 3, max_len: int | None = None,
-              length_penalty: float | None = None, batch_size: int = 16
-              ) -> Iterator[Caption | Failure]:
+              length_penalty: float | None = None, min_ending_rate: float | None = None,
+              batch_size: int = 16) -> Iterator[Caption | Failure]:
     """Captions paths or arrays in streamed batches, in order; unreadable files yield `Failure`s.
 
     Batches are padded to `batch_size` (or to 1 for a single image) so each shape compiles once.
+    The search options are `caption_arrays`'.
     """
+    options = dict(beam_size=beam_size, max_len=max_len, length_penalty=length_penalty,
+                   min_ending_rate=min_ending_rate)
     pending: list[tuple[str, np.ndarray]] = []
     for item in images_or_paths:
       if isinstance(item, (str, os.PathLike)):
@@ -158,17 +175,16 @@ class Captioner:
       else:
         pending.append(("", images_lib.resize(np.asarray(item, np.uint8), self.config.image_size)))
       if len(pending) == batch_size:
-        yield from self._caption_pending(pending, batch_size, beam_size, max_len, length_penalty)
+        yield from self._caption_pending(pending, batch_size, options)
         pending = []
     if pending:
-      yield from self._caption_pending(pending, batch_size, beam_size, max_len, length_penalty)
+      yield from self._caption_pending(pending, batch_size, options)
 
-  def _caption_pending(self, pending, batch_size, beam_size, max_len, length_penalty):
+  def _caption_pending(self, pending, batch_size, options):
     padded_size = 1 if len(pending) == 1 else batch_size
     batch = np.zeros((padded_size,) + pending[0][1].shape, np.uint8)
     batch[:len(pending)] = [image for _, image in pending]
-    for (source, _), result in zip(pending, self.caption_arrays(
-        batch, beam_size=beam_size, max_len=max_len, length_penalty=length_penalty)):
+    for (source, _), result in zip(pending, self.caption_arrays(batch, **options)):
       result.source = source
       yield result
 

@@ -27,6 +27,9 @@ SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 _FILE_FORMAT = "flaxcap.vocabulary"
 _FILE_VERSION = 1
 _ASCII_PUNCTUATION = frozenset(string.punctuation)
+# Captions may not end on a word that ends fewer than this fraction of its training occurrences
+# (`Vocabulary.eos_banned_after`; config.eval.min_ending_rate): "... playing in a red" goes on.
+DEFAULT_MIN_ENDING_RATE = 0.01
 
 
 def _is_punctuation(char: str) -> bool:
@@ -54,9 +57,12 @@ class Vocabulary:
 
   Attributes:
     words: every token, index = id.
+    ending_rates: float32 [len(words)] or None: for each word, the fraction of its occurrences in the
+      training captions that end a caption (0 for `<pad>`, `<bos>`, `<eos>`; `<unk>`'s is the rare
+      words'); None for vocabularies saved before flaxcap kept them. Not part of equality.
   """
 
-  def __init__(self, words: Sequence[str]):
+  def __init__(self, words: Sequence[str], ending_rates: Sequence[float] | None = None):
     words = list(words)
     if tuple(words[:len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
       raise ValueError(f"a vocabulary must start with {SPECIAL_TOKENS}, got {words[:4]}")
@@ -67,7 +73,12 @@ class Vocabulary:
       if word in word_to_id:
         raise ValueError(f"vocabulary entry {index} repeats {word!r} (first at {word_to_id[word]})")
       word_to_id[word] = index
+    if ending_rates is not None:
+      ending_rates = np.asarray(ending_rates, np.float32)
+      if ending_rates.shape != (len(words),) or not np.all((ending_rates >= 0) & (ending_rates <= 1)):
+        raise ValueError(f"ending_rates must be {len(words)} fractions in [0, 1], one per word")
     self.words = words
+    self.ending_rates = ending_rates
     self._word_to_id = word_to_id
 
   @classmethod
@@ -88,15 +99,23 @@ class Vocabulary:
       raise ValueError(f"min_count must be >= 1, got {min_count}")
     if max_size and max_size <= len(SPECIAL_TOKENS):
       raise ValueError(f"max_size must be 0 (no limit) or > {len(SPECIAL_TOKENS)}, got {max_size}")
-    counts = collections.Counter()
+    counts, endings = collections.Counter(), collections.Counter()
     for caption in captions:
-      counts.update(tokenize(caption))
+      words = tokenize(caption)
+      counts.update(words)
+      if words:
+        endings[words[-1]] += 1
     kept = [(word, count) for word, count in counts.items()
             if count >= min_count and word not in SPECIAL_TOKENS]
     kept.sort(key=lambda item: (-item[1], item[0]))
     if max_size:
       kept = kept[:max_size - len(SPECIAL_TOKENS)]
-    return cls(list(SPECIAL_TOKENS) + [word for word, _ in kept])
+    kept_words = {word for word, _ in kept}
+    rare_count = sum(count for word, count in counts.items() if word not in kept_words)
+    rare_endings = sum(count for word, count in endings.items() if word not in kept_words)
+    unk_rate = rare_endings / rare_count if rare_count else 0.0
+    return cls(list(SPECIAL_TOKENS) + [word for word, _ in kept],
+               ending_rates=[0.0, 0.0, 0.0, unk_rate] + [endings[word] / count for word, count in kept])
 
   def __len__(self) -> int:
     return len(self.words)
@@ -109,6 +128,16 @@ class Vocabulary:
 
   def __repr__(self) -> str:
     return f"Vocabulary({len(self)} words)"
+
+  def eos_banned_after(self, min_ending_rate: float) -> np.ndarray | None:
+    """bool [len(words)]: the tokens a caption may not end on, or None when none is banned.
+
+    Those that end fewer than `min_ending_rate` of their training occurrences (`ending_rates`), and
+    `<bos>` (no empty caption); None when the rates are unknown or `min_ending_rate` is 0.
+    """
+    if self.ending_rates is None or min_ending_rate <= 0:
+      return None
+    return self.ending_rates < min_ending_rate
 
   def word_id(self, word: str) -> int:
     """The id of `word`, or UNK."""
@@ -158,8 +187,8 @@ class Vocabulary:
     return " ".join(self.decode_words(ids))
 
   def save(self, path: str | os.PathLike) -> None:
-    """Writes the vocabulary as JSON (`{"format", "version", "words"}`)."""
-    payload = {"format": _FILE_FORMAT, "version": _FILE_VERSION, "words": self.words}
+    """Writes the vocabulary as JSON (`{"format", "version", "words"[, "ending_rates"]}`)."""
+    payload = {"format": _FILE_FORMAT, "version": _FILE_VERSION, **self.to_json()}
     tmp_path = f"{os.fspath(path)}.tmp"
     with open(tmp_path, "w", encoding="utf-8") as f:
       json.dump(payload, f, ensure_ascii=False, indent=0)
@@ -193,10 +222,21 @@ class Vocabulary:
       raise errors.DataError(
           f"{path}: vocabulary version {payload.get('version')!r} is not supported "
           f"(expected {_FILE_VERSION})")
-    words = payload.get("words")
-    if not isinstance(words, list):
+    if not isinstance(payload.get("words"), list):
       raise errors.DataError(f"{path}: vocabulary has no \"words\" list")
     try:
-      return cls(words)
-    except ValueError as e:
+      return cls.from_json(payload)
+    except (ValueError, TypeError) as e:
       raise errors.DataError(f"{path}: bad vocabulary: {e}") from None
+
+  def to_json(self) -> dict:
+    """`{"words": [...], "ending_rates": [...]}` (rates only when known), as checkpoints store it."""
+    payload = {"words": list(self.words)}
+    if self.ending_rates is not None:
+      payload["ending_rates"] = [round(float(rate), 6) for rate in self.ending_rates]
+    return payload
+
+  @classmethod
+  def from_json(cls, payload: dict) -> Vocabulary:
+    """The inverse of `to_json`; raises ValueError on a bad entry."""
+    return cls(list(payload["words"]), payload.get("ending_rates"))

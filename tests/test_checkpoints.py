@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -116,3 +117,28 @@ def test_export_cli_averages_repeated_checkpoints(tiny_checkpoint, tmp_path):
   assert "Traceback" not in result.stderr
   assert result.stderr.strip().splitlines()[-1] == (
       f"export.py: error: {tmp_path / 'missing'}: checkpoint directory does not exist")
+
+
+def test_checkpoints_keep_the_vocabulary_ending_rates(tiny_checkpoint):
+  _, _, vocab = checkpoints.load_for_inference(tiny_checkpoint)
+  assert vocab.ending_rates is not None and vocab.ending_rates.max() > 0
+
+
+def test_export_rebuilds_ending_rates_of_an_old_vocabulary(tiny_checkpoint, shapes_root, tmp_path):
+  _, _, vocab = checkpoints.load_for_inference(tiny_checkpoint)
+  old = checkpoints.export(tiny_checkpoint, tmp_path / "old")
+  payload = json.loads((old / "vocab.json").read_text())
+  del payload["ending_rates"]  # as vocabularies were saved before they kept them
+  (old / "vocab.json").write_text(json.dumps(payload))
+  assert inference.Captioner.load(old).vocab.ending_rates is None
+  upgraded = checkpoints.export(old, tmp_path / "upgraded", data_root=shapes_root)
+  rebuilt = inference.Captioner.load(upgraded).vocab
+  assert rebuilt == vocab
+  np.testing.assert_allclose(rebuilt.ending_rates, vocab.ending_rates, atol=1e-6)
+  other_data = tmp_path / "other_data"  # the same images, one more caption with a new word
+  shutil.copytree(shapes_root, other_data)
+  tokens = other_data / "Flickr8k_text" / "Flickr8k.token.txt"
+  first_image = tokens.read_text().splitlines()[0].split("#")[0]
+  tokens.write_text(tokens.read_text() + f"{first_image}#5\tA zebra .\n")
+  with pytest.raises(errors.CheckpointError, match=f"^{old}: the vocabulary built from"):
+    checkpoints.export(old, tmp_path / "wrong", data_root=other_data)

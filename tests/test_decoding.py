@@ -84,3 +84,32 @@ def test_word_gate_table_gives_the_same_search():
   np.testing.assert_array_equal(looked_up.lengths, plain.lengths)
   np.testing.assert_allclose(looked_up.scores, plain.scores, rtol=1e-5)
   np.testing.assert_allclose(looked_up.aux, plain.aux, atol=1e-5)
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_no_caption_ends_on_a_banned_word(beam_size):
+  decoder = Decoder(vocab_size=VOCAB, embed_dim=12, hidden_dim=16, attention_dim=10, dropout_rate=0.0)
+  rng = np.random.default_rng(7)
+  features = jnp.asarray(rng.normal(size=(8, GRID_H, GRID_W, CHANNELS)), jnp.float32)
+  params = decoder.init(jax.random.key(1), features, jnp.zeros((8, 4), jnp.int32),
+                        deterministic=True)["params"]
+  params = jax.tree.map(lambda x: 3.0 * x, params)
+  search = jax.jit(functools.partial(decoding.search, decoder, beam_size=beam_size, max_len=8))
+  free = search(params, features)
+  nothing_banned = search(params, features, eos_banned_after=jnp.zeros([VOCAB], bool))
+  np.testing.assert_array_equal(nothing_banned.tokens, free.tokens)
+  np.testing.assert_allclose(nothing_banned.scores, free.scores, rtol=1e-6)
+
+  def last_words(result):
+    tokens, lengths = np.asarray(result.tokens)[:, 0], np.asarray(result.lengths)[:, 0]
+    ended = [row for row in range(len(tokens)) if tokens[row, lengths[row] - 1] == vocab_lib.EOS]
+    return {row: tokens[row, lengths[row] - 2] for row in ended}, tokens
+
+  free_endings, free_tokens = last_words(free)
+  assert free_endings, "the random decoder should end some captions before max_len"
+  banned = np.zeros([VOCAB], bool)
+  banned[list(free_endings.values())] = True
+  constrained = search(params, features, eos_banned_after=jnp.asarray(banned))
+  endings, tokens = last_words(constrained)
+  assert not any(banned[word] for word in endings.values()), endings
+  assert not np.array_equal(tokens, free_tokens)

@@ -155,3 +155,19 @@ def test_infer_cli_dataset_json_gives_each_caption_and_the_scores_of_those_capti
 def test_infer_cli_without_inputs_is_a_usage_error():
   result = _infer()
   assert result.returncode != 0 and "--image" in result.stderr
+
+
+def test_min_ending_rate_bans_rare_last_words(captioner, shapes_root):
+  paths = [str(p) for p in sorted((shapes_root / "Flicker8k_Dataset").glob("*.jpg"))[:6]]
+  rates = dict(zip(captioner.vocab.words, captioner.vocab.ending_rates))
+  free = list(captioner.caption(paths, beam_size=2, min_ending_rate=0.0))
+  assert all(c.words for c in free)
+  threshold = max(rates[c.text.split()[-1]] for c in free) + 1e-3  # bans every free last word
+  held = list(captioner.caption(paths, beam_size=2, min_ending_rate=threshold))
+  for caption in held:
+    words = caption.text.split()
+    assert rates[words[-1]] >= threshold or len(words) == captioner.config.eval.max_len, words
+  assert [c.text for c in held] != [c.text for c in free]
+  # Everything banned: every caption runs to the longest allowed.
+  forced = list(captioner.caption(paths, beam_size=2, max_len=6, min_ending_rate=1.01))
+  assert all(len(c.text.split()) == 6 for c in forced), [c.text for c in forced]

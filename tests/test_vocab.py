@@ -116,6 +116,38 @@ def test_save_load_round_trip(tmp_path):
   assert json.loads(path.read_text(encoding="utf-8"))["format"] == "flaxcap.vocabulary"
 
 
+def test_build_counts_how_often_each_word_ends_a_caption():
+  vocab = vocab_lib.Vocabulary.build(
+      ["A dog runs.", "a dog", "The red dog runs", "a red ball", "a cat sits"], min_count=2)
+  rate = dict(zip(vocab.words, vocab.ending_rates.tolist()))
+  assert rate["runs"] == 1.0 and rate["a"] == 0.0 and rate["red"] == 0.0
+  assert rate["dog"] == pytest.approx(1 / 3)
+  assert rate["<unk>"] == 0.5  # the rare words the, ball, cat, sits: 2 of them end a caption
+  assert rate["<bos>"] == rate["<eos>"] == rate["<pad>"] == 0.0
+  banned = vocab.eos_banned_after(0.6)
+  assert [w for w, b in zip(vocab.words, banned) if not b] == ["runs"]
+  assert banned[vocab_lib.BOS]  # no empty caption
+  assert vocab.eos_banned_after(0.0) is None
+  assert vocab_lib.Vocabulary(vocab.words).eos_banned_after(0.5) is None  # rates unknown
+
+
+def test_ending_rates_survive_save_and_load_and_old_files_load_without(tmp_path):
+  vocab = vocab_lib.Vocabulary.build(["a dog runs", "a dog", "red dog runs"], min_count=1)
+  path = tmp_path / "vocab.json"
+  vocab.save(path)
+  loaded = vocab_lib.Vocabulary.load(path)
+  np.testing.assert_allclose(loaded.ending_rates, vocab.ending_rates, atol=1e-6)
+  payload = json.loads(path.read_text(encoding="utf-8"))
+  del payload["ending_rates"]  # a file written before the rates were kept
+  path.write_text(json.dumps(payload), encoding="utf-8")
+  old = vocab_lib.Vocabulary.load(path)
+  assert old == vocab and old.ending_rates is None
+  payload["ending_rates"] = [0.5] * (len(vocab) - 1)
+  path.write_text(json.dumps(payload), encoding="utf-8")
+  with pytest.raises(errors.DataError, match=f"{path}: bad vocabulary: ending_rates must be"):
+    vocab_lib.Vocabulary.load(path)
+
+
 @pytest.mark.parametrize("content, message", [
     (None, "not found"),
     ("{\"format\": \"flaxcap.vocabulary\",\n \"words\": [", ":2:"),
