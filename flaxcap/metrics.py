@@ -385,10 +385,20 @@ class CiderD:
         frequency[n].update(set().union(*(grams[n] for grams in image_grams)))
     self._frequency = frequency
     self._log_num_images = math.log(float(len(references)))
-    # Per image, per reference: (tf-idf vector per order, their norms, bigram count).
-    self._references = [[self._vector(grams, length) for grams, length in
-                         zip(image_grams, (len(text.split()) for text in texts[start:stop]))]
-                        for image_grams, start, stop in zip(grams_per_image, bounds[:-1], bounds[1:])]
+    # Per image, per reference: (n-gram counts, length); their tf-idf vectors are made when the image
+    # is first scored (`_references`), so a large corpus of which few images are used loads fast.
+    self._reference_grams = [list(zip(image_grams, (len(text.split()) for text in texts[start:stop])))
+                             for image_grams, start, stop in
+                             zip(grams_per_image, bounds[:-1], bounds[1:])]
+    self._reference_vectors = {}
+
+  def _references(self, image: int) -> list:
+    """Image `image`'s references: (tf-idf vector per order, their norms, bigram count) each."""
+    vectors = self._reference_vectors.get(image)
+    if vectors is None:
+      vectors = [self._vector(grams, length) for grams, length in self._reference_grams[image]]
+      self._reference_vectors[image] = vectors
+    return vectors
 
   def _vector(self, grams, length):
     vectors, norms = [], []
@@ -411,10 +421,13 @@ class CiderD:
     if len(ended) != len(texts):
       raise ValueError(f"{len(ended)} ended flags for {len(texts)} candidates")
     values = np.zeros(len(texts))
+    candidate_vectors = {}  # a caption scored against several images is vectorised once
     for i, (image, text) in enumerate(zip(image_indices, texts)):
-      words = text.split() + (self._end_words if ended[i] else [])
-      cand_vectors, cand_norms, cand_length = self._vector(_gram_counts(words), len(words))
-      references = self._references[image]
+      words = tuple(text.split() + (self._end_words if ended[i] else []))
+      if words not in candidate_vectors:
+        candidate_vectors[words] = self._vector(_gram_counts(words), len(words))
+      cand_vectors, cand_norms, cand_length = candidate_vectors[words]
+      references = self._references(int(image))
       total = 0.0
       for ref_vectors, ref_norms, ref_length in references:
         penalty = math.exp(-((cand_length - ref_length) ** 2) / (2 * _CIDER_SIGMA ** 2))
