@@ -10,6 +10,8 @@ their parameters (a "model soup" of runs fine-tuned from one model; `checkpoints
 
 --data_root DIR rebuilds the vocabulary's ending rates (`config.eval.min_ending_rate`) from the
 training captions under DIR, for models trained before vocabularies kept them.
+--consensus_data DIR encodes the training images under DIR and writes the index that
+`infer.py --consensus K` reranks the beam with (consensus.npz, `flaxcap.consensus`).
 """
 
 import sys
@@ -18,6 +20,7 @@ from absl import app
 from absl import flags
 
 from flaxcap import checkpoints
+from flaxcap import consensus
 from flaxcap import errors
 
 flags.DEFINE_multi_string("checkpoint", None, "Training workdir, checkpoint or exported model; "
@@ -25,6 +28,8 @@ flags.DEFINE_multi_string("checkpoint", None, "Training workdir, checkpoint or e
 flags.DEFINE_string("out", None, "Directory to write the exported model to.", required=True)
 flags.DEFINE_string("data_root", None, "Rebuild the vocabulary's ending rates from the training "
                     "captions under this data root (models trained before vocabularies kept them).")
+flags.DEFINE_string("consensus_data", None, "Also index the training images under this data root "
+                    "for consensus reranking (infer.py --consensus).")
 
 
 def main(argv):
@@ -33,6 +38,8 @@ def main(argv):
   try:
     out = checkpoints.export(flags.FLAGS.checkpoint, flags.FLAGS.out,
                              data_root=flags.FLAGS.data_root)
+    if flags.FLAGS.consensus_data:
+      consensus.write_index(out, flags.FLAGS.consensus_data)
   except errors.FlaxcapError as e:
     print(f"export.py: error: {e}", file=sys.stderr)
     sys.exit(1)

@@ -8,6 +8,8 @@
   --dataset DIR --split dev              caption a whole split and print BLEU-1..4, METEOR, ROUGE-L, CIDEr
                                          (with --json: each image's caption, then the scores)
   --beam_size, --max_len, --length_penalty, --min_ending_rate   the search (defaults: the model's config)
+  --consensus K                          keep the beam's caption that the captions of the K most similar
+                                         training images agree with (needs export.py --consensus_data)
 
 An unreadable image gets one line on stderr and the others are still captioned; the exit code is 1
 when any image failed.
@@ -34,6 +36,9 @@ flags.DEFINE_integer("max_len", None, "Longest caption in words (default: the mo
 flags.DEFINE_float("length_penalty", None, "GNMT length penalty alpha (default: the model's config).")
 flags.DEFINE_float("min_ending_rate", None, "No caption ends on a word that ends fewer than this "
                    "fraction of its training captions; 0 = off (default: the model's config).")
+flags.DEFINE_integer("consensus", 0, "Rerank the beam: keep the caption with the highest mean "
+                     "CIDEr-D against the captions of this many most similar training images (the "
+                     "model's consensus.npz, written by export.py --consensus_data); 0 = off.")
 flags.DEFINE_integer("batch_size", 16, "Images per compiled batch.")
 flags.DEFINE_bool("json", False, "Print one JSON object per line instead of 'path: caption'.")
 flags.DEFINE_string("attention_out", None, "Write one attention overlay PNG per image here.")
@@ -76,6 +81,7 @@ def caption_files(captioner, paths) -> int:
   for result in captioner.caption(paths, beam_size=FLAGS.beam_size, max_len=FLAGS.max_len,
                                   length_penalty=FLAGS.length_penalty,
                                   min_ending_rate=FLAGS.min_ending_rate,
+                                  consensus_neighbours=FLAGS.consensus,
                                   batch_size=FLAGS.batch_size):
     if isinstance(result, inference.Failure):
       failures += 1
@@ -104,7 +110,7 @@ def score_dataset(captioner) -> None:
   for record, result in zip(records, captioner.caption(
       [r.image_path for r in records], beam_size=FLAGS.beam_size, max_len=FLAGS.max_len,
       length_penalty=FLAGS.length_penalty, min_ending_rate=FLAGS.min_ending_rate,
-      batch_size=FLAGS.batch_size)):
+      consensus_neighbours=FLAGS.consensus, batch_size=FLAGS.batch_size)):
     if isinstance(result, inference.Failure):
       _report_error(result.message)
     else:

@@ -71,7 +71,10 @@ _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed captions per pipeline (the
 # so it keeps --repeats.
 _TORCH_REPEATS = flags.DEFINE_integer("torch_repeats", None, "The same for the torch pipeline (default: "
                                       "--repeats when given or on a GPU, else 10).")
-_PIPELINES = flags.DEFINE_list("pipelines", ["flaxcap", "torch"], "flaxcap and/or torch.")
+_PIPELINES = flags.DEFINE_list("pipelines", ["flaxcap", "torch"], "flaxcap, torch and/or "
+                               "flaxcap_consensus (flaxcap with --consensus reranking).")
+_CONSENSUS = flags.DEFINE_integer("consensus", 15, "Neighbours of the flaxcap_consensus pipeline "
+                                  "(`infer.py --consensus`; the model needs a consensus index).")
 _STAGES = flags.DEFINE_bool("stages", None, "Also time each stage on its own (default: on a GPU; on the "
                             "CPU only when asked, as run_all.py --full does: flaxcap's stage functions "
                             "compile for ~10 s there).")
@@ -111,18 +114,23 @@ def flaxcap_model(checkpoint: str | None, caption_length: int = 12, *, shipped: 
 
 
 def flaxcap_pipeline(captioner, *, path: str, beam_size: int, max_len: int,
-                     stages: bool = True) -> Pipeline:
+                     stages: bool = True, consensus_neighbours: int = 0) -> Pipeline:
   """`Captioner.caption`; with `stages`, its stages as separately jitted functions (the encoder's
-  compiled here)."""
+  compiled here). `consensus_neighbours` > 0: the beam reranked by consensus (no stages)."""
   size = captioner.config.image_size
 
   def caption(image_path):
-    result = next(iter(captioner.caption([image_path], beam_size=beam_size, max_len=max_len)))
+    result = next(iter(captioner.caption([image_path], beam_size=beam_size, max_len=max_len,
+                                         consensus_neighbours=consensus_neighbours)))
     if isinstance(result, inference.Failure):
       raise RuntimeError(result.message)
     return result.text
 
   description = "Captioner.caption([path]) (one jitted encoder + search)"
+  if consensus_neighbours:
+    return Pipeline("flaxcap_consensus", caption, {},
+                    description + f", consensus reranking of the beam, {consensus_neighbours} "
+                    "neighbours (the index's first use, ~4 s, is in setup_s)")
   if not stages:
     return Pipeline("flaxcap", caption, {}, description)
   image = images_lib.load_image(path, size)[None]
@@ -191,11 +199,14 @@ def main(argv):
   builders = {
       "flaxcap": lambda: flaxcap_pipeline(captioner, path=path, beam_size=beam_size, max_len=max_len,
                                           stages=stages),
+      "flaxcap_consensus": lambda: flaxcap_pipeline(
+          captioner, path=path, beam_size=beam_size, max_len=max_len, stages=False,
+          consensus_neighbours=_CONSENSUS.value),
       "torch": lambda: torch_pipeline(captioner, decoder_params, path=path, beam_size=beam_size,
                                       max_len=max_len, stages=stages),
   }
   torch_repeats = _TORCH_REPEATS.value or (repeats if gpu or flags.FLAGS["repeats"].present else 10)
-  all_repeats = {"flaxcap": repeats, "torch": torch_repeats}
+  all_repeats = {"flaxcap": repeats, "flaxcap_consensus": repeats, "torch": torch_repeats}
   # Stage warm-ups: the first call compiles flaxcap's stage functions; on a GPU one more.
   stage_warmup = 2 if gpu else 1
   rows, texts = [], {}

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxcap import checkpoints
+from flaxcap import consensus
 from flaxcap import decoding
 from flaxcap import errors
 from flaxcap import images as images_lib
@@ -57,7 +58,8 @@ class Caption:
   tokens: np.ndarray  # int32 [len(words)]: the generated token ids
   words: list[str]  # every generated token, "<eos>" last when the caption ended before max_len
   attention: np.ndarray  # float32 [len(words), h, w]: where each token looked
-  alternatives: list[tuple[str, float]]  # every beam's (text, score), best first
+  alternatives: list[tuple[str, float]]  # every beam's (text, score), in the beam's order
+  beam_index: int = 0  # which alternative this is: 0, or the consensus reranking's choice
   source: str = ""  # the path, or "" for an array
 
 
@@ -76,8 +78,10 @@ def default_checkpoint() -> pathlib.Path:
 class Captioner:
   """A loaded model: encoder with its weights, decoder parameters, vocabulary and config."""
 
-  def __init__(self, config, vocab, decoder_params, encoder, encoder_variables):
+  def __init__(self, config, vocab, decoder_params, encoder, encoder_variables,
+               consensus_index: consensus.ConsensusIndex | None = None):
     self.config = config
+    self.consensus_index = consensus_index  # training images for `consensus_neighbours`
     self.vocab = vocab
     self.decoder = model_lib.create_decoder(config, len(vocab))
     # On the device once: numpy arrays would be copied in on every call (~25 ms a call on a CPU).
@@ -105,15 +109,18 @@ class Captioner:
           "--checkpoint runs/<name>")
     variables, config, vocab = checkpoints.load_for_inference(path)
     encoder, encoder_variables = model_lib.encoder_and_variables(config, variables)
-    return cls(config, vocab, variables["params"]["decoder"], encoder, encoder_variables)
+    index_path = path / consensus.INDEX_FILE
+    index = consensus.ConsensusIndex.load(index_path) if index_path.is_file() else None
+    return cls(config, vocab, variables["params"]["decoder"], encoder, encoder_variables, index)
 
   @functools.lru_cache(maxsize=16)
   def _compiled(self, beam_size: int, max_len: int, length_penalty: float):
     def caption_batch(encoder_variables, decoder_params, word_gate_table, eos_banned_after, images):
       grid = self.encoder.apply(encoder_variables, images)
-      return decoding.search(self.decoder, decoder_params, grid, beam_size=beam_size,
-                             max_len=max_len, length_penalty=length_penalty,
-                             word_gate_table=word_gate_table, eos_banned_after=eos_banned_after)
+      result = decoding.search(self.decoder, decoder_params, grid, beam_size=beam_size,
+                               max_len=max_len, length_penalty=length_penalty,
+                               word_gate_table=word_gate_table, eos_banned_after=eos_banned_after)
+      return result, consensus.pooled_features(grid)
     return jax.jit(caption_batch, compiler_options=compiler_options())
 
   @functools.lru_cache(maxsize=4)
@@ -123,47 +130,58 @@ class Captioner:
 
   def caption_arrays(self, images: np.ndarray, *, beam_size: int = 3, max_len: int | None = None,
                      length_penalty: float | None = None,
-                     min_ending_rate: float | None = None) -> list[Caption]:
+                     min_ending_rate: float | None = None,
+                     consensus_neighbours: int = 0) -> list[Caption]:
     """Captions uint8 images [batch, size, size, 3] (already resized to `config.image_size`).
 
     `max_len`, `length_penalty` and `min_ending_rate` (no caption ends on a word that ends fewer than
     this fraction of its training occurrences; `Vocabulary.eos_banned_after`) default to the model's
-    `config.eval`.
+    `config.eval`. `consensus_neighbours` > 0 keeps, of the beam's captions, the one that the captions
+    of that many most similar training images agree with most (`flaxcap.consensus`; the model needs
+    a consensus index, `export.py --consensus_data`).
     """
+    if consensus_neighbours and self.consensus_index is None:
+      raise errors.ConfigError("consensus reranking: this model has no consensus index "
+                               f"({consensus.INDEX_FILE}); write one with export.py --consensus_data")
     max_len = max_len or self.config.eval.max_len
     length_penalty = self.config.eval.length_penalty if length_penalty is None else length_penalty
     if min_ending_rate is None:
       min_ending_rate = self.config.eval.get("min_ending_rate", vocab_lib.DEFAULT_MIN_ENDING_RATE)
     search = self._compiled(int(beam_size), int(max_len), float(length_penalty))
-    result = search(self.encoder_variables, self.decoder_params, self.word_gate_table,
-                    self._eos_banned_after(float(min_ending_rate)), jnp.asarray(images))
+    result, pooled = search(self.encoder_variables, self.decoder_params, self.word_gate_table,
+                            self._eos_banned_after(float(min_ending_rate)), jnp.asarray(images))
     height, width = self.feature_grid_shape
-    tokens, scores, lengths, attention = jax.device_get(
-        (result.tokens, result.scores, result.lengths, result.aux))
+    tokens, scores, lengths, attention, pooled = jax.device_get(
+        (result.tokens, result.scores, result.lengths, result.aux, pooled))
+    alternatives = [[(self.vocab.decode(tokens[row, k]), float(scores[row, k]))
+                     for k in range(tokens.shape[1])] for row in range(len(images))]
+    chosen = np.zeros(len(images), int)
+    if consensus_neighbours:
+      chosen = self.consensus_index.rerank(
+          pooled, [[text for text, _ in row] for row in alternatives], int(consensus_neighbours))
     captions = []
-    for row in range(len(images)):
-      length = int(lengths[row, 0])
-      word_attention = einops.rearrange(attention[row, 0, :length], "t (h w) -> t h w",
+    for row, beam in enumerate(chosen):
+      length = int(lengths[row, beam])
+      word_attention = einops.rearrange(attention[row, beam, :length], "t (h w) -> t h w",
                                         h=int(height), w=int(width))
       captions.append(Caption(
-          text=self.vocab.decode(tokens[row, 0]), score=float(scores[row, 0]),
-          tokens=tokens[row, 0, :length],
-          words=[self.vocab.words[t] for t in tokens[row, 0, :length]],
-          attention=word_attention.astype(np.float32),
-          alternatives=[(self.vocab.decode(tokens[row, k]), float(scores[row, k]))
-                        for k in range(tokens.shape[1])]))
+          text=alternatives[row][beam][0], score=float(scores[row, beam]),
+          tokens=tokens[row, beam, :length],
+          words=[self.vocab.words[t] for t in tokens[row, beam, :length]],
+          attention=word_attention.astype(np.float32), alternatives=alternatives[row],
+          beam_index=int(beam)))
     return captions
 
   def caption(self, images_or_paths: Iterable, *, beam_size: int = 3, max_len: int | None = None,
               length_penalty: float | None = None, min_ending_rate: float | None = None,
-              batch_size: int = 16) -> Iterator[Caption | Failure]:
+              consensus_neighbours: int = 0, batch_size: int = 16) -> Iterator[Caption | Failure]:
     """Captions paths or arrays in streamed batches, in order; unreadable files yield `Failure`s.
 
     Batches are padded to `batch_size` (or to 1 for a single image) so each shape compiles once.
     The search options are `caption_arrays`'.
     """
     options = dict(beam_size=beam_size, max_len=max_len, length_penalty=length_penalty,
-                   min_ending_rate=min_ending_rate)
+                   min_ending_rate=min_ending_rate, consensus_neighbours=consensus_neighbours)
     pending: list[tuple[str, np.ndarray]] = []
     for item in images_or_paths:
       if isinstance(item, (str, os.PathLike)):
