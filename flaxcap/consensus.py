@@ -86,6 +86,8 @@ class ConsensusIndex:
   def neighbours(self, pooled: np.ndarray, count: int) -> np.ndarray:
     """int [batch, count]: the most similar training images (cosine), most similar first."""
     pooled = np.asarray(pooled, np.float32)
+    if count < 1:
+      raise errors.ConfigError(f"consensus reranking needs at least one neighbour, not {count}")
     if pooled.shape[-1] != self.embeddings.shape[1]:
       raise errors.ConfigError(f"consensus index: {self.embeddings.shape[1]}-channel embeddings, "
                                f"the encoder gives {pooled.shape[-1]}")

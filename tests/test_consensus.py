@@ -87,6 +87,8 @@ def test_index_file_round_trip_and_errors(tmp_path):
     consensus.ConsensusIndex.build(pooled[:-1], captions)
   with pytest.raises(errors.ConfigError, match="16-channel embeddings, the encoder gives 3"):
     index.neighbours(np.ones((1, 3)), 2)
+  with pytest.raises(errors.ConfigError, match="at least one neighbour, not -1"):
+    index.rerank(pooled[:1], [["a dog"]], neighbours=-1)
 
 
 @pytest.fixture(scope="module")
