@@ -281,14 +281,13 @@ def test_fine_tuning_the_last_stages_trains_from_the_cached_output_of_the_frozen
   # on the images, up to the cache's float16 rounding (far from the pretrained encoder's).
   tail_features = data.eval_feature_grid(variables["params"],
                                          {"encoder": variables["batch_stats"]["encoder"]})
-  whole = model_lib.create_encoder(config)
+  encode = jax.jit(model_lib.create_encoder(config).apply)  # compiled once, for both variable sets
   trained = {"params": variables["params"]["encoder"],
              "batch_stats": variables["batch_stats"]["encoder"]}
   whole_features = {}
   for name, encoder_variables in (("trained", trained), ("pretrained", pretrained)):
     features, valid = feature_cache.encode_records(
-        data.eval_records, jax.jit(lambda images, v=encoder_variables: whole.apply(v, images)),
-        image_size=config.image_size)
+        data.eval_records, functools.partial(encode, encoder_variables), image_size=config.image_size)
     assert valid.all()
     whole_features[name] = np.asarray(features, np.float32)
   assert np.abs(whole_features["trained"] - tail_features).max() < 0.05
