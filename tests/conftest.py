@@ -22,6 +22,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _XLA_CACHE = tempfile.mkdtemp(prefix="flaxcap-tests-xla-cache-")
   atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+# JAX caches only programs that took a second or more to compile; the tests' programs are small and
+# many, so every one is cached (the CLIs and the second pytest-xdist worker then load, not compile).
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pytest  # noqa: E402
 
