@@ -23,7 +23,6 @@ import re
 from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -149,7 +148,7 @@ def map_state_dict(name: str, state_dict: Mapping[str, np.ndarray], variables: A
                        f"{tuple(leaf.shape)}")
       return leaf
     used.add(torch_key)
-    return jnp.asarray(value, dtype=leaf.dtype)
+    return jax.device_put(np.asarray(value, dtype=leaf.dtype))  # jnp.asarray compiles per shape
 
   mapped = {}
   for collection, tree in dict(variables).items():

@@ -190,7 +190,7 @@ def param_labels(params, config):
 def create_train_state(config, model, data: train_data.TrainData, steps_per_epoch: int) -> TrainState:
   """Initializes the decoder (and the pretrained encoder when it is fine-tuned) and the optimizer."""
   init_rng, state_rng = jax.random.split(jax.random.key(config.seed))
-  input_tokens = jnp.zeros((1, config.data.max_len - 1), jnp.int32)
+  input_tokens = np.zeros((1, config.data.max_len - 1), np.int32)
   if not model.encoder_trainable:
     feature_shape = data.feature_table.shape[1:]
   else:  # the encoder's output shape, traced without running it
@@ -201,18 +201,20 @@ def create_train_state(config, model, data: train_data.TrainData, steps_per_epoc
   # Only the decoder is initialized here (the same parameters as a whole-model init: flax derives
   # each submodule's keys from its name); a fine-tuned encoder starts from its pretrained variables,
   # so a random init of it, op by op, would be thrown away.
-  variables = model.init(init_rng, jnp.zeros((1,) + tuple(feature_shape), jnp.float32), input_tokens,
-                         deterministic=True, method=model_lib.Captioner.decode_features)
+  # Compiled as one program: run op by op, each initializer and each optimizer slot of a new shape
+  # compiles on its own (seconds at start-up, on every run).
+  init = functools.partial(model.init, deterministic=True, method=model_lib.Captioner.decode_features)
+  variables = jax.jit(init)(init_rng, np.zeros((1,) + tuple(feature_shape), np.float32),
+                            input_tokens)
   params, batch_stats = dict(variables["params"]), {}
   # The whole encoder's variables (a tail ignores its head's) when they train, or when they are a
   # fine-tuned run's (frozen here, but checkpoints and exports must carry them).
   if model.encoder_trainable or data.encoder_from_checkpoint:
     params["encoder"] = data.encoder_variables["params"]
     batch_stats = {"encoder": data.encoder_variables.get("batch_stats", {})}
-  return TrainState.create(
-      apply_fn=model.apply, params=params,
-      tx=create_optimizer(config, steps_per_epoch, param_labels(params, config)),
-      batch_stats=batch_stats, rng=state_rng)
+  tx = create_optimizer(config, steps_per_epoch, param_labels(params, config))
+  return TrainState(step=0, apply_fn=model.apply, params=params, tx=tx,
+                    opt_state=jax.jit(tx.init)(params), batch_stats=batch_stats, rng=state_rng)
 
 
 def warm_start(state: TrainState, data: train_data.TrainData) -> TrainState:
@@ -227,8 +229,8 @@ def warm_start(state: TrainState, data: train_data.TrainData) -> TrainState:
   if shapes(data.init_params["decoder"]) != shapes(state.params["decoder"]):
     raise errors.ConfigError(f"{data.config.init_checkpoint}: its decoder's parameter shapes differ "
                              "from config.decoder's; use the config it was trained with")
-  params = dict(state.params, decoder=jax.tree_util.tree_map(jnp.asarray, data.init_params["decoder"]))
-  return state.replace(params=params, opt_state=state.tx.init(params))
+  params = dict(state.params, decoder=jax.device_put(data.init_params["decoder"]))
+  return state.replace(params=params, opt_state=jax.jit(state.tx.init)(params))
 
 
 def evaluate(config, params, data: train_data.TrainData, *, metrics=("BLEU", "CIDEr"),
@@ -328,7 +330,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     progress.close()
     skip_batches = 0
     epoch_sums.extend(guard.flush(store))
-    state = unreplicate(replicated_state)
+    state = jax.device_put(unreplicate(replicated_state))  # on device again for the evaluation
     store.save_latest(step, state, config, data.vocab)
     summary = objective.summarize(_stack(epoch_sums)) if epoch_sums else {}
     if (epoch + 1) % config.eval.every_epochs == 0 or epoch + 1 == config.num_epochs:
@@ -373,17 +375,26 @@ def replicate(tree, devices=None):
                                         jax.sharding.PartitionSpec(AXIS))
 
   def put(leaf):
-    leaf = leaf if isinstance(leaf, jax.Array) else np.asarray(leaf)
+    # Through the host: `leaf[None]` of a device array would compile an op for each leaf shape.
+    leaf = leaf if _is_key(leaf) else np.asarray(leaf)
     return jax.make_array_from_single_device_arrays(
         (len(devices),) + leaf.shape, sharding, [jax.device_put(leaf[None], d) for d in devices])
 
   return jax.tree_util.tree_map(put, tree)
 
 
+def _is_key(leaf) -> bool:
+  return isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+
+
 def unreplicate(tree):
-  """The first device's copy of a pmapped pytree (`flax.jax_utils.unreplicate` keeps a leading axis
-  when pmap ran on a subset of the local devices)."""
-  return jax.tree_util.tree_map(lambda x: x[0], tree)
+  """The first device's copy of a pmapped pytree, as host (numpy) arrays but for PRNG keys.
+
+  `flax.jax_utils.unreplicate` keeps a leading axis when pmap ran on a subset of the local devices;
+  `x[0]` on device compiles an op for each leaf shape. Checkpoints are written from the host anyway.
+  """
+  return jax.tree_util.tree_map(
+      lambda x: x[0] if _is_key(x) else np.asarray(x.addressable_shards[0].data)[0], tree)
 
 
 def _stack(sums_list):

@@ -8,6 +8,8 @@ import shutil
 import sys
 import tempfile
 
+import filelock
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -44,13 +46,27 @@ def flickr8k_root():
   return FLICKR8K_ROOT
 
 
+def _built_once(tmp_path_factory, name: str, build) -> pathlib.Path:
+  """The folder `name` that `build(folder)` fills once per test session, shared by the pytest-xdist
+  workers (one builds it, the others wait for it). Tests read it and never change it."""
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # the session's folder, above each worker's own
+  folder = root / name
+  with filelock.FileLock(f"{folder}.lock"):
+    done = root / f"{name}.done"
+    if not done.exists():
+      shutil.rmtree(folder, ignore_errors=True)
+      build(folder)
+      done.touch()
+  return folder
+
+
 @pytest.fixture(scope="session")
 def shapes_root(tmp_path_factory):
   """A tiny synthetic Flickr8k-layout dataset of coloured shapes (see tests/shapes_data.py)."""
   import shapes_data  # pylint: disable=g-import-not-at-top
-  root = tmp_path_factory.mktemp("shapes") / "data"
-  shapes_data.write_flickr8k_layout(root)
-  return root
+  return _built_once(tmp_path_factory, "shapes", shapes_data.write_flickr8k_layout)
 
 
 @pytest.fixture(scope="session")
@@ -61,9 +77,8 @@ def tiny_checkpoint(shapes_root, tmp_path_factory):
   config = tiny.get_config()
   config.data.root = str(shapes_root)
   config.num_epochs = 2
-  workdir = tmp_path_factory.mktemp("tiny_run")
-  train_lib.train_and_evaluate(config, str(workdir))
-  return workdir
+  return _built_once(tmp_path_factory, "tiny_run",
+                     lambda workdir: train_lib.train_and_evaluate(config, str(workdir)))
 
 
 @pytest.fixture

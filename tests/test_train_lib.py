@@ -1,5 +1,6 @@
 """Training: overfitting a tiny set, 4 devices == 1 device, kill-and-resume, and bad input."""
 
+import contextlib
 import functools
 import os
 import pathlib
@@ -7,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -352,3 +354,45 @@ def test_replicate_places_arrays_so_a_pmapped_step_compiles_once(num_devices):
   np.testing.assert_array_equal(np.asarray(state["step"]), [3] * num_devices)
   for copy in np.asarray(state["w"]):
     np.testing.assert_allclose(copy, weights + 3.0)
+
+
+@contextlib.contextmanager
+def _programs_lowered():
+  """Yields the list of the programs JAX lowers to XLA inside the block (every program new to this
+  process, whether then compiled or found in the persistent compilation cache)."""
+  names = []
+
+  def listen(event, duration, **kwargs):
+    del duration
+    if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+      names.append(kwargs.get("fun_name"))
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    yield names
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+
+
+def test_train_state_creation_replication_and_fetching_lower_no_op_per_parameter_shape():
+  """Run op by op, the decoder's initializers, the optimizer's slots, `replicate`'s `leaf[None]` and
+  `unreplicate`'s `x[0]` each lowered and compiled a program per parameter shape: hundreds of
+  compilations at each run's start (and each checkpoint's) for the whole Lite0."""
+  config = tiny.get_config()
+  config.decoder.embed_dim, config.decoder.hidden_dim, config.decoder.attention_dim = 18, 22, 26
+  model = model_lib.create_model(config, 29)  # sizes no other test uses: no program is cached
+  data = types.SimpleNamespace(feature_table=np.zeros((3, 2, 2, 14), np.float16),
+                               encoder_from_checkpoint=False)
+  with _programs_lowered() as lowered:
+    state = train_lib.create_train_state(config, model, data, steps_per_epoch=5)
+  parameter_shapes = {np.shape(leaf) for leaf in jax.tree_util.tree_leaves(state.params)}
+  # The PRNG key (made, split, unstacked: 4), the decoder init and the optimizer init: 6 at most.
+  assert len(lowered) <= 6 < len(parameter_shapes), lowered
+
+  with _programs_lowered() as lowered:
+    fetched = train_lib.unreplicate(train_lib.replicate(state))
+  assert len(lowered) <= 3, lowered  # the PRNG key: its copy (1) and its fetch (2)
+  for original, copy in zip(jax.tree_util.tree_leaves((state.params, state.opt_state)),
+                            jax.tree_util.tree_leaves((fetched.params, fetched.opt_state))):
+    np.testing.assert_array_equal(np.asarray(original), copy)
+  np.testing.assert_array_equal(jax.random.key_data(fetched.rng), jax.random.key_data(state.rng))
