@@ -42,6 +42,15 @@ _ROUGE_BETA = 1.2
 _CIDER_SIGMA = 6.0
 
 
+def check_metric_names(metrics: str | Sequence[str]) -> tuple[str, ...]:
+  """`metrics` as a tuple of names; ConfigError names the unknown ones."""
+  metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
+  unknown = [name for name in metrics if name not in METRICS]
+  if unknown:
+    raise errors.ConfigError(f"unknown caption metric(s) {unknown}; choose from {list(METRICS)}")
+  return metrics
+
+
 def score(references: Mapping[Hashable, Sequence[str]], candidates: Mapping[Hashable, str],
           metrics: Sequence[str] = METRICS, per_image: bool = False):
   """Scores candidate captions against references, as coco-caption does.
@@ -63,11 +72,7 @@ def score(references: Mapping[Hashable, Sequence[str]], candidates: Mapping[Hash
     DataError: the keys differ, or a caption is not a string, or an image has no reference.
     ConfigError: an unknown metric name.
   """
-  if isinstance(metrics, str):
-    metrics = (metrics,)
-  unknown = [name for name in metrics if name not in METRICS]
-  if unknown:
-    raise errors.ConfigError(f"unknown caption metric(s) {unknown}; choose from {list(METRICS)}")
+  metrics = check_metric_names(metrics)
   keys = _check_inputs(references, candidates)
   ref_counts = [len(references[key]) for key in keys]
   ref_texts = tokenize_captions(caption for key in keys for caption in references[key])
