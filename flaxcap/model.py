@@ -9,6 +9,7 @@ alpha_c * mean_{image, location} (1 - sum_t alpha_t)^2.
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from flaxcap import decoder as decoder_lib
@@ -137,10 +138,10 @@ def pretrained_encoder(config) -> tuple[nn.Module, dict]:
   "imagenet"), a torchvision-format file (a path), or a random initialization ("none")."""
   from flaxcap import pretrained  # pylint: disable=g-import-not-at-top
   encoder = create_encoder(config)
-  images = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.uint8)
+  images = np.zeros((1, config.image_size, config.image_size, 3), np.uint8)
   weights = config.encoder.weights
-  if weights == "none":
-    return encoder, encoder.init(jax.random.key(config.seed), images)
+  if weights == "none":  # one program: op by op, every initializer of a new shape compiles alone
+    return encoder, jax.jit(encoder.init)(jax.random.key(config.seed), images)
   variables = jax.eval_shape(encoder.init, jax.random.key(0), images)
   return encoder, pretrained.load_pretrained(config.encoder.name, variables,
                                              None if weights == "imagenet" else weights)

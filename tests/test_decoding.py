@@ -34,13 +34,19 @@ def _plain_search(decoder, params, features, *, beam_size, max_len):
                         eos_id=vocab_lib.EOS)
 
 
+def _init(decoder, seed, features, tokens):
+  """The decoder's parameters, initialized in one compiled program (op by op, each shape compiles)."""
+  init = jax.jit(functools.partial(decoder.init, deterministic=True))
+  return init(jax.random.key(seed), features, tokens)["params"]
+
+
 @pytest.mark.parametrize("beam_size,max_len", [(3, 5), (2, 3)])  # beam x steps > P = 6, then < P
 def test_search_equals_plain_beam_search(beam_size, max_len):
   decoder = Decoder(vocab_size=VOCAB, embed_dim=12, hidden_dim=16, attention_dim=10, dropout_rate=0.0)
   rng = np.random.default_rng(5)
   features = jnp.asarray(rng.normal(size=(BATCH, GRID_H, GRID_W, CHANNELS)), jnp.float32)
   tokens = jnp.zeros((BATCH, max_len), jnp.int32)
-  params = decoder.init(jax.random.key(0), features, tokens, deterministic=True)["params"]
+  params = _init(decoder, 0, features, tokens)
   params = jax.tree.map(lambda x: 3.0 * x, params)  # sharper distributions: no near-ties
   result = jax.jit(functools.partial(decoding.search, decoder, beam_size=beam_size, max_len=max_len))(
       params, features)
@@ -59,8 +65,7 @@ def test_project_context_can_be_forced_either_way():
   decoder = Decoder(vocab_size=VOCAB, embed_dim=12, hidden_dim=16, attention_dim=10, dropout_rate=0.0)
   rng = np.random.default_rng(6)
   features = jnp.asarray(rng.normal(size=(BATCH, GRID_H, GRID_W, CHANNELS)), jnp.float32)
-  params = decoder.init(jax.random.key(1), features, jnp.zeros((BATCH, 4), jnp.int32),
-                        deterministic=True)["params"]
+  params = _init(decoder, 1, features, jnp.zeros((BATCH, 4), jnp.int32))
   results = [jax.jit(functools.partial(decoding.search, decoder, beam_size=2, max_len=3,
                                        project_context=project))(params, features)
              for project in (None, True, False)]
@@ -74,8 +79,7 @@ def test_word_gate_table_gives_the_same_search():
   decoder = Decoder(vocab_size=VOCAB, embed_dim=12, hidden_dim=16, attention_dim=10, dropout_rate=0.0)
   rng = np.random.default_rng(6)
   features = jnp.asarray(rng.normal(size=(BATCH, GRID_H, GRID_W, CHANNELS)), jnp.float32)
-  params = decoder.init(jax.random.key(1), features, jnp.zeros((BATCH, 4), jnp.int32),
-                        deterministic=True)["params"]
+  params = _init(decoder, 1, features, jnp.zeros((BATCH, 4), jnp.int32))
   params = jax.tree.map(lambda x: 3.0 * x, params)  # sharper distributions: no near-ties
   table = decoder.apply({"params": params}, method=Decoder.word_gate_table)
   search = jax.jit(functools.partial(decoding.search, decoder, beam_size=3, max_len=8))
@@ -91,8 +95,7 @@ def test_no_caption_ends_on_a_banned_word(beam_size):
   decoder = Decoder(vocab_size=VOCAB, embed_dim=12, hidden_dim=16, attention_dim=10, dropout_rate=0.0)
   rng = np.random.default_rng(7)
   features = jnp.asarray(rng.normal(size=(8, GRID_H, GRID_W, CHANNELS)), jnp.float32)
-  params = decoder.init(jax.random.key(1), features, jnp.zeros((8, 4), jnp.int32),
-                        deterministic=True)["params"]
+  params = _init(decoder, 1, features, jnp.zeros((8, 4), jnp.int32))
   params = jax.tree.map(lambda x: 3.0 * x, params)
   search = jax.jit(functools.partial(decoding.search, decoder, beam_size=beam_size, max_len=8))
   free = search(params, features)
