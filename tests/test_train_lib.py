@@ -161,8 +161,9 @@ def _train_cli(*args, **kwargs):
                           text=True, **kwargs)
 
 
-def test_sigkill_during_checkpointing_never_leaves_an_unloadable_directory(shapes_root, tmp_path):
-  workdir = tmp_path / "run"
+def test_sigkill_during_checkpointing_never_leaves_an_unloadable_directory(shapes_root,
+                                                                          shared_features_workdir):
+  workdir = pathlib.Path(shared_features_workdir())  # features cached: the runs go straight to training
   steps_dir = workdir / checkpoints.LATEST_DIR
   for delay in (0.0, 0.7):
     process = _train_cli(f"--workdir={workdir}", f"--config.data.root={shapes_root}",
