@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxcap import errors
-from flaxcap import metrics
+from flaxcap import sentence_scores
 
 INDEX_FILE = "consensus.npz"
 
@@ -79,9 +79,9 @@ class ConsensusIndex:
     return jax.device_put(self.embeddings.astype(np.float32))
 
   @functools.cached_property
-  def _cider(self) -> metrics.CiderD:
+  def _cider(self) -> sentence_scores.CiderD:
     # Document frequencies over every training image: a few seconds, once per index.
-    return metrics.CiderD(self.captions)
+    return sentence_scores.CiderD(self.captions)
 
   def neighbours(self, pooled: np.ndarray, count: int) -> np.ndarray:
     """int [batch, count]: the most similar training images (cosine), most similar first."""

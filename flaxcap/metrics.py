@@ -32,14 +32,14 @@ import numpy as np
 from flaxcap import errors
 from flaxcap.ptb_tokenizer import ptb_tokenize, tokenize_captions
 
-__all__ = ["METRICS", "ptb_tokenize", "score", "tokenize_captions"]
+__all__ = ["METRICS", "bleu_from_counts", "ptb_tokenize", "score", "tokenize_captions"]
 
 METRICS = ("BLEU", "METEOR", "ROUGE-L", "CIDEr")
-_MAX_N = 4
+MAX_N = 4
 _BLEU_SMALL = 1e-9  # bleu_scorer's guards, kept exactly for the same numbers
 _BLEU_TINY = 1e-15
 _ROUGE_BETA = 1.2
-_CIDER_SIGMA = 6.0
+CIDER_SIGMA = 6.0
 
 
 def check_metric_names(metrics: str | Sequence[str]) -> tuple[str, ...]:
@@ -86,7 +86,7 @@ def score(references: Mapping[Hashable, Sequence[str]], candidates: Mapping[Hash
     grams = _NGrams(cand_texts, ref_texts, np.repeat(np.arange(len(keys)), ref_counts))
     if "BLEU" in metrics:
       bleu_corpus, bleu_images = _bleu(grams)
-      for n in range(_MAX_N):
+      for n in range(MAX_N):
         corpus[f"BLEU-{n + 1}"] = bleu_corpus[n]
         images[f"BLEU-{n + 1}"] = bleu_images[:, n]
   if "METEOR" in metrics:
@@ -159,7 +159,7 @@ class _NGrams:
                                                      self.lengths)
     base = len(vocab) + 1
     self.caption, self.gram, self.count, self.num_grams = [], [], [], []
-    for order in range(1, _MAX_N + 1):
+    for order in range(1, MAX_N + 1):
       starts = np.nonzero(position <= self.lengths[caption_of_token] - order)[0]
       columns = token_ids[starts[:, None] + np.arange(order)]  # [occurrences, order]
       if base ** order < 2 ** 62:
@@ -199,8 +199,8 @@ def _bleu(grams: _NGrams):
   num_images = grams.num_images
   test_len = grams.lengths[:num_images]
   ref_len = grams.lengths[num_images:]
-  correct = np.zeros((num_images, _MAX_N), dtype=np.int64)
-  for n in range(_MAX_N):
+  correct = np.zeros((num_images, MAX_N), dtype=np.int64)
+  for n in range(MAX_N):
     (image, gram, count), (ref_image, ref_gram, ref_count, _) = grams.split(n)
     # Largest count of each n-gram in any one reference of the image.
     ref_keys = ref_image * grams.num_grams[n] + ref_gram
@@ -211,28 +211,30 @@ def _bleu(grams: _NGrams):
     max_counts = np.maximum.reduceat(ref_count, firsts) if len(ref_keys) else ref_count
     clipped = np.minimum(count, _lookup(max_keys, max_counts, image * grams.num_grams[n] + gram))
     correct[:, n] = np.bincount(image, weights=clipped, minlength=num_images).astype(np.int64)
-  guess = np.maximum(0, test_len[:, None] - np.arange(_MAX_N))  # [images, 4]
+  guess = np.maximum(0, test_len[:, None] - np.arange(MAX_N))  # [images, 4]
   # "closest" reference length; on a tie, the shorter one.
   ref_bounds = np.searchsorted(grams.ref_image, np.arange(num_images + 1))
   closest = [min((abs(length - test_len[i]), length)
                  for length in ref_len[ref_bounds[i]:ref_bounds[i + 1]])[1]
              for i in range(num_images)]
 
-  def combine(correct_n, guess_n, test_length, ref_length):
-    bleus, bleu = [], 1.0
-    for n in range(_MAX_N):
-      bleu *= (float(correct_n[n]) + _BLEU_TINY) / (float(guess_n[n]) + _BLEU_SMALL)
-      bleus.append(bleu ** (1.0 / (n + 1)))
-    ratio = (test_length + _BLEU_TINY) / (ref_length + _BLEU_SMALL)
-    if ratio < 1:
-      bleus = [b * math.exp(1 - 1 / ratio) for b in bleus]
-    return bleus
-
-  per_image = np.array([combine(correct[i], guess[i], int(test_len[i]), int(closest[i]))
+  per_image = np.array([bleu_from_counts(correct[i], guess[i], int(test_len[i]), int(closest[i]))
                         for i in range(num_images)])
-  corpus = combine([int(c) for c in correct.sum(0)], [int(g) for g in guess.sum(0)],
-                   int(test_len.sum()), int(sum(closest)))
+  corpus = bleu_from_counts([int(c) for c in correct.sum(0)], [int(g) for g in guess.sum(0)],
+                            int(test_len.sum()), int(sum(closest)))
   return corpus, per_image
+
+
+def bleu_from_counts(correct, guess, test_length: int, ref_length: int) -> list[float]:
+  """BLEU-1..4 from clipped matches and guesses per order, with bleu_scorer's brevity penalty."""
+  bleus, bleu = [], 1.0
+  for n in range(MAX_N):
+    bleu *= (float(correct[n]) + _BLEU_TINY) / (float(guess[n]) + _BLEU_SMALL)
+    bleus.append(bleu ** (1.0 / (n + 1)))
+  ratio = (test_length + _BLEU_TINY) / (ref_length + _BLEU_SMALL)
+  if ratio < 1:
+    bleus = [b * math.exp(1 - 1 / ratio) for b in bleus]
+  return bleus
 
 
 def _cider_d(grams: _NGrams, ref_counts: np.ndarray) -> np.ndarray:
@@ -242,9 +244,9 @@ def _cider_d(grams: _NGrams, ref_counts: np.ndarray) -> np.ndarray:
   # cider_scorer's "length" is the number of bigrams of a caption.
   bigrams = np.maximum(grams.lengths - 1, 0).astype(np.float64)
   delta = bigrams[:num_images][grams.ref_image] - bigrams[num_images:]  # [refs]
-  penalty = np.e ** (-(delta ** 2) / (2 * _CIDER_SIGMA ** 2))
-  similarity = np.zeros((len(grams.ref_image), _MAX_N))  # [refs, 4]
-  for n in range(_MAX_N):
+  penalty = np.e ** (-(delta ** 2) / (2 * CIDER_SIGMA ** 2))
+  similarity = np.zeros((len(grams.ref_image), MAX_N))  # [refs, 4]
+  for n in range(MAX_N):
     (image, gram, count), (ref_image, ref_gram, ref_count, ref) = grams.split(n)
     num_grams = grams.num_grams[n]
     # Document frequency: in how many images' references each n-gram occurs.
@@ -260,7 +262,7 @@ def _cider_d(grams: _NGrams, ref_counts: np.ndarray) -> np.ndarray:
                       minlength=len(grams.ref_image))
     norms = cand_norm[grams.ref_image] * ref_norm
     similarity[:, n] = np.where(norms != 0, dot / np.where(norms != 0, norms, 1), dot) * penalty
-  per_image = np.zeros((num_images, _MAX_N))
+  per_image = np.zeros((num_images, MAX_N))
   np.add.at(per_image, grams.ref_image, similarity)
   return per_image.mean(axis=1) / ref_counts * 10.0
 
@@ -353,100 +355,3 @@ def _read_line(process, stderr) -> str:
     raise errors.FlaxcapError(
         f"METEOR's jar stopped early (exit code {process.poll()}); its error output: {tail}")
   return line.decode().strip()
-
-
-class CiderD:
-  """CIDEr-D of candidates against a fixed corpus of references, one image at a time.
-
-  `score` computes document frequencies over the references it is given; here they come from the
-  whole corpus passed to the constructor (self-critical training rewards a sampled caption of a
-  training image with the training set's frequencies), computed once. Otherwise the formula is
-  `score`'s (cider_scorer's): with the corpus equal to an evaluated set, `CiderD(refs)(range(n), cands)`
-  is `score(..., per_image=True)`'s CIDEr of each image.
-
-      reward = CiderD(references)                  # references[i]: raw captions of image i
-      values = reward(image_indices, candidates)   # float64 [len(candidates)]
-
-  With `end_token` (a string no tokenized caption contains, e.g. "<eos>"), the token is appended to
-  every reference and to every candidate that `ended` (a sample cut off at the length limit did not),
-  so the n-grams that close a caption count: "... in a <eos>" matches no reference, and a reward
-  model that ignores endings no longer pays as much for a caption that stops mid-phrase (the fix of
-  self-critical.pytorch, which appends its end token to both sides).
-  """
-
-  def __init__(self, references: Sequence[Sequence[str]], *, end_token: str | None = None):
-    if not references or any(isinstance(refs, str) or not refs for refs in references):
-      raise errors.DataError("CiderD needs a non-empty list of caption lists, one per image")
-    self._end_words = [end_token] if end_token else []
-    counts = [len(refs) for refs in references]
-    texts = [" ".join(text.split() + self._end_words)
-             for text in tokenize_captions(caption for refs in references for caption in refs)]
-    bounds = np.cumsum([0] + counts)
-    grams_per_image = [[_gram_counts(text.split()) for text in texts[start:stop]]
-                       for start, stop in zip(bounds[:-1], bounds[1:])]
-    frequency = [collections.Counter() for _ in range(_MAX_N)]
-    for image_grams in grams_per_image:
-      for n in range(_MAX_N):
-        frequency[n].update(set().union(*(grams[n] for grams in image_grams)))
-    self._frequency = frequency
-    self._log_num_images = math.log(float(len(references)))
-    # Per image, per reference: (n-gram counts, length); their tf-idf vectors are made when the image
-    # is first scored (`_references`), so a large corpus of which few images are used loads fast.
-    self._reference_grams = [list(zip(image_grams, (len(text.split()) for text in texts[start:stop])))
-                             for image_grams, start, stop in
-                             zip(grams_per_image, bounds[:-1], bounds[1:])]
-    self._reference_vectors = {}
-
-  def _references(self, image: int) -> list:
-    """Image `image`'s references: (tf-idf vector per order, their norms, bigram count) each."""
-    vectors = self._reference_vectors.get(image)
-    if vectors is None:
-      vectors = [self._vector(grams, length) for grams, length in self._reference_grams[image]]
-      self._reference_vectors[image] = vectors
-    return vectors
-
-  def _vector(self, grams, length):
-    vectors, norms = [], []
-    for n in range(_MAX_N):
-      vector = {gram: count * (self._log_num_images - math.log(max(1.0, self._frequency[n][gram])))
-                for gram, count in grams[n].items()}
-      vectors.append(vector)
-      norms.append(math.sqrt(sum(value * value for value in vector.values())))
-    return vectors, norms, max(length - 1, 0)
-
-  def __call__(self, image_indices: Sequence[int], candidates: Sequence[str],
-               ended: Sequence[bool] | None = None) -> np.ndarray:
-    """CIDEr-D of `candidates[i]` (raw text) against the references of image `image_indices[i]`.
-
-    `ended[i]` (default: all True) says whether candidate i reached its end token; it matters only
-    with `end_token`.
-    """
-    texts = tokenize_captions(candidates)
-    ended = [True] * len(texts) if ended is None else list(ended)
-    if len(ended) != len(texts):
-      raise ValueError(f"{len(ended)} ended flags for {len(texts)} candidates")
-    values = np.zeros(len(texts))
-    candidate_vectors = {}  # a caption scored against several images is vectorised once
-    for i, (image, text) in enumerate(zip(image_indices, texts)):
-      words = tuple(text.split() + (self._end_words if ended[i] else []))
-      if words not in candidate_vectors:
-        candidate_vectors[words] = self._vector(_gram_counts(words), len(words))
-      cand_vectors, cand_norms, cand_length = candidate_vectors[words]
-      references = self._references(int(image))
-      total = 0.0
-      for ref_vectors, ref_norms, ref_length in references:
-        penalty = math.exp(-((cand_length - ref_length) ** 2) / (2 * _CIDER_SIGMA ** 2))
-        for n in range(_MAX_N):
-          ref_vector = ref_vectors[n]
-          dot = sum(min(value, ref_vector[gram]) * ref_vector[gram]
-                    for gram, value in cand_vectors[n].items() if gram in ref_vector)
-          norm = cand_norms[n] * ref_norms[n]
-          total += (dot / norm if norm != 0 else dot) * penalty
-      values[i] = total / _MAX_N / len(references) * 10.0
-    return values
-
-
-def _gram_counts(words: Sequence[str]) -> list[collections.Counter]:
-  """n-gram counts of one caption, n = 1..4."""
-  return [collections.Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
-          for n in range(1, _MAX_N + 1)]

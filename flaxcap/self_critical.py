@@ -3,7 +3,7 @@
 Cross-entropy training teaches the decoder the next word of a human caption; the captions it is judged
 on are its own. Self-critical training starts from a cross-entropy run and rewards the decoder's own
 samples: each step draws `num_samples` captions per image, scores each with CIDEr-D against the
-image's references (document frequencies of the whole training set, `metrics.CiderD`), and moves
+image's references (document frequencies of the whole training set, `sentence_scores.CiderD`), and moves
 the decoder towards the samples that beat the mean of the image's other samples (the baseline of
 Luo, 2020, "A better variant of self-critical sequence training") and away from the others:
 
@@ -27,11 +27,11 @@ import numpy as np
 from flaxcap import decoding
 from flaxcap import epoch_plan
 from flaxcap import errors
-from flaxcap import metrics
 from flaxcap import model as model_lib
+from flaxcap import sentence_scores
 from flaxcap import vocab as vocab_lib
 
-# Appended to references and ended samples when `config.self_critical.reward_end` (see `metrics.CiderD`);
+# Appended to references and ended samples when `config.self_critical.reward_end` (see `sentence_scores.CiderD`);
 # it goes on after tokenization, and no Flickr8k caption contains it.
 REWARD_END_TOKEN = "<eos>"
 
@@ -49,6 +49,30 @@ def advantages(rewards: np.ndarray) -> np.ndarray:
                              "(each sample's baseline is the mean of the others)")
   others_mean = (rewards.sum(-1, keepdims=True) - rewards) / (num_samples - 1)
   return rewards - others_mean
+
+
+class CaptionReward:
+  """A sampled caption's reward: CIDEr-D + bleu_weight * sentence BLEU-4 against its image's references.
+
+  CIDEr-D has the end token on both sides with `reward_end` (`sentence_scores.CiderD`); BLEU-4 is that of the
+  caption alone (`sentence_scores.SentenceBleu`, with its brevity penalty), computed only when bleu_weight > 0.
+
+      reward = CaptionReward(references, reward_end=True, bleu_weight=0.5)
+      values = reward(image_indices, captions, ended)   # float64 [len(captions)]
+  """
+
+  def __init__(self, references, *, reward_end: bool, bleu_weight: float):
+    if bleu_weight < 0:
+      raise errors.ConfigError(f"config.self_critical.bleu_weight is {bleu_weight}; it must be >= 0")
+    self.bleu_weight = float(bleu_weight)
+    self.cider = sentence_scores.CiderD(references, end_token=REWARD_END_TOKEN if reward_end else None)
+    self.bleu = sentence_scores.SentenceBleu(references) if self.bleu_weight else None
+
+  def __call__(self, image_indices, captions, ended) -> np.ndarray:
+    rewards = self.cider(image_indices, captions, ended)
+    if self.bleu is not None:
+      rewards = rewards + self.bleu_weight * self.bleu(image_indices, captions)
+    return rewards
 
 
 def sample_step(params, image_index, feature_table, rng, *, decoder, num_samples: int,
@@ -142,8 +166,9 @@ class SelfCritical:
     check_config(config)
     self.config, self.data = config, data
     self.num_samples = int(config.self_critical.num_samples)
-    self.reward = metrics.CiderD([record.captions for record in data.train_records],
-                                 end_token=REWARD_END_TOKEN if config.self_critical.reward_end else None)
+    self.reward = CaptionReward([record.captions for record in data.train_records],
+                                reward_end=config.self_critical.reward_end,
+                                bleu_weight=config.self_critical.bleu_weight)
     self._sample, self._update = _pmapped_steps(model, self.num_samples, config.eval.max_len,
                                                 axis_name)
 

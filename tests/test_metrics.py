@@ -18,6 +18,7 @@ import pytest
 from flaxcap import errors
 from flaxcap import metrics
 from flaxcap import ptb_tokenizer
+from flaxcap import sentence_scores
 
 JAVA = shutil.which("java") is not None
 needs_java = pytest.mark.skipif(not JAVA, reason="java is not on the PATH")
@@ -353,14 +354,35 @@ def test_cider_d_reward_matches_pycocoevalcap_per_image(pycoco, corpus):
   _, expected = Cider().compute_score(gts, res)
   expected = np.asarray(expected, dtype=np.float64)
   assert expected.max() > 0.5  # some candidates do match their references
-  reward = metrics.CiderD([references[key] for key in keys])
+  reward = sentence_scores.CiderD([references[key] for key in keys])
   np.testing.assert_allclose(reward(range(len(keys)), [candidates[key] for key in keys]), expected,
                              rtol=0, atol=TOLERANCE)
   order = np.random.default_rng(0).integers(0, len(keys), size=3 * len(keys))
   np.testing.assert_allclose(reward(order, [candidates[keys[i]] for i in order]), expected[order],
                              rtol=0, atol=TOLERANCE)
   with pytest.raises(errors.DataError, match="non-empty"):
-    metrics.CiderD([["a caption"], []])
+    sentence_scores.CiderD([["a caption"], []])
+
+
+def test_sentence_bleu_reward_matches_pycocoevalcap_per_image(pycoco, corpus):
+  """`SentenceBleu` (the self-critical BLEU reward) gives pycocoevalcap's BLEU-4 of each image alone,
+  in any order and with repeats."""
+  from pycocoevalcap.bleu.bleu import Bleu
+  references, candidates = corpus
+  keys = list(references)
+  gts = _reference_tokenize(pycoco, references)
+  res = _reference_tokenize(pycoco, {key: [candidates[key]] for key in keys})
+  _, per_order = Bleu(4).compute_score(gts, res, verbose=0)
+  expected = np.asarray(per_order[3], dtype=np.float64)
+  assert expected.max() > 0.3 and expected.min() < 0.01  # matching and unmatched candidates
+  reward = sentence_scores.SentenceBleu([references[key] for key in keys])
+  np.testing.assert_allclose(reward(range(len(keys)), [candidates[key] for key in keys]), expected,
+                             rtol=1e-9, atol=TOLERANCE)
+  order = np.random.default_rng(1).integers(0, len(keys), size=3 * len(keys))
+  np.testing.assert_allclose(reward(order, [candidates[keys[i]] for i in order]), expected[order],
+                             rtol=1e-9, atol=TOLERANCE)
+  with pytest.raises(errors.DataError, match="non-empty"):
+    sentence_scores.SentenceBleu([["a caption"], []])
 
 
 def test_cider_d_end_token_is_pycocoevalcap_with_the_token_appended(pycoco, corpus):
@@ -376,7 +398,7 @@ def test_cider_d_end_token_is_pycocoevalcap_with_the_token_appended(pycoco, corp
   res = {key: [f"{texts[0]} <eos>" if done else texts[0]] for (key, texts), done
          in zip(res.items(), ended)}
   _, expected = Cider().compute_score(gts, res)
-  reward = metrics.CiderD([references[key] for key in keys], end_token="<eos>")
+  reward = sentence_scores.CiderD([references[key] for key in keys], end_token="<eos>")
   np.testing.assert_allclose(reward(range(len(keys)), [candidates[key] for key in keys], ended),
                              expected, rtol=0, atol=TOLERANCE)
   with pytest.raises(ValueError, match="ended flags"):
@@ -395,6 +417,6 @@ def test_cider_d_end_token_pays_less_for_a_caption_cut_mid_phrase():
     values = reward([0, 0], [complete, cut])
     return values[1] / values[0]
 
-  without_end = cut_over_complete(metrics.CiderD(references))
-  with_end = cut_over_complete(metrics.CiderD(references, end_token="<eos>"))
+  without_end = cut_over_complete(sentence_scores.CiderD(references))
+  with_end = cut_over_complete(sentence_scores.CiderD(references, end_token="<eos>"))
   assert with_end < without_end - 0.05, (with_end, without_end)

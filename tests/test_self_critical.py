@@ -18,10 +18,30 @@ from flaxcap import decoding
 from flaxcap import errors
 from flaxcap import model as model_lib
 from flaxcap import self_critical
+from flaxcap import sentence_scores
 from flaxcap import train_lib
 from recording_writer import RecordingWriter
 
 NUM_IMAGES, GRID, CHANNELS, VOCAB, SAMPLES, MAX_LEN = 6, 4, 16, 20, 3, 7
+
+
+def test_caption_reward_adds_weighted_sentence_bleu_to_cider_d():
+  references = [["a dog runs in the grass", "a brown dog is running in the grass",
+                 "a dog running on a lawn"],
+                ["two children play on the beach", "kids playing in the sand", "two kids at the sea"]]
+  images = [0, 0, 1, 1]
+  captions = ["a brown dog runs in the grass", "a dog", "two kids play in the sand", "a dog runs"]
+  ended = [True, True, False, True]
+  cider = sentence_scores.CiderD(references, end_token=self_critical.REWARD_END_TOKEN)(images, captions, ended)
+  bleu = sentence_scores.SentenceBleu(references)(images, captions)
+  assert bleu[0] > 0.3 and bleu[3] < 0.01  # a 4-gram match and none
+  mixed = self_critical.CaptionReward(references, reward_end=True, bleu_weight=0.5)
+  np.testing.assert_allclose(mixed(images, captions, ended), cider + 0.5 * bleu, rtol=1e-12)
+  cider_only = self_critical.CaptionReward(references, reward_end=True, bleu_weight=0.0)
+  np.testing.assert_allclose(cider_only(images, captions, ended), cider, rtol=1e-12)
+  assert cider_only.bleu is None
+  with pytest.raises(errors.ConfigError, match="bleu_weight"):
+    self_critical.CaptionReward(references, reward_end=True, bleu_weight=-1.0)
 
 
 def test_advantage_is_reward_minus_mean_of_the_other_samples():
