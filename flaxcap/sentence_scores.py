@@ -22,10 +22,10 @@ from flaxcap.ptb_tokenizer import tokenize_captions
 class CiderD:
   """CIDEr-D of candidates against a fixed corpus of references, one image at a time.
 
-  `score` computes document frequencies over the references it is given; here they come from the
-  whole corpus passed to the constructor (self-critical training rewards a sampled caption of a
+  `metrics.score` computes document frequencies over the references it is given; here they come from
+  the whole corpus passed to the constructor (self-critical training rewards a sampled caption of a
   training image with the training set's frequencies), computed once. Otherwise the formula is
-  `score`'s (cider_scorer's): with the corpus equal to an evaluated set, `CiderD(refs)(range(n), cands)`
+  `metrics.score`'s (cider_scorer's): with the corpus equal to an evaluated set, `CiderD(refs)(range(n), cands)`
   is `score(..., per_image=True)`'s CIDEr of each image.
 
       reward = CiderD(references)                  # references[i]: raw captions of image i
@@ -39,15 +39,11 @@ class CiderD:
   """
 
   def __init__(self, references: Sequence[Sequence[str]], *, end_token: str | None = None):
-    if not references or any(isinstance(refs, str) or not refs for refs in references):
-      raise errors.DataError("CiderD needs a non-empty list of caption lists, one per image")
     self._end_words = [end_token] if end_token else []
-    counts = [len(refs) for refs in references]
-    texts = [" ".join(text.split() + self._end_words)
-             for text in tokenize_captions(caption for refs in references for caption in refs)]
-    bounds = np.cumsum([0] + counts)
-    grams_per_image = [[_gram_counts(text.split()) for text in texts[start:stop]]
-                       for start, stop in zip(bounds[:-1], bounds[1:])]
+    words_per_image = [[words + self._end_words for words in image_words]
+                       for image_words in _reference_words(references, "CiderD")]
+    grams_per_image = [[_gram_counts(words) for words in image_words]
+                       for image_words in words_per_image]
     frequency = [collections.Counter() for _ in range(metrics.MAX_N)]
     for image_grams in grams_per_image:
       for n in range(metrics.MAX_N):
@@ -56,9 +52,8 @@ class CiderD:
     self._log_num_images = math.log(float(len(references)))
     # Per image, per reference: (n-gram counts, length); their tf-idf vectors are made when the image
     # is first scored (`_references`), so a large corpus of which few images are used loads fast.
-    self._reference_grams = [list(zip(image_grams, (len(text.split()) for text in texts[start:stop])))
-                             for image_grams, start, stop in
-                             zip(grams_per_image, bounds[:-1], bounds[1:])]
+    self._reference_grams = [list(zip(image_grams, (len(words) for words in image_words)))
+                             for image_grams, image_words in zip(grams_per_image, words_per_image)]
     self._reference_vectors = {}
 
   def _references(self, image: int) -> list:
@@ -113,7 +108,7 @@ class CiderD:
 class SentenceBleu:
   """BLEU-4 of each candidate alone against a fixed corpus of references: a self-critical reward.
 
-  The per-image BLEU-4 of `score(..., per_image=True)` (bleu_scorer's, with its brevity penalty
+  The per-image BLEU-4 of `metrics.score(..., per_image=True)` (bleu_scorer's, with its brevity penalty
   against the closest reference length), with each image's clipping counts made once:
 
       reward = SentenceBleu(references)            # references[i]: raw captions of image i
@@ -121,18 +116,13 @@ class SentenceBleu:
   """
 
   def __init__(self, references: Sequence[Sequence[str]]):
-    if not references or any(isinstance(refs, str) or not refs for refs in references):
-      raise errors.DataError("SentenceBleu needs a non-empty list of caption lists, one per image")
-    counts = [len(refs) for refs in references]
-    texts = tokenize_captions(caption for refs in references for caption in refs)
-    bounds = np.cumsum([0] + counts)
     self._max_counts, self._lengths = [], []
-    for start, stop in zip(bounds[:-1], bounds[1:]):
-      words = [text.split() for text in texts[start:stop]]
-      grams = [_gram_counts(caption) for caption in words]
+    for image_words in _reference_words(references, "SentenceBleu"):
+      grams = [_gram_counts(words) for words in image_words]
+      # The largest count of each n-gram in any one reference (Counter's | keeps the maximum).
       self._max_counts.append([functools.reduce(operator.or_, (g[n] for g in grams))
                                for n in range(metrics.MAX_N)])
-      self._lengths.append([len(caption) for caption in words])
+      self._lengths.append([len(words) for words in image_words])
 
   def __call__(self, image_indices: Sequence[int], candidates: Sequence[str]) -> np.ndarray:
     """BLEU-4 of `candidates[i]` (raw text) against the references of image `image_indices[i]`."""
@@ -146,6 +136,16 @@ class SentenceBleu:
       closest = min((abs(length - len(words)), length) for length in self._lengths[int(image)])[1]
       values[i] = metrics.bleu_from_counts(correct, guess, len(words), closest)[-1]
     return values
+
+
+def _reference_words(references: Sequence[Sequence[str]], owner: str) -> list[list[list[str]]]:
+  """The words of each tokenized reference, per image; DataError unless every image has some."""
+  if not references or any(isinstance(refs, str) or not refs for refs in references):
+    raise errors.DataError(f"{owner} needs a non-empty list of caption lists, one per image")
+  texts = tokenize_captions(caption for refs in references for caption in refs)
+  bounds = np.cumsum([0] + [len(refs) for refs in references])
+  return [[text.split() for text in texts[start:stop]]
+          for start, stop in zip(bounds[:-1], bounds[1:])]
 
 
 def _gram_counts(words: Sequence[str]) -> list[collections.Counter]:
