@@ -3,9 +3,10 @@
 Cross-entropy training teaches the decoder the next word of a human caption; the captions it is judged
 on are its own. Self-critical training starts from a cross-entropy run and rewards the decoder's own
 samples: each step draws `num_samples` captions per image, scores each with CIDEr-D against the
-image's references (document frequencies of the whole training set, `sentence_scores.CiderD`), and moves
-the decoder towards the samples that beat the mean of the image's other samples (the baseline of
-Luo, 2020, "A better variant of self-critical sequence training") and away from the others:
+image's references (document frequencies of the whole training set; optionally plus a weighted
+sentence BLEU-4, `CaptionReward`), and moves the decoder towards the samples that beat the mean of
+the image's other samples (the baseline of Luo, 2020, "A better variant of self-critical sequence
+training") and away from the others:
 
     loss = - sum_{b,k} (r_bk - mean_{j != k} r_bj) * sum_t log p(w_bkt | w_bk<t, image_b) / #tokens
 
