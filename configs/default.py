@@ -85,7 +85,7 @@ def get_config():
   # Score the end of a caption too (CIDEr-D with an end token on both sides); without it the samples
   # learn to stop mid-phrase ("a boy is playing in a").
   config.self_critical.reward_end = True
-  # The reward is CIDEr-D + bleu_weight * sentence BLEU-4 (`sentence_scores.SentenceBleu`); 0: CIDEr-D alone.
+  # The reward is CIDEr-D + bleu_weight * sentence BLEU-4 (sentence_scores.SentenceBleu); 0: CIDEr-D.
   config.self_critical.bleu_weight = 0.0
 
   config.optimizer = ml_collections.ConfigDict()
