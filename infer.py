@@ -10,6 +10,7 @@
   --beam_size, --max_len, --length_penalty, --min_ending_rate   the search (defaults: the model's config)
   --consensus K                          keep the beam's caption that the captions of the K most similar
                                          training images agree with (needs export.py --consensus_data)
+  --consensus_beam_weight W              how much the beam's own score counts beside that agreement
 
 An unreadable image gets one line on stderr and the others are still captioned; the exit code is 1
 when any image failed.
@@ -39,6 +40,9 @@ flags.DEFINE_float("min_ending_rate", None, "No caption ends on a word that ends
 flags.DEFINE_integer("consensus", 0, "Rerank the beam: keep the caption with the highest mean "
                      "CIDEr-D against the captions of this many most similar training images (the "
                      "model's consensus.npz, written by export.py --consensus_data); 0 = off.")
+flags.DEFINE_float("consensus_beam_weight", None, "With --consensus: add this multiple of each "
+                   "caption's beam score (log-probability) to its agreement; 0 = agreement alone "
+                   "(default: flaxcap.consensus.BEAM_SCORE_WEIGHT).")
 flags.DEFINE_integer("batch_size", 16, "Images per compiled batch.")
 flags.DEFINE_bool("json", False, "Print one JSON object per line instead of 'path: caption'.")
 flags.DEFINE_string("attention_out", None, "Write one attention overlay PNG per image here.")
@@ -72,6 +76,16 @@ def _json_line(result) -> str:
   return json.dumps({"image": result.source, "caption": result.text, "score": round(result.score, 4)})
 
 
+def _caption_options() -> dict:
+  """`Captioner.caption`'s keyword arguments from the flags (None: the model's or library's default)."""
+  options = dict(beam_size=FLAGS.beam_size, max_len=FLAGS.max_len,
+                 length_penalty=FLAGS.length_penalty, min_ending_rate=FLAGS.min_ending_rate,
+                 consensus_neighbours=FLAGS.consensus, batch_size=FLAGS.batch_size)
+  if FLAGS.consensus_beam_weight is not None:
+    options["consensus_beam_weight"] = FLAGS.consensus_beam_weight
+  return options
+
+
 def caption_files(captioner, paths) -> int:
   """Prints a caption per path; returns the number of failures."""
   failures = 0
@@ -80,11 +94,7 @@ def caption_files(captioner, paths) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
   used_names = set()
   from flaxcap import inference  # pylint: disable=g-import-not-at-top
-  for result in captioner.caption(paths, beam_size=FLAGS.beam_size, max_len=FLAGS.max_len,
-                                  length_penalty=FLAGS.length_penalty,
-                                  min_ending_rate=FLAGS.min_ending_rate,
-                                  consensus_neighbours=FLAGS.consensus,
-                                  batch_size=FLAGS.batch_size):
+  for result in captioner.caption(paths, **_caption_options()):
     if isinstance(result, inference.Failure):
       failures += 1
       _report_error(result.message)
@@ -110,10 +120,8 @@ def score_dataset(captioner) -> None:
   if not records:
     raise errors.DataError(f"{FLAGS.dataset}: the {FLAGS.split!r} split is empty")
   candidates = {}
-  for record, result in zip(records, captioner.caption(
-      [r.image_path for r in records], beam_size=FLAGS.beam_size, max_len=FLAGS.max_len,
-      length_penalty=FLAGS.length_penalty, min_ending_rate=FLAGS.min_ending_rate,
-      consensus_neighbours=FLAGS.consensus, batch_size=FLAGS.batch_size)):
+  for record, result in zip(records, captioner.caption([r.image_path for r in records],
+                                                       **_caption_options())):
     if isinstance(result, inference.Failure):
       _report_error(result.message)
     else:

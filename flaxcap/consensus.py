@@ -3,13 +3,15 @@
 Beam search ranks captions by the decoder's own probability. Consensus reranking (Devlin et al., 2015,
 "Exploring Nearest Neighbor Approaches for Image Captioning"; Mao et al., 2015) picks instead, among
 the beam's captions, the one with the highest mean CIDEr-D against the reference captions of the
-image's k nearest training images. The index (`ConsensusIndex`) holds one embedding per training
+image's k nearest training images, plus a small multiple of its beam score (`BEAM_SCORE_WEIGHT`: the
+beam's log-probability breaks near-ties between captions the neighbours agree with about equally). The index (`ConsensusIndex`) holds one embedding per training
 image, the mean of its encoder grid (centred on the training mean, unit length: cosine neighbours),
 and the images' captions; `write_index` builds it for an exported model, and `Captioner.load` reads
 it from the model's directory (`INDEX_FILE`).
 
     index = ConsensusIndex.load("models/flickr8k/consensus.npz")
-    chosen = index.rerank(pooled_features, beam_captions, neighbours=10)   # [batch] beam indices
+    chosen = index.rerank(pooled_features, beam_captions, neighbours=15,   # [batch] beam indices
+                          beam_scores=beam_scores, beam_score_weight=BEAM_SCORE_WEIGHT)
 """
 
 import dataclasses
@@ -27,6 +29,9 @@ from flaxcap import errors
 from flaxcap import sentence_scores
 
 INDEX_FILE = "consensus.npz"
+# Weight of the beam's own score (its log-probability) beside the mean CIDEr-D, chosen on Flickr8k's dev
+# split: 0.02-0.05 kept CIDEr and lifted BLEU-4 by 0.2-0.5 over 0 for three models (README).
+BEAM_SCORE_WEIGHT = 0.03
 
 
 def pooled_features(grid: jax.Array) -> jax.Array:
@@ -108,10 +113,25 @@ class ConsensusIndex:
       scores[row, :len(texts)] = values.reshape(len(texts), len(image_nearest)).mean(1)
     return scores
 
-  def rerank(self, pooled: np.ndarray, candidates: Sequence[Sequence[str]],
-             neighbours: int) -> np.ndarray:
-    """int [batch]: the candidate each image keeps (the first on a tie, i.e. the beam's best)."""
-    return np.argmax(self.consensus(pooled, candidates, neighbours), axis=1)
+  def rerank(self, pooled: np.ndarray, candidates: Sequence[Sequence[str]], neighbours: int,
+             beam_scores: np.ndarray | None = None, beam_score_weight: float = 0.0) -> np.ndarray:
+    """int [batch]: the candidate each image keeps (the first on a tie, i.e. the beam's best).
+
+    Each candidate's score is its `consensus` plus `beam_score_weight` times its entry of `beam_scores`
+    (float [batch, candidates], the beam's log-probabilities; needed when the weight is not 0).
+    """
+    scores = self.consensus(pooled, candidates, neighbours)
+    if beam_score_weight < 0:
+      raise errors.ConfigError(f"consensus reranking: the beam score weight must be >= 0, "
+                               f"not {beam_score_weight}")
+    if beam_score_weight:
+      if beam_scores is None or np.shape(beam_scores)[0] != len(scores) or np.shape(
+          beam_scores)[1] < scores.shape[1]:
+        raise errors.ConfigError(f"consensus reranking: beam scores of shape "
+                                 f"{None if beam_scores is None else np.shape(beam_scores)} for "
+                                 f"{scores.shape} candidates")
+      scores = scores + beam_score_weight * np.asarray(beam_scores, np.float64)[:, :scores.shape[1]]
+    return np.argmax(scores, axis=1)
 
 
 @functools.partial(jax.jit, static_argnames="count")

@@ -131,14 +131,15 @@ class Captioner:
   def caption_arrays(self, images: np.ndarray, *, beam_size: int = 3, max_len: int | None = None,
                      length_penalty: float | None = None,
                      min_ending_rate: float | None = None,
-                     consensus_neighbours: int = 0) -> list[Caption]:
+                     consensus_neighbours: int = 0,
+                     consensus_beam_weight: float = consensus.BEAM_SCORE_WEIGHT) -> list[Caption]:
     """Captions uint8 images [batch, size, size, 3] (already resized to `config.image_size`).
 
     `max_len`, `length_penalty` and `min_ending_rate` (no caption ends on a word that ends fewer than
     this fraction of its training occurrences; `Vocabulary.eos_banned_after`) default to the model's
     `config.eval`. `consensus_neighbours` > 0 keeps, of the beam's captions, the one that the captions
-    of that many most similar training images agree with most (`flaxcap.consensus`; the model needs
-    a consensus index, `export.py --consensus_data`).
+    of that many most similar training images agree with most, plus `consensus_beam_weight` times its
+    beam score (`flaxcap.consensus`; the model needs a consensus index, `export.py --consensus_data`).
     """
     if consensus_neighbours and self.consensus_index is None:
       raise errors.ConfigError("consensus reranking: this model has no consensus index "
@@ -158,7 +159,8 @@ class Captioner:
     chosen = np.zeros(len(images), int)
     if consensus_neighbours:
       chosen = self.consensus_index.rerank(
-          pooled, [[text for text, _ in row] for row in alternatives], int(consensus_neighbours))
+          pooled, [[text for text, _ in row] for row in alternatives], int(consensus_neighbours),
+          beam_scores=scores, beam_score_weight=float(consensus_beam_weight))
     captions = []
     for row, beam in enumerate(chosen):
       length = int(lengths[row, beam])
@@ -174,14 +176,17 @@ class Captioner:
 
   def caption(self, images_or_paths: Iterable, *, beam_size: int = 3, max_len: int | None = None,
               length_penalty: float | None = None, min_ending_rate: float | None = None,
-              consensus_neighbours: int = 0, batch_size: int = 16) -> Iterator[Caption | Failure]:
+              consensus_neighbours: int = 0,
+              consensus_beam_weight: float = consensus.BEAM_SCORE_WEIGHT,
+              batch_size: int = 16) -> Iterator[Caption | Failure]:
     """Captions paths or arrays in streamed batches, in order; unreadable files yield `Failure`s.
 
     Batches are padded to `batch_size` (or to 1 for a single image) so each shape compiles once.
     The search options are `caption_arrays`'.
     """
     options = dict(beam_size=beam_size, max_len=max_len, length_penalty=length_penalty,
-                   min_ending_rate=min_ending_rate, consensus_neighbours=consensus_neighbours)
+                   min_ending_rate=min_ending_rate, consensus_neighbours=consensus_neighbours,
+                   consensus_beam_weight=consensus_beam_weight)
     pending: list[tuple[str, np.ndarray]] = []
     for item in images_or_paths:
       if isinstance(item, (str, os.PathLike)):

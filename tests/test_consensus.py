@@ -72,6 +72,30 @@ def test_rerank_keeps_the_caption_the_neighbours_agree_with():
   assert tied.tolist() == [0]  # on a tie the beam's own order decides
 
 
+def test_rerank_adds_the_weighted_beam_score_to_the_consensus():
+  rng = np.random.default_rng(4)
+  pooled, _, index = _random_index(rng)
+  queries = pooled[:12] + rng.normal(scale=0.3, size=(12, pooled.shape[1])).astype(np.float32)
+  beams = [[" ".join(rng.choice(WORDS, size=rng.integers(3, 8))) for _ in range(3)] for _ in range(12)]
+  beam_scores = -np.sort(rng.uniform(2.0, 12.0, size=(12, 3)), axis=1)  # best first, like the beam
+  agreement = index.consensus(queries, beams, neighbours=5)
+  by_agreement = index.rerank(queries, beams, neighbours=5)
+  by_beam = index.rerank(queries, beams, neighbours=5, beam_scores=beam_scores, beam_score_weight=1e3)
+  np.testing.assert_array_equal(by_agreement, np.argmax(agreement, axis=1))
+  np.testing.assert_array_equal(by_beam, 0)  # a large weight keeps the beam's own best
+  assert (by_agreement != 0).any()
+  for weight in [consensus.BEAM_SCORE_WEIGHT, 0.1, 0.5]:
+    chosen = index.rerank(queries, beams, neighbours=5, beam_scores=beam_scores,
+                          beam_score_weight=weight)
+    for row in range(12):  # brute force: every candidate's total, the best kept
+      totals = [agreement[row, k] + weight * beam_scores[row, k] for k in range(3)]
+      assert chosen[row] == max(range(3), key=lambda k: (totals[k], -k))
+  with pytest.raises(errors.ConfigError, match="weight must be >= 0, not -0.1"):
+    index.rerank(queries, beams, neighbours=5, beam_scores=beam_scores, beam_score_weight=-0.1)
+  with pytest.raises(errors.ConfigError, match="beam scores of shape None"):
+    index.rerank(queries, beams, neighbours=5, beam_score_weight=0.1)
+
+
 def test_index_file_round_trip_and_errors(tmp_path):
   rng = np.random.default_rng(3)
   pooled, captions, index = _random_index(rng)
@@ -130,14 +154,19 @@ def test_captioner_keeps_the_consensus_choice_of_its_beam(indexed_model, shapes_
   captioner = indexed_model[0]
   paths = sorted(str(p) for p in (shapes_root / "Flicker8k_Dataset").glob("*.jpg"))[:6]
   plain = list(captioner.caption(paths, beam_size=4, batch_size=4))
-  reranked = list(captioner.caption(paths, beam_size=4, batch_size=4, consensus_neighbours=3))
-  scores = captioner.consensus_index.consensus(
+  agreement = captioner.consensus_index.consensus(
       _pooled_features(captioner, paths), [[text for text, _ in r.alternatives] for r in plain], neighbours=3)
-  for before, after, row_scores in zip(plain, reranked, scores):
-    assert before.beam_index == 0 and after.alternatives == before.alternatives
-    assert after.beam_index == int(np.argmax(row_scores))
-    assert (after.text, after.score) == after.alternatives[after.beam_index]
-    assert len(after.words) == len(after.tokens) == len(after.attention)
+  beam_scores = np.array([[score for _, score in r.alternatives] for r in plain])
+  for weight in [None, 0.0, 0.5]:
+    options = {} if weight is None else {"consensus_beam_weight": weight}
+    reranked = list(captioner.caption(paths, beam_size=4, batch_size=4, consensus_neighbours=3,
+                                      **options))
+    totals = agreement + (consensus.BEAM_SCORE_WEIGHT if weight is None else weight) * beam_scores
+    for before, after, row_totals in zip(plain, reranked, totals):
+      assert before.beam_index == 0 and after.alternatives == before.alternatives
+      assert after.beam_index == int(np.argmax(row_totals))
+      assert (after.text, after.score) == after.alternatives[after.beam_index]
+      assert len(after.words) == len(after.tokens) == len(after.attention)
   with pytest.raises(errors.ConfigError, match="no consensus index"):
     next(inference.Captioner.load(tiny_checkpoint).caption(paths[:1], consensus_neighbours=3))
 
@@ -153,12 +182,13 @@ def test_export_and_infer_command_lines_rerank_with_the_index(tiny_checkpoint, s
   paths = sorted(str(p) for p in (shapes_root / "Flicker8k_Dataset").glob("*.jpg"))[:3]
   result = subprocess.run(
       [sys.executable, str(REPO_ROOT / "infer.py"), f"--checkpoint={model}", "--json", "--beam_size=4",
-       "--consensus=3", "--batch_size=4"] + [f"--image={p}" for p in paths],
+       "--consensus=3", "--consensus_beam_weight=0.2", "--batch_size=4"] + [f"--image={p}" for p in paths],
       cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr
   printed = [json.loads(line)["caption"] for line in result.stdout.splitlines()]
   captioner = inference.Captioner.load(model)
   assert len(captioner.consensus_index.captions) == len(
       (shapes_root / "Flickr8k_text" / "Flickr_8k.trainImages.txt").read_text().split())
-  expected = captioner.caption(paths, beam_size=4, batch_size=4, consensus_neighbours=3)
+  expected = captioner.caption(paths, beam_size=4, batch_size=4, consensus_neighbours=3,
+                               consensus_beam_weight=0.2)
   assert printed == [r.text for r in expected]
