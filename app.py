@@ -115,7 +115,8 @@ class CaptionService:
     """Decodes an uploaded file, captions it and draws each word's attention.
 
     Returns:
-      JSON-ready dict: caption, score, beam_size, alternatives [{text, score}] best first, words,
+      JSON-ready dict: caption, score, beam_size, alternatives [{text, score}] best first, kept (the
+      index of the caption among them: consensus reranking may keep another than the first), words,
       photo (data URL), attention (one data URL per word), seconds.
 
     Raises:
@@ -132,6 +133,7 @@ class CaptionService:
     logging.info("%s: %r (beam %d, %.2f s)", name, result.text, beam_size, seconds)
     return {"name": name, "caption": result.text, "score": result.score, "beam_size": beam_size,
             "alternatives": [{"text": text, "score": score} for text, score in result.alternatives],
+            "kept": result.beam_index,
             "words": list(result.words), "photo": _data_url(shown), "attention": overlays,
             "seconds": seconds}
 
@@ -275,6 +277,7 @@ PAGE = """<!doctype html>
   h3 { font-size: .95rem; margin: 12px 0 6px; color: #334; }
   #alternatives { margin: 0; padding-left: 1.4em; }
   #alternatives li { margin: 3px 0; }
+  #alternatives li.kept { font-weight: 600; }
   #alternatives .score { color: #778; font-variant-numeric: tabular-nums; margin-left: .6em; }
   #attention-grid { display: flex; flex-wrap: wrap; gap: 8px; }
   #attention-grid figure { margin: 0; width: 118px; cursor: pointer; border-radius: 6px; padding: 3px;
@@ -348,8 +351,9 @@ function render(result) {
       `score ${result.score.toFixed(3)} · ${result.seconds.toFixed(2)} s`;
   const list = $("alternatives");
   list.replaceChildren();
-  for (const alternative of result.alternatives) {
+  for (const [index, alternative] of result.alternatives.entries()) {
     const item = document.createElement("li");
+    item.classList.toggle("kept", index === result.kept);
     const text = document.createElement("span");
     text.textContent = alternative.text || "(empty)";
     const score = document.createElement("span");

@@ -9,7 +9,8 @@
                                          (with --json: each image's caption, then the scores)
   --beam_size, --max_len, --length_penalty, --min_ending_rate   the search (defaults: the model's config)
   --consensus K                          keep the beam's caption that the captions of the K most similar
-                                         training images agree with (needs export.py --consensus_data)
+                                         training images agree with (default: 15 when the model has a
+                                         consensus index, as the shipped one does; 0 = the beam's best)
   --consensus_beam_weight W              how much the beam's own score counts beside that agreement
 
 An unreadable image gets one line on stderr and the others are still captioned; the exit code is 1
@@ -37,9 +38,11 @@ flags.DEFINE_integer("max_len", None, "Longest caption in words (default: the mo
 flags.DEFINE_float("length_penalty", None, "GNMT length penalty alpha (default: the model's config).")
 flags.DEFINE_float("min_ending_rate", None, "No caption ends on a word that ends fewer than this "
                    "fraction of its training captions; 0 = off (default: the model's config).")
-flags.DEFINE_integer("consensus", 0, "Rerank the beam: keep the caption with the highest mean "
+flags.DEFINE_integer("consensus", None, "Rerank the beam: keep the caption with the highest mean "
                      "CIDEr-D against the captions of this many most similar training images (the "
-                     "model's consensus.npz, written by export.py --consensus_data); 0 = off.")
+                     "model's consensus.npz, written by export.py --consensus_data); 0 = off, the "
+                     "beam's best (default: flaxcap.consensus.NEIGHBOURS when the model has an index, "
+                     "else 0).")
 flags.DEFINE_float("consensus_beam_weight", None, "With --consensus: add this multiple of each "
                    "caption's beam score (log-probability) to its agreement; 0 = agreement alone "
                    "(default: flaxcap.consensus.BEAM_SCORE_WEIGHT).")
@@ -130,11 +133,13 @@ def score_dataset(captioner) -> None:
         print(_json_line(result), flush=True)
   references = {r.image_id: list(r.captions) for r in records if r.image_id in candidates}
   scores = metrics.score(references, candidates, metrics=metric_names)
+  neighbours = captioner.default_consensus_neighbours if FLAGS.consensus is None else FLAGS.consensus
   if FLAGS.json:
     print(json.dumps({"split": FLAGS.split, "images": len(candidates), "beam_size": FLAGS.beam_size,
-                      "scores": scores}))
+                      "consensus": neighbours, "scores": scores}))
     return
-  print(f"{FLAGS.split}: {len(candidates)} images, beam {FLAGS.beam_size}")
+  print(f"{FLAGS.split}: {len(candidates)} images, beam {FLAGS.beam_size}, "
+        + (f"consensus reranking over {neighbours} neighbours" if neighbours else "no reranking"))
   for name, value in scores.items():
     print(f"  {name:8s} {value:.4f}")
 

@@ -3,8 +3,12 @@
 Both pipelines start from the path of a JPEG and end with the caption string, one image at a time, after
 warm-up calls (flaxcap: compilation):
 
-  flaxcap  `flaxcap.inference.Captioner.caption([path], beam_size=3)`: Pillow decode (JPEG draft mode) +
-           resize to 224, then one jitted function: EfficientNet-Lite0 + `decoding.search`, then the text.
+  flaxcap  `flaxcap.inference.Captioner.caption([path], beam_size=3, consensus_neighbours=0)`: Pillow
+           decode (JPEG draft mode) + resize to 224, then one jitted function: EfficientNet-Lite0 +
+           `decoding.search`, then the text: the beam's best.
+  flaxcap_consensus (with --pipelines=...,flaxcap_consensus) the same, then the beam reranked by
+           consensus over --consensus neighbours (`flaxcap.consensus`): what `Captioner.caption` and
+           `infer.py` do by default for a model with a consensus index, the shipped one included.
   torch    Pillow decode + resize to 224, `efficientnet_lite_pytorch` Lite0 `extract_features`, the
            tutorial's per-image beam search (`torch_reference.beam_search_per_image`), the text; eager,
            under `torch.inference_mode()`.
@@ -130,7 +134,7 @@ def flaxcap_pipeline(captioner, *, path: str, beam_size: int, max_len: int,
   if consensus_neighbours:
     return Pipeline("flaxcap_consensus", caption, {},
                     description + f", consensus reranking of the beam, {consensus_neighbours} "
-                    "neighbours (the index's first use, ~4 s, is in setup_s)")
+                    "neighbours (the index's first use, ~0.5 s, is in setup_s)")
   if not stages:
     return Pipeline("flaxcap", caption, {}, description)
   image = images_lib.load_image(path, size)[None]

@@ -99,6 +99,11 @@ class Captioner:
     return encoders.feature_shape(self.config.encoder.name, self.config.image_size,
                                   self.config.encoder.feature_stage)[:2]
 
+  @property
+  def default_consensus_neighbours(self) -> int:
+    """`consensus.NEIGHBOURS` for a model with a consensus index (the shipped one), else 0."""
+    return consensus.NEIGHBOURS if self.consensus_index is not None else 0
+
   @classmethod
   def load(cls, checkpoint_dir: str | os.PathLike | None = None) -> "Captioner":
     """Loads a training workdir, a checkpoint directory, or an exported model (default: shipped)."""
@@ -131,7 +136,7 @@ class Captioner:
   def caption_arrays(self, images: np.ndarray, *, beam_size: int = 3, max_len: int | None = None,
                      length_penalty: float | None = None,
                      min_ending_rate: float | None = None,
-                     consensus_neighbours: int = 0,
+                     consensus_neighbours: int | None = None,
                      consensus_beam_weight: float = consensus.BEAM_SCORE_WEIGHT) -> list[Caption]:
     """Captions uint8 images [batch, size, size, 3] (already resized to `config.image_size`).
 
@@ -139,8 +144,11 @@ class Captioner:
     this fraction of its training occurrences; `Vocabulary.eos_banned_after`) default to the model's
     `config.eval`. `consensus_neighbours` > 0 keeps, of the beam's captions, the one that the captions
     of that many most similar training images agree with most, plus `consensus_beam_weight` times its
-    beam score (`flaxcap.consensus`; the model needs a consensus index, `export.py --consensus_data`).
+    beam score (`flaxcap.consensus`; the model needs a consensus index, `export.py --consensus_data`);
+    0 keeps the beam's best; None (the default) is `default_consensus_neighbours`.
     """
+    if consensus_neighbours is None:
+      consensus_neighbours = self.default_consensus_neighbours
     if consensus_neighbours and self.consensus_index is None:
       raise errors.ConfigError("consensus reranking: this model has no consensus index "
                                f"({consensus.INDEX_FILE}); write one with export.py --consensus_data")
@@ -176,7 +184,7 @@ class Captioner:
 
   def caption(self, images_or_paths: Iterable, *, beam_size: int = 3, max_len: int | None = None,
               length_penalty: float | None = None, min_ending_rate: float | None = None,
-              consensus_neighbours: int = 0,
+              consensus_neighbours: int | None = None,
               consensus_beam_weight: float = consensus.BEAM_SCORE_WEIGHT,
               batch_size: int = 16) -> Iterator[Caption | Failure]:
     """Captions paths or arrays in streamed batches, in order; unreadable files yield `Failure`s.

@@ -38,28 +38,51 @@ class CiderD:
   self-critical.pytorch, which appends its end token to both sides).
   """
 
-  def __init__(self, references: Sequence[Sequence[str]], *, end_token: str | None = None):
+  def __init__(self, references: Sequence[Sequence[str]], *, end_token: str | None = None,
+               document_frequency: Sequence[dict[str, int]] | None = None):
+    """`document_frequency` (optional): another `CiderD`'s of the same references and end token.
+
+    Without it the constructor tokenizes every reference to count in how many images each n-gram
+    occurs (seconds for 30,000 captions); with it, an image's references are tokenized when the image
+    is first scored, so loading a large corpus of which few images are used is fast.
+    """
+    _check_references(references, "CiderD")
     self._end_words = [end_token] if end_token else []
-    words_per_image = [[words + self._end_words for words in image_words]
-                       for image_words in _reference_words(references, "CiderD")]
-    grams_per_image = [[_gram_counts(words) for words in image_words]
-                       for image_words in words_per_image]
-    frequency = [collections.Counter() for _ in range(metrics.MAX_N)]
-    for image_grams in grams_per_image:
-      for n in range(metrics.MAX_N):
-        frequency[n].update(set().union(*(grams[n] for grams in image_grams)))
-    self._frequency = frequency
+    self._references_text = references
     self._log_num_images = math.log(float(len(references)))
     # Per image, per reference: (n-gram counts, length); their tf-idf vectors are made when the image
-    # is first scored (`_references`), so a large corpus of which few images are used loads fast.
-    self._reference_grams = [list(zip(image_grams, (len(words) for words in image_words)))
-                             for image_grams, image_words in zip(grams_per_image, words_per_image)]
+    # is first scored (`_references`).
+    self._reference_grams: list = [None] * len(references)
     self._reference_vectors = {}
+    if document_frequency is not None:
+      if len(document_frequency) != metrics.MAX_N:
+        raise errors.DataError(f"CiderD: document frequencies of {len(document_frequency)} n-gram "
+                               f"orders, not {metrics.MAX_N}")
+      self._frequency = list(document_frequency)
+      return
+    self._frequency = [collections.Counter() for _ in range(metrics.MAX_N)]
+    for image, image_words in enumerate(_reference_words(references, "CiderD")):
+      self._reference_grams[image] = self._grams_and_lengths(image_words)
+      for n in range(metrics.MAX_N):
+        self._frequency[n].update({_gram_key(gram) for grams, _ in self._reference_grams[image]
+                                   for gram in grams[n]})
+
+  @property
+  def document_frequency(self) -> list[dict[str, int]]:
+    """Per n-gram order 1..4: in how many images' references each n-gram ("a dog") occurs."""
+    return self._frequency
+
+  def _grams_and_lengths(self, image_words: list[list[str]]) -> list:
+    return [(_gram_counts(words + self._end_words), len(words) + len(self._end_words))
+            for words in image_words]
 
   def _references(self, image: int) -> list:
     """Image `image`'s references: (tf-idf vector per order, their norms, bigram count) each."""
     vectors = self._reference_vectors.get(image)
     if vectors is None:
+      if self._reference_grams[image] is None:
+        texts = tokenize_captions(self._references_text[image])
+        self._reference_grams[image] = self._grams_and_lengths([text.split() for text in texts])
       vectors = [self._vector(grams, length) for grams, length in self._reference_grams[image]]
       self._reference_vectors[image] = vectors
     return vectors
@@ -67,7 +90,9 @@ class CiderD:
   def _vector(self, grams, length):
     vectors, norms = [], []
     for n in range(metrics.MAX_N):
-      vector = {gram: count * (self._log_num_images - math.log(max(1.0, self._frequency[n][gram])))
+      frequency = self._frequency[n]
+      vector = {gram: count * (self._log_num_images -
+                               math.log(max(1.0, frequency.get(_gram_key(gram), 0))))
                 for gram, count in grams[n].items()}
       vectors.append(vector)
       norms.append(math.sqrt(sum(value * value for value in vector.values())))
@@ -138,14 +163,24 @@ class SentenceBleu:
     return values
 
 
-def _reference_words(references: Sequence[Sequence[str]], owner: str) -> list[list[list[str]]]:
-  """The words of each tokenized reference, per image; DataError unless every image has some."""
+def _check_references(references: Sequence[Sequence[str]], owner: str) -> None:
+  """DataError unless `references` is a non-empty list of non-empty caption lists."""
   if not references or any(isinstance(refs, str) or not refs for refs in references):
     raise errors.DataError(f"{owner} needs a non-empty list of caption lists, one per image")
+
+
+def _reference_words(references: Sequence[Sequence[str]], owner: str) -> list[list[list[str]]]:
+  """The words of each tokenized reference, per image; DataError unless every image has some."""
+  _check_references(references, owner)
   texts = tokenize_captions(caption for refs in references for caption in refs)
   bounds = np.cumsum([0] + [len(refs) for refs in references])
   return [[text.split() for text in texts[start:stop]]
           for start, stop in zip(bounds[:-1], bounds[1:])]
+
+
+def _gram_key(gram: tuple[str, ...]) -> str:
+  """An n-gram as a document-frequency key: its words joined by spaces (no token contains one)."""
+  return " ".join(gram)
 
 
 def _gram_counts(words: Sequence[str]) -> list[collections.Counter]:

@@ -133,6 +133,7 @@ def test_caption_returns_caption_alternatives_and_one_overlay_per_word(stand_in)
   assert body["caption"] == "a square" and body["beam_size"] == 2
   assert body["alternatives"] == [{"text": "a square", "score": -0.25},
                                   {"text": "a a square", "score": -1.5}]
+  assert body["kept"] == 0
   assert body["words"] == StandInCaptioner.WORDS
   assert len(body["attention"]) == len(StandInCaptioner.WORDS)
   assert all(u.startswith("data:image/jpeg;base64,") for u in body["attention"] + [body["photo"]])
@@ -314,6 +315,8 @@ def test_page_in_headless_chromium(app_process, browser, tmp_path):
   assert by_id("caption").text  # the tiny model's words, or "(empty caption)"
   assert len(browser.find_elements(By.CSS_SELECTOR, "#attention-grid img.attention")) == len(words)
   assert len(browser.find_elements(By.CSS_SELECTOR, "#alternatives li")) == 3  # beam size 3
+  kept = browser.find_elements(By.CSS_SELECTOR, "#alternatives li.kept")
+  assert len(kept) == 1 and kept[0].text.startswith(by_id("caption").text)
   by_id("word-slider").send_keys(Keys.END)  # the slider shows the last word's attention
   assert by_id("focus-word").text.endswith(f"({len(words)}/{len(words)})")
   assert by_id("focus").get_attribute("src") == browser.execute_script(

@@ -16,6 +16,7 @@ from flaxcap import consensus
 from flaxcap import errors
 from flaxcap import inference
 from flaxcap import metrics
+from flaxcap import sentence_scores
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORDS = "a dog cat man boy girl runs sits jumps on in the grass water snow red blue ball".split()
@@ -104,6 +105,22 @@ def test_index_file_round_trip_and_errors(tmp_path):
   np.testing.assert_array_equal(loaded.embeddings, index.embeddings)
   np.testing.assert_array_equal(loaded.center, index.center)
   assert loaded.captions == captions and loaded.embeddings.dtype == np.float16
+  # The document frequencies travel with the index (counted at save); an index written before they
+  # did is counted on first use. Both score as the index they came from.
+  counted = sentence_scores.CiderD(captions).document_frequency
+  assert loaded.document_frequency == [dict(order) for order in counted]
+  with open(tmp_path / "old.npz", "wb") as f:
+    np.savez_compressed(f, embeddings=index.embeddings, center=index.center, captions=np.frombuffer(
+        json.dumps(captions).encode("utf-8"), np.uint8))
+  old = consensus.ConsensusIndex.load(tmp_path / "old.npz")
+  assert old.document_frequency is None
+  queries = rng.normal(size=(3, pooled.shape[1])) + 3.0
+  candidates = [[" ".join(rng.choice(WORDS, size=6)) for _ in range(3)] for _ in range(3)]
+  expected = index.consensus(queries, candidates, neighbours=5)
+  assert expected.max() > 0
+  np.testing.assert_allclose(loaded.consensus(queries, candidates, neighbours=5), expected,
+                             rtol=1e-12)
+  np.testing.assert_allclose(old.consensus(queries, candidates, neighbours=5), expected, rtol=1e-12)
   (tmp_path / "bad.npz").write_bytes(b"not an npz")
   with pytest.raises(errors.CheckpointError, match="bad.npz: not a consensus index"):
     consensus.ConsensusIndex.load(tmp_path / "bad.npz")
@@ -153,22 +170,28 @@ def test_write_index_holds_the_encoders_mean_features_of_the_readable_training_i
 def test_captioner_keeps_the_consensus_choice_of_its_beam(indexed_model, shapes_root, tiny_checkpoint):
   captioner = indexed_model[0]
   paths = sorted(str(p) for p in (shapes_root / "Flicker8k_Dataset").glob("*.jpg"))[:6]
-  plain = list(captioner.caption(paths, beam_size=4, batch_size=4))
-  agreement = captioner.consensus_index.consensus(
-      _pooled_features(captioner, paths), [[text for text, _ in r.alternatives] for r in plain], neighbours=3)
+  plain = list(captioner.caption(paths, beam_size=4, batch_size=4, consensus_neighbours=0))
+  pooled = _pooled_features(captioner, paths)
+  texts = [[text for text, _ in r.alternatives] for r in plain]
   beam_scores = np.array([[score for _, score in r.alternatives] for r in plain])
-  for weight in [None, 0.0, 0.5]:
+  # No options: a model with an index reranks over `consensus.NEIGHBOURS` neighbours.
+  for neighbours, weight in [(3, None), (3, 0.0), (3, 0.5), (None, None)]:
     options = {} if weight is None else {"consensus_beam_weight": weight}
-    reranked = list(captioner.caption(paths, beam_size=4, batch_size=4, consensus_neighbours=3,
-                                      **options))
+    if neighbours is not None:
+      options["consensus_neighbours"] = neighbours
+    reranked = list(captioner.caption(paths, beam_size=4, batch_size=4, **options))
+    agreement = captioner.consensus_index.consensus(pooled, texts, neighbours or consensus.NEIGHBOURS)
     totals = agreement + (consensus.BEAM_SCORE_WEIGHT if weight is None else weight) * beam_scores
+    assert np.argmax(totals, axis=1).any(), (neighbours, weight)  # some image's choice is not the beam's
     for before, after, row_totals in zip(plain, reranked, totals):
       assert before.beam_index == 0 and after.alternatives == before.alternatives
       assert after.beam_index == int(np.argmax(row_totals))
       assert (after.text, after.score) == after.alternatives[after.beam_index]
       assert len(after.words) == len(after.tokens) == len(after.attention)
+  without_index = inference.Captioner.load(tiny_checkpoint)
+  assert [r.beam_index for r in without_index.caption(paths, beam_size=4, batch_size=4)] == [0] * 6
   with pytest.raises(errors.ConfigError, match="no consensus index"):
-    next(inference.Captioner.load(tiny_checkpoint).caption(paths[:1], consensus_neighbours=3))
+    next(without_index.caption(paths[:1], consensus_neighbours=3))
 
 
 def test_export_and_infer_command_lines_rerank_with_the_index(tiny_checkpoint, shapes_root, tmp_path):

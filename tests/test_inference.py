@@ -151,6 +151,7 @@ def test_infer_cli_dataset_json_gives_each_caption_and_the_scores_of_those_capti
   expected = metrics.score({name: list(r.captions) for name, r in records.items()}, captions,
                            metrics=("BLEU", "ROUGE-L", "CIDEr"))
   assert summary["images"] == len(records) and summary["beam_size"] == 1
+  assert summary["consensus"] == 0  # no index in this model: the beam's best
   assert "METEOR" not in summary["scores"] and summary["scores"] == pytest.approx(expected)
 
 

@@ -5,6 +5,7 @@ The references are pycocoevalcap's own scorers and, where `java` is installed, i
 our tokenizer prepared, and the Java-only checks are skipped.
 """
 
+import collections
 import logging
 import pathlib
 import random
@@ -360,8 +361,29 @@ def test_cider_d_reward_matches_pycocoevalcap_per_image(pycoco, corpus):
   order = np.random.default_rng(0).integers(0, len(keys), size=3 * len(keys))
   np.testing.assert_allclose(reward(order, [candidates[keys[i]] for i in order]), expected[order],
                              rtol=0, atol=TOLERANCE)
+  # Given the frequencies (a stored consensus index), references are tokenized image by image.
+  given = sentence_scores.CiderD([references[key] for key in keys],
+                                 document_frequency=reward.document_frequency)
+  np.testing.assert_allclose(given(order, [candidates[keys[i]] for i in order]), expected[order],
+                             rtol=0, atol=TOLERANCE)
   with pytest.raises(errors.DataError, match="non-empty"):
     sentence_scores.CiderD([["a caption"], []])
+  with pytest.raises(errors.DataError, match="frequencies of 2 n-gram orders, not 4"):
+    sentence_scores.CiderD([["a caption"]], document_frequency=[{}, {}])
+
+
+def test_cider_d_document_frequency_counts_images_not_captions(pycoco, corpus):
+  """Each n-gram's document frequency is the number of images with a tokenized reference holding it."""
+  references, _ = corpus
+  gts = _reference_tokenize(pycoco, references)
+  frequency = sentence_scores.CiderD(list(references.values())).document_frequency
+  for n in range(1, 5):
+    expected = collections.Counter()
+    for texts in gts.values():
+      expected.update({" ".join(words[i:i + n]) for words in map(str.split, texts)
+                       for i in range(len(words) - n + 1)})
+    assert dict(frequency[n - 1]) == dict(expected)
+  assert max(frequency[0].values()) > 1  # some words occur in several images
 
 
 def test_sentence_bleu_reward_matches_pycocoevalcap_per_image(pycoco, corpus):
@@ -400,6 +422,10 @@ def test_cider_d_end_token_is_pycocoevalcap_with_the_token_appended(pycoco, corp
   _, expected = Cider().compute_score(gts, res)
   reward = sentence_scores.CiderD([references[key] for key in keys], end_token="<eos>")
   np.testing.assert_allclose(reward(range(len(keys)), [candidates[key] for key in keys], ended),
+                             expected, rtol=0, atol=TOLERANCE)
+  given = sentence_scores.CiderD([references[key] for key in keys], end_token="<eos>",
+                                 document_frequency=reward.document_frequency)
+  np.testing.assert_allclose(given(range(len(keys)), [candidates[key] for key in keys], ended),
                              expected, rtol=0, atol=TOLERANCE)
   with pytest.raises(ValueError, match="ended flags"):
     reward([0, 1], ["a dog", "a cat"], [True])
