@@ -64,14 +64,20 @@ All K beams of an image start from the same state, so beams 1..K-1 start at scor
 first step only expands beam 0.
 
 Early stop: once no live hypothesis of any image can still enter its finished set, the remaining
-steps change nothing that is returned. With `early_stop` (the default on the CPU) each of the scan's
-`max_len` iterations is a `lax.cond` that skips the step function from then on and emits zeros for
-the steps not taken (which the back trace never reads), so the results are identical to the full
-scan's; a trained captioner's captions end after ~12 of 20 steps. A live hypothesis with raw score s
-can only end with a score <= s, so it can finish no better than max(s / penalty(L)) over the lengths
-L still possible (the penalty is monotonic in L, so the first or the last). The stop is off by default
-on other backends, where a data-dependent branch costs a host round trip per step. Greedy search and
-sampling skip the steps after every row has produced <eos> the same way.
+steps change nothing that is returned. A live hypothesis with raw score s can only end with a score
+<= s, so it can finish no better than max(s / penalty(L)) over the lengths L still possible (the
+penalty is monotonic in L, so the first or the last). Greedy search and sampling are over once every
+row has produced <eos>. `early_stop` says how a search stops, each way with the full search's results
+(the steps not taken emit zeros, which the back trace never reads); `BeamSearchResult.steps` counts
+the steps taken:
+  * False: a `lax.scan` of all `max_len` steps.
+  * True or "cond": the scan, each of its `max_len` iterations a `lax.cond` that skips the step once
+    the search is over. Differentiable like the plain scan (`jax.grad` through `sample`).
+  * "while": a `lax.while_loop` that checks before every step and writes each step's outputs into
+    buffers of zeros, so it iterates only over the steps taken; not reverse-differentiable.
+  * None (the default): True on the CPU, False elsewhere, where each check costs a host round trip
+    per step (`bench/beam_search.py --early_stop=off,cond,while` measures them).
+A trained captioner's captions end after ~10-12 of 20 steps (`bench/early_stop.py`).
 """
 
 from typing import Any, Callable, NamedTuple
@@ -95,11 +101,13 @@ class BeamSearchResult(NamedTuple):
     lengths: int32 [batch, beam], generated tokens including <eos> (0 for an empty slot).
     aux: pytree of [batch, beam, max_len, ...], the step function's aux for each returned token
       (0 after the end).
+    steps: int32 [], the decoding steps taken: `max_len`, or fewer with the early stop.
   """
   tokens: jax.Array
   scores: jax.Array
   lengths: jax.Array
   aux: PyTree
+  steps: jax.Array
 
 
 def _batch_size(init_state: PyTree) -> int:
@@ -139,31 +147,70 @@ def _check_log_probs(log_probs: jax.Array, rows: int) -> int:
   return log_probs.shape[1]
 
 
-def _default_early_stop(early_stop: bool | None) -> bool:
-  return jax.default_backend() == "cpu" if early_stop is None else bool(early_stop)
+STOP_LOOPS = ("cond", "while")
 
 
-def _scan_until(step_fn, is_over, carry, max_len: int, unroll: int):
+def stop_loop(early_stop: bool | str | None) -> str | None:
+  """How a search given `early_stop` stops here: None (it takes all `max_len` steps), "cond" or
+  "while" (module docstring). None means True on the CPU and False elsewhere; True means "cond"."""
+  if isinstance(early_stop, str):
+    if early_stop not in STOP_LOOPS:
+      raise ValueError(f"early_stop must be a bool, None or one of {STOP_LOOPS}; got {early_stop!r}.")
+    return early_stop
+  if early_stop is None:
+    early_stop = jax.default_backend() == "cpu"
+  return "cond" if early_stop else None
+
+
+def _scan_until(step_fn, is_over, carry, max_len: int, unroll: int, loop: str | None):
   """`lax.scan(step_fn, carry, arange(max_len), unroll=...)`, except that once `is_over(carry, step)`
-  is true the remaining iterations keep the carry and emit zeros instead of calling `step_fn`."""
+  is true no further step is taken: the carry stays and the outputs of the steps not taken are zeros.
+  Returns (carry, outputs, the number of steps taken).
+
+  loop: None, the plain scan (`is_over` unused); "cond", the scan with a `lax.cond` per iteration
+  that skips `step_fn` once over; "while", a `lax.while_loop` that checks `is_over` before every step
+  and writes each step's outputs into [max_len, ...] buffers of zeros (`unroll` does not apply).
+  """
   steps = jnp.arange(max_len, dtype=jnp.int32)
   unroll = min(unroll, max_len)
-  if is_over is None:
-    return lax.scan(step_fn, carry, steps, unroll=unroll)
+  if loop is None:
+    carry, outputs = lax.scan(step_fn, carry, steps, unroll=unroll)
+    return carry, outputs, jnp.int32(max_len)
   output_shapes = jax.eval_shape(step_fn, carry, steps[0])[1]
+  if loop == "cond":
+    def skip(counted, _):
+      return counted, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), output_shapes)
 
-  def skip(carry, _):
-    return carry, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), output_shapes)
+    def take_step(counted, step):
+      carry, taken = counted
+      carry, step_outputs = step_fn(carry, step)
+      return (carry, taken + 1), step_outputs
 
-  def maybe_step(carry, step):
-    return lax.cond(is_over(carry, step), skip, step_fn, carry, step)
+    def maybe_step(counted, step):
+      return lax.cond(is_over(counted[0], step), skip, take_step, counted, step)
 
-  return lax.scan(maybe_step, carry, steps, unroll=unroll)
+    (carry, taken), outputs = lax.scan(maybe_step, (carry, jnp.int32(0)), steps, unroll=unroll)
+    return carry, outputs, taken
+
+  def go_on(loop_carry):
+    step, carry, _ = loop_carry
+    return (step < max_len) & jnp.logical_not(is_over(carry, step))
+
+  def take_next(loop_carry):
+    step, carry, outputs = loop_carry
+    carry, step_outputs = step_fn(carry, step)
+    outputs = jax.tree.map(lambda buffer, x: lax.dynamic_update_index_in_dim(buffer, x, step, 0),
+                           outputs, step_outputs)
+    return step + 1, carry, outputs
+
+  outputs = jax.tree.map(lambda x: jnp.zeros((max_len, *x.shape), x.dtype), output_shapes)
+  taken, carry, outputs = lax.while_loop(go_on, take_next, (jnp.int32(0), carry, outputs))
+  return carry, outputs, taken
 
 
 def beam_search(step_fn: StepFn, init_state: PyTree, *, beam_size: int, max_len: int,
                 bos_id: int, eos_id: int, length_penalty=0.0, unroll: int = 1,
-                early_stop: bool | None = None) -> BeamSearchResult:
+                early_stop: bool | str | None = None) -> BeamSearchResult:
   """Beam search over `step_fn` for a batch of images (see the module docstring).
 
   Args:
@@ -175,10 +222,11 @@ def beam_search(step_fn: StepFn, init_state: PyTree, *, beam_size: int, max_len:
     bos_id: token fed at the first step.
     eos_id: token that ends a hypothesis.
     length_penalty: GNMT alpha (a float, or a traced scalar); 0 ranks by log-probability.
-    unroll: steps per iteration of the `lax.scan` (static; >= max_len unrolls the whole search:
-      no loop, at the price of a longer compilation). The results do not depend on it.
-    early_stop: skip the steps after no live hypothesis can win (None: on the CPU only); the
-      results are the same either way (module docstring).
+    unroll: steps per iteration of the `lax.scan` without early stop (static; >= max_len unrolls
+      the whole search: no loop, at the price of a longer compilation). The results do not
+      depend on it.
+    early_stop: False, True / "cond", "while" or None (True on the CPU only): whether and how to
+      stop once no live hypothesis can win; the results are the same (module docstring).
 
   Returns:
     BeamSearchResult with tokens [batch, K, max_len], scores [batch, K] best first,
@@ -234,8 +282,8 @@ def beam_search(step_fn: StepFn, init_state: PyTree, *, beam_size: int, max_len:
                            _penalize(live_scores, jnp.int32(max_len), length_penalty))
     return jnp.all(jnp.min(done_scores, axis=1) >= jnp.max(best_end, axis=1))
 
-  carry, history = _scan_until(search_step, is_over if _default_early_stop(early_stop) else None,
-                               carry, max_len, unroll)
+  carry, history, steps_taken = _scan_until(
+      search_step, is_over, carry, max_len, unroll, stop_loop(early_stop))
   _, _, live_scores, done_scores, done_steps, done_slots = carry
 
   # Hypotheses still live after max_len steps finish there (end step max_len = "no <eos>").
@@ -249,7 +297,7 @@ def beam_search(step_fn: StepFn, init_state: PyTree, *, beam_size: int, max_len:
   valid = scores > neg_inf
   lengths = jnp.where(valid, jnp.minimum(end_steps + 1, max_len), 0)
   tokens, aux = _back_trace(history, slots, end_steps, valid, eos_id=eos_id)
-  return BeamSearchResult(tokens=tokens, scores=scores, lengths=lengths, aux=aux)
+  return BeamSearchResult(tokens=tokens, scores=scores, lengths=lengths, aux=aux, steps=steps_taken)
 
 
 def _back_trace(history, slots, end_steps, valid, *, eos_id):
@@ -330,8 +378,8 @@ def _decode_one_per_row(step_fn, init_state, choose, *, copies, max_len, bos_id,
            jnp.zeros((rows,), jnp.float32), jnp.zeros((rows,), jnp.int32),
            jnp.zeros((rows,), bool))
   all_done = lambda carry, step: jnp.all(carry[-1])  # every later step would emit zeros
-  carry, (tokens, aux) = _scan_until(
-      decode_step, all_done if _default_early_stop(early_stop) else None, carry, max_len, unroll)
+  carry, (tokens, aux), steps_taken = _scan_until(
+      decode_step, all_done, carry, max_len, unroll, stop_loop(early_stop))
   _, _, scores, lengths, _ = carry
 
   def by_image(a):  # [T, rows, ...] -> [batch, copies, T, ...]
@@ -340,19 +388,19 @@ def _decode_one_per_row(step_fn, init_state, choose, *, copies, max_len, bos_id,
   return BeamSearchResult(
       tokens=by_image(tokens),
       scores=_penalize(scores, lengths, length_penalty).reshape(batch, copies),
-      lengths=lengths.reshape(batch, copies), aux=jax.tree.map(by_image, aux))
+      lengths=lengths.reshape(batch, copies), aux=jax.tree.map(by_image, aux), steps=steps_taken)
 
 
 def greedy_search(step_fn: StepFn, init_state: PyTree, *, max_len: int, bos_id: int,
                   eos_id: int, length_penalty=0.0, unroll: int = 1,
-                  early_stop: bool | None = None) -> BeamSearchResult:
+                  early_stop: bool | str | None = None) -> BeamSearchResult:
   """Most probable next token at every step until <eos>; shapes as `beam_search` with beam 1.
 
   Calls `step_fn` on [batch] rows (beam 1), so a step function written for `beam_search` works
   unchanged. `length_penalty` only rescales the returned scores; it never changes the tokens.
   Equals `beam_search(..., beam_size=1)` when length_penalty is 0 (with a penalty, beam search
   may keep extending a hypothesis past greedy's <eos> and prefer the longer one). `unroll` as in
-  `beam_search`; `early_stop`: skip the steps after every row has ended (None: on the CPU only).
+  `beam_search`; `early_stop` as in `beam_search`: stop once every row has ended.
   """
   return _decode_one_per_row(step_fn, init_state, lambda log_probs, _: jnp.argmax(log_probs, -1),
                              copies=1, max_len=max_len, bos_id=bos_id, eos_id=eos_id,
@@ -377,7 +425,7 @@ def _filter_logits(logits: jax.Array, *, top_k: int, top_p: float) -> jax.Array:
 
 def sample(step_fn: StepFn, init_state: PyTree, *, rng: jax.Array, max_len: int, bos_id: int,
            eos_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           num_samples: int = 1, early_stop: bool | None = None) -> BeamSearchResult:
+           num_samples: int = 1, early_stop: bool | str | None = None) -> BeamSearchResult:
   """Draws `num_samples` captions per image: temperature, then top-k, then top-p (nucleus).
 
   Args:
@@ -388,7 +436,7 @@ def sample(step_fn: StepFn, init_state: PyTree, *, rng: jax.Array, max_len: int,
     top_k: keep the k most probable tokens (0: all; static).
     top_p: keep the smallest set of most probable tokens with probability >= top_p (1: all).
     num_samples: captions per image (static).
-    early_stop: skip the steps after every sample has ended (None: on the CPU only); same samples.
+    early_stop: as in `beam_search`: stop once every sample has ended; same samples.
 
   Returns:
     BeamSearchResult with beam = num_samples in draw order (not sorted); scores are the samples'

@@ -56,8 +56,8 @@ def _step_fn(decoder: decoder_lib.Decoder, decoder_params, features, *, steps_pe
 
 def search(decoder: decoder_lib.Decoder, decoder_params, features, *, beam_size: int, max_len: int,
            length_penalty: float = 0.0, unroll: int = 1, word_gate_table=None,
-           project_context: bool | None = None,
-           eos_banned_after=None) -> beam_search.BeamSearchResult:
+           project_context: bool | None = None, eos_banned_after=None,
+           early_stop: bool | str | None = None) -> beam_search.BeamSearchResult:
   """Beam (or greedy, when `beam_size` is 1) search from encoder features.
 
   Args:
@@ -72,6 +72,8 @@ def search(decoder: decoder_lib.Decoder, decoder_params, features, *, beam_size:
       results up to rounding.
     eos_banned_after: None, or bool [V]: no caption ends right after these tokens
       (`Vocabulary.eos_banned_after`: words that almost never end a training caption).
+    early_stop: stop once no hypothesis can change the result: False, True / "cond", "while" or
+      None, True on the CPU only (`beam_search.beam_search`). Same results.
   Returns:
     `BeamSearchResult` with tokens [batch, beam, max_len], scores [batch, beam], lengths
     [batch, beam] and attention [batch, beam, max_len, P].
@@ -82,7 +84,7 @@ def search(decoder: decoder_lib.Decoder, decoder_params, features, *, beam_size:
   search_fn = beam_search.greedy_search if beam_size == 1 else functools.partial(
       beam_search.beam_search, beam_size=beam_size, length_penalty=length_penalty)
   return search_fn(step_fn, carry, max_len=max_len, bos_id=vocab_lib.BOS, eos_id=vocab_lib.EOS,
-                   unroll=unroll)
+                   unroll=unroll, early_stop=early_stop)
 
 
 def sample(decoder: decoder_lib.Decoder, decoder_params, features, *, rng: jax.Array,

@@ -321,10 +321,12 @@ def test_early_stop_gives_the_full_searchs_results(length_penalty):
       for eos_boost in (0.0, 2.0, 4.0):
         table, embed = ending_tables(seed, max_len=max_len, eos_boost=eos_boost)
         full, full_steps = search(table, embed, early_stop=False)
-        early, early_steps = search(table, embed, early_stop=True)
-        assert full_steps == max_len
-        assert_same_results(early, full)
-        stopped_early += early_steps < max_len
+        assert full_steps == full.steps == max_len
+        for loop in ("cond", "while"):
+          early, early_steps = search(table, embed, early_stop=loop)
+          assert early_steps == early.steps  # the result says how many steps the search took
+          assert_same_results(early, full)
+          stopped_early += early_steps < max_len
   assert stopped_early > 0, "the early stop never triggered; the test compares nothing"
 
 
@@ -334,10 +336,20 @@ def test_early_stop_of_greedy_and_sampling_gives_the_same_results(kind):
   for seed in SEEDS:
     table, embed = ending_tables(seed, max_len=max_len, eos_boost=3.0)
     full, full_steps = counting_search(table, embed, kind=kind, max_len=max_len, early_stop=False)
-    early, early_steps = counting_search(table, embed, kind=kind, max_len=max_len, early_stop=True)
-    assert_same_results(early, full)
-    assert full_steps == max_len
-    assert early_steps == full.lengths.max() < max_len  # stops after the last row's <eos>
+    assert full_steps == full.steps == max_len
+    for loop in ("cond", "while"):
+      early, early_steps = counting_search(table, embed, kind=kind, max_len=max_len,
+                                           early_stop=loop)
+      assert_same_results(early, full)
+      assert early_steps == early.steps == full.lengths.max() < max_len  # after the last <eos>
+
+
+def test_early_stop_values():
+  assert bs.stop_loop(True) == bs.stop_loop("cond") == "cond"
+  assert bs.stop_loop(False) is None and bs.stop_loop("while") == "while"
+  assert bs.stop_loop(None) == ("cond" if jax.default_backend() == "cpu" else None)
+  with pytest.raises(ValueError, match="early_stop must be"):
+    bs.stop_loop("sometimes")
 
 
 def eos_after_bos_table(seed, eos_probability):
