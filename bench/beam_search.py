@@ -7,25 +7,28 @@ The torch reference gets the same weights (`torch_reference.load_flaxcap_decoder
 can be compared caption for caption. Methods:
 
   flaxcap        `flaxcap.decoding.search` under `jax.jit`: the encoded features once per image, the K
-                 beams attending the image's single copy, the whole batch in one `lax.scan` of max_len
-                 steps (on the CPU the steps after no live hypothesis can win are skipped by a
-                 `lax.cond`; elsewhere all run); greedy_search at beam 1; the word gate table
-                 (`Decoder.word_gate_table`) computed once outside the timing, as the Captioner does
+                 beams attending the image's single copy, the whole batch in one `lax.scan` of
+                 max_len steps, which by default on the CPU skips the steps after no live hypothesis
+                 can win (--early_stop: off, cond or while, several in one run); greedy_search
+                 at beam 1; the word gate table (`Decoder.word_gate_table`) computed once outside the
+                 timing, as the Captioner does
   torch_batched  `torch_reference.beam_search_batched`: the same algorithm in eager torch, stopping as
                  soon as no live hypothesis can win
   torch_loop     `torch_reference.beam_search_per_image`: the tutorial's per-image Python loop; it is
                  batch-size independent, so it is timed once per beam on --loop_images images
 
---project_context and --candidate_top_k override two of flaxcap's choices (`decoding.search`,
-`top_k.CANDIDATE_TOP_K`); each flaxcap row records them (candidate_top_k as the method used).
+--project_context, --candidate_top_k and --early_stop override three of flaxcap's choices
+(`decoding.search`, `top_k.CANDIDATE_TOP_K`); each flaxcap row records them (candidate_top_k as the
+method used, early_stop as off, cond or while).
 
 Warm-up: flaxcap's first call compiles (its time is "1st call s"); torch_batched gets one untimed call.
 On a GPU flaxcap gets one more untimed call and the loop one untimed pass over its images; on the CPU
 the loop is warmed up on one image (its "1st call s" is then "-").
 
-"agrees" is the share of images whose best caption equals flaxcap's. On a GPU the flaxcap rows also show
-achieved TFLOP/s and GB/s against the matmul and copy peaks measured at the start of the run, from the
-FLOPs and the least bytes of a decode step (bench/roofline.py) times max_len.
+"agrees" is the share of images whose best caption equals flaxcap's (its first --early_stop row's).
+On a GPU the flaxcap rows also show achieved TFLOP/s and GB/s against the matmul and copy peaks
+measured at the start of the run, from the FLOPs and the least bytes of a decode step (bench/roofline.py) times the steps the search took (its
+"steps": max_len, or fewer with the early stop).
 
     python bench/beam_search.py                                   # CPU default: batch 1, float32 (~20 s)
     python bench/beam_search.py --batch_sizes=1,32,256 --dtypes=bfloat16,float32  # the full grid (GPU default)
@@ -47,6 +50,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from bench import common  # noqa: E402
 from bench import roofline  # noqa: E402
 from bench import workloads  # noqa: E402
+from flaxcap import beam_search as beam_search_lib  # noqa: E402
 from flaxcap import decoding  # noqa: E402
 from flaxcap import inference  # noqa: E402
 from flaxcap import top_k as top_k_lib  # noqa: E402
@@ -75,6 +79,10 @@ _CANDIDATE_TOP_K = flags.DEFINE_enum("candidate_top_k", "auto",
                                      ["auto", *top_k_lib.CANDIDATE_METHODS],
                                      "flaxcap: how beam search takes its 2K best candidates "
                                      "(`top_k.CANDIDATE_TOP_K`); auto: the library's choice.")
+_EARLY_STOP = flags.DEFINE_list("early_stop", ["auto"],
+                                 "flaxcap: `decoding.search(early_stop=...)`, one row each: auto (the "
+                                 "library's choice: cond on the CPU, off elsewhere), off, cond, while; "
+                                 "e.g. off,cond,while.")
 _METHODS = flags.DEFINE_list("methods", ["flaxcap", "torch_batched", "torch_loop"], "What to time.")
 _OUTPUT = flags.DEFINE_string("output", "beam_search", "JSON path, or a name under bench/results/.")
 
@@ -82,6 +90,7 @@ _OUTPUT = flags.DEFINE_string("output", "beam_search", "JSON path, or a name und
 # The printed table (also rendered by bench/report.py).
 COLUMNS = [common.Column("method", "method"), common.Column("dtype", "dtype"),
            common.Column("beam", "beam"), common.Column("batch", "batch"),
+           common.Column("early_stop", "stop"), common.Column("steps", "steps"),
            common.Column("ms_per_batch", "ms/batch", ".2f"),
            common.Column("captions_per_s", "captions/s", ",.1f"),
            common.Column("vs_loop", "vs loop", ".1f"),
@@ -115,6 +124,10 @@ def main(argv):
 
   choice = {"auto": None, "on": True, "off": False}
   project_context = choice[_PROJECT_CONTEXT.value]
+  stop_choice = {"auto": None, "off": False, **{loop: loop for loop in beam_search_lib.STOP_LOOPS}}
+  if unknown := set(_EARLY_STOP.value) - set(stop_choice):
+    raise app.UsageError(f"--early_stop takes {', '.join(stop_choice)}; got {sorted(unknown)}.")
+  early_stops = [stop_choice[value] for value in _EARLY_STOP.value]
   top_k_lib.CANDIDATE_TOP_K = None if _CANDIDATE_TOP_K.value == "auto" else _CANDIDATE_TOP_K.value
   rows = []
   for dtype in dtypes:
@@ -137,35 +150,42 @@ def main(argv):
       features_torch = torch.from_numpy(features.reshape(batch, sizes.locations, -1)).to(device, torch_dtype)
       for beam in beam_sizes:
         row_key = {"dtype": dtype, "batch": batch, "beam": beam}
-        search = jax.jit(lambda p, f, beam=beam: decoding.search(decoder, p, f, beam_size=beam,
-                                                                 max_len=max_len,
-                                                                 unroll=_UNROLL.value,
-                                                                 word_gate_table=table,
-                                                                 project_context=project_context),
-                         compiler_options=inference.compiler_options())  # as the Captioner's
-        if _DUMP_HLO.value:
-          hlo = search.lower(params, features_jax).compile().as_text()
-          name = f"beam_search_hlo_{dtype}_b{batch}_k{beam}_u{_UNROLL.value}.txt"
-          common.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-          (common.RESULTS_DIR / name).write_text(hlo)
-        start = time.perf_counter()
-        result = jax.block_until_ready(search(params, features_jax))
-        compile_s = time.perf_counter() - start  # compilation + one call
-        best_tokens[batch, beam] = np.asarray(result.tokens)[:, 0]
-        searches[batch, beam] = search
-        if "flaxcap" in methods:
+        for n, early_stop in enumerate(early_stops):
+          search = jax.jit(lambda p, f, beam=beam, early_stop=early_stop: decoding.search(
+              decoder, p, f, beam_size=beam, max_len=max_len, unroll=_UNROLL.value,
+              word_gate_table=table, project_context=project_context, early_stop=early_stop),
+                           compiler_options=inference.compiler_options())  # as the Captioner's
+          stop = beam_search_lib.stop_loop(early_stop) or "off"
+          if _DUMP_HLO.value:
+            hlo = search.lower(params, features_jax).compile().as_text()
+            name = (f"beam_search_hlo_{dtype}_b{batch}_k{beam}_u{_UNROLL.value}"
+                    f"{'' if stop == 'off' else '_' + stop}.txt")
+            common.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+            (common.RESULTS_DIR / name).write_text(hlo)
+          start = time.perf_counter()
+          result = jax.block_until_ready(search(params, features_jax))
+          compile_s = time.perf_counter() - start  # compilation + one call
+          if n == 0:
+            best_tokens[batch, beam] = np.asarray(result.tokens)[:, 0]
+            searches[batch, beam] = search
+          if "flaxcap" not in methods:
+            continue
           # The compiling call above warmed it up; on a GPU one more call.
           timing = common.time_calls(lambda: search(params, features_jax).tokens.block_until_ready(),
                                      repeats=repeats, warmup=1 if gpu else 0)
           timing.first_s = compile_s
+          lengths = np.asarray(result.lengths)
+          steps = int(result.steps)
           row = dict(row_key, method="flaxcap", unroll=_UNROLL.value,
                      project_context=_PROJECT_CONTEXT.value,
                      candidate_top_k=(top_k_lib.candidate_top_k_method(batch) if beam > 1
                                       else None),
-                     timing=timing.as_dict(),
-                     mean_length=float(np.mean(np.asarray(result.lengths)[:, 0])))
-          flops = roofline.decode_step_flops(sizes, batch, beam) * max_len
-          moved = roofline.decode_step_bytes(sizes, batch, beam, dtype)["total"] * max_len
+                     early_stop=stop, steps=steps, timing=timing.as_dict(),
+                     mean_length=float(np.mean(lengths[:, 0])),
+                     agrees=float(np.mean(np.all(np.asarray(result.tokens)[:, 0]
+                                                 == best_tokens[batch, beam], axis=1))) if n else None)
+          flops = roofline.decode_step_flops(sizes, batch, beam) * steps
+          moved = roofline.decode_step_bytes(sizes, batch, beam, dtype)["total"] * steps
           row.update(seconds=timing.median_s, tflops=flops / timing.median_s / 1e12,
                      gbps=moved / timing.median_s / 1e9)
           if peaks:

@@ -20,12 +20,19 @@ included). In one process, on the issue's workloads (bench/workloads.py: random 
       keys: only rounding differs).
   beam256, beam1   `decoding.search` under `jax.jit`, as bench/beam_search.py times it: lite0 sizes
       (7x7x1280, vocab 2,600), beam 5, max_len 20, bfloat16, weights edited to end captions near 12
-      tokens. Variants are `top_k.CANDIDATE_TOP_K` and `decoding.search(unroll=...)`:
+      tokens. Variants are `top_k.CANDIDATE_TOP_K` and `decoding.search(unroll=..., early_stop=...)`:
         main             the library's choice (batch 256: XLA's TopK over 5 x 2,600; batch 1: chunks)
         rounds           10 rounds of argmax over the 13,000 candidates: 10 reductions, no TopK kernel
         chunks_barrier   chunk maxima, the chosen entries written out before the final ranking
                          (round 3, without the barrier: 13.1 ms at batch 256, one ranking 400 us a step)
         unroll20         the library's top-k, the whole search unrolled (no loop)
+        stop_cond        the library's top-k, skipping the steps after no live hypothesis can win
+                         (`decoding.search(early_stop="cond")`, the CPU's default: a `lax.cond` in
+                         each of the scan's 20 iterations, its predicate read by the host; the
+                         edited weights end every caption at 12 tokens, so 12 steps are taken)
+        stop_while       the same stop as a `lax.while_loop` of the 12 steps taken (its condition
+                         read by the host each iteration)
+        stop_while+chunks_barrier  both
       A row: captions/s, and the share of images whose K hypotheses (tokens) are main's.
   profile   jax.profiler traces of main's and the recompute train step (batch 512 bf16), summed per
             GPU kernel: $OUT/profile_train_<variant>.txt.
@@ -69,6 +76,7 @@ import numpy as np  # noqa: E402
 from bench import common  # noqa: E402
 from bench import hlo_kernels  # noqa: E402
 from bench import workloads  # noqa: E402
+from flaxcap import beam_search as beam_search_lib  # noqa: E402
 from flaxcap import decoder as decoder_lib  # noqa: E402
 from flaxcap import decoding  # noqa: E402
 from flaxcap import model as model_lib  # noqa: E402
@@ -83,10 +91,12 @@ TRAIN_VARIANTS = {
     "bf16_features": {"feature_dtype": jnp.bfloat16},
     "bf16_features+recompute": {"feature_dtype": jnp.bfloat16, "recompute_attention": True},
 }
-# (top_k.CANDIDATE_TOP_K, unroll) of each beam search variant; None: the library's choice.
-BEAM_VARIANTS = {"main": (None, 1), "flat": ("flat", 1), "rounds": ("rounds", 1),
-                 "chunks": ("chunks", 1), "chunks_barrier": ("chunks_barrier", 1),
-                 "unroll20": (None, 20)}
+# (top_k.CANDIDATE_TOP_K, unroll, early_stop) of each beam search variant; None: the library's choice.
+BEAM_VARIANTS = {"main": (None, 1, None), "flat": ("flat", 1, None), "rounds": ("rounds", 1, None),
+                 "chunks": ("chunks", 1, None), "chunks_barrier": ("chunks_barrier", 1, None),
+                 "unroll20": (None, 20, None), "stop_cond": (None, 1, "cond"),
+                 "stop_while": (None, 1, "while"),
+                 "stop_while+chunks_barrier": ("chunks_barrier", 1, "while")}
 
 # Seconds a part's item takes on an H200 (compilation + timing), for the budget; rough.
 ESTIMATED_S = {"train": 16, "grads": 8, "beam": 6, "beam_unrolled": 12, "profile": 12}
@@ -389,12 +399,13 @@ def beam_part(record: Record, name: str, sizes, batch: int, variants, *, repeats
     return
   main = None  # (row, result, search)
   for variant in variants:
-    method, unroll = BEAM_VARIANTS[variant]
+    method, unroll, early_stop = BEAM_VARIANTS[variant]
     if not record.fits(f"{name} {variant}",
                        ESTIMATED_S["beam_unrolled" if unroll > 1 else "beam"]):
       continue
-    search = jax.jit(lambda p, f, unroll=unroll: decoding.search(
-        decoder, p, f, beam_size=beam, max_len=max_len, unroll=unroll, word_gate_table=table))
+    search = jax.jit(lambda p, f, unroll=unroll, early_stop=early_stop: decoding.search(
+        decoder, p, f, beam_size=beam, max_len=max_len, unroll=unroll, word_gate_table=table,
+        early_stop=early_stop))
     top_k_lib.CANDIDATE_TOP_K = method  # read while tracing (the first call)
     try:
       result, first_s, timing = time_search(search, params, features, repeats)
@@ -402,6 +413,8 @@ def beam_part(record: Record, name: str, sizes, batch: int, variants, *, repeats
              "ms": timing.median_s * 1e3, "rate": batch / timing.median_s,
              "min_ms": timing.min_s * 1e3, "first_s": first_s, "timing": timing.as_dict(),
              "candidate_top_k": top_k_lib.candidate_top_k_method(batch), "unroll": unroll,
+             "early_stop": beam_search_lib.stop_loop(early_stop) or "off",
+             "steps": int(result.steps),
              "mean_length": float(np.mean(result.lengths[:, 0]))}
       if variant == "main":
         main = (row, result, search)
@@ -474,8 +487,8 @@ def parse_args():
                       help="in this order (most wanted first: the budget skips the last)")
   parser.add_argument("--bf16_variants", default="main,recompute")
   parser.add_argument("--fp32_variants", default="main,recompute,bf16_features+recompute")
-  parser.add_argument("--beam256_variants", default="main,rounds,chunks_barrier")
-  parser.add_argument("--beam1_variants", default="main,chunks_barrier,unroll20")
+  parser.add_argument("--beam256_variants", default="main,stop_while,stop_cond,rounds,chunks_barrier")
+  parser.add_argument("--beam1_variants", default="main,stop_while,stop_cond,chunks_barrier,unroll20")
   parser.add_argument("--profile_variants", default="main,recompute")
   parser.add_argument("--steps", type=int, default=None, help="timed train steps (10; quick 2)")
   parser.add_argument("--repeats", type=int, default=None, help="timed searches (20; quick 2)")

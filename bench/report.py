@@ -18,7 +18,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from bench import common  # noqa: E402  pylint: disable=g-import-not-at-top
 
 SECTIONS = [("training", "Training throughput"), ("beam_search", "Beam search"),
-            ("latency", "Single-image latency"), ("memory", "Memory")]
+            ("early_stop", "The early stop on real photos"), ("latency", "Single-image latency"),
+            ("memory", "Memory")]
 
 
 def describe(machine: dict) -> str:
