@@ -133,7 +133,8 @@ def main(argv):
   common.print_table(rows, COLUMNS, title=(
       f"early stop on the shipped model, {len(features)} {_SPLIT.value} images (batch 1: "
       f"{min(len(features), _BATCH1_IMAGES.value)}), max_len {_MAX_LEN.value}; ms/batch: the first "
-      f"{_TIMED_BATCHES.value} batches' mean, median of {_ROUNDS.value} rounds; {common.machine_line(info)}"))
+      f"{_TIMED_BATCHES.value} batches' mean, median of {_ROUNDS.value} rounds; "
+      f"{common.machine_line(info)}"))
   common.write_json(_OUTPUT.value, {
       "benchmark": "early_stop", "machine": info, "split": _SPLIT.value, "images": len(features),
       "max_len": _MAX_LEN.value, "length_penalty": length_penalty, "rows": rows,
