@@ -32,6 +32,7 @@ included). In one process, on the issue's workloads (bench/workloads.py: random 
                          edited weights end every caption at 12 tokens, so 12 steps are taken)
         stop_while       the same stop as a `lax.while_loop` of the 12 steps taken (its condition
                          read by the host each iteration)
+        stop_while4      the while loop checking every 4 steps: 3 reads by the host, not 13
         stop_while+chunks_barrier  both
       A row: captions/s, and the share of images whose K hypotheses (tokens) are main's.
   profile   jax.profiler traces of main's and the recompute train step (batch 512 bf16), summed per
@@ -95,7 +96,7 @@ TRAIN_VARIANTS = {
 BEAM_VARIANTS = {"main": (None, 1, None), "flat": ("flat", 1, None), "rounds": ("rounds", 1, None),
                  "chunks": ("chunks", 1, None), "chunks_barrier": ("chunks_barrier", 1, None),
                  "unroll20": (None, 20, None), "stop_cond": (None, 1, "cond"),
-                 "stop_while": (None, 1, "while"),
+                 "stop_while": (None, 1, "while"), "stop_while4": (None, 4, "while"),
                  "stop_while+chunks_barrier": ("chunks_barrier", 1, "while")}
 
 # Seconds a part's item takes on an H200 (compilation + timing), for the budget; rough.
@@ -487,8 +488,10 @@ def parse_args():
                       help="in this order (most wanted first: the budget skips the last)")
   parser.add_argument("--bf16_variants", default="main,recompute")
   parser.add_argument("--fp32_variants", default="main,recompute,bf16_features+recompute")
-  parser.add_argument("--beam256_variants", default="main,stop_while,stop_cond,rounds,chunks_barrier")
-  parser.add_argument("--beam1_variants", default="main,stop_while,stop_cond,chunks_barrier,unroll20")
+  parser.add_argument("--beam256_variants",
+                      default="main,stop_while,stop_while4,stop_cond,rounds,chunks_barrier")
+  parser.add_argument("--beam1_variants",
+                      default="main,stop_while,stop_while4,stop_cond,chunks_barrier")
   parser.add_argument("--profile_variants", default="main,recompute")
   parser.add_argument("--steps", type=int, default=None, help="timed train steps (10; quick 2)")
   parser.add_argument("--repeats", type=int, default=None, help="timed searches (20; quick 2)")

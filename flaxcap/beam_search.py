@@ -73,8 +73,9 @@ the steps taken:
   * False: a `lax.scan` of all `max_len` steps.
   * True or "cond": the scan, each of its `max_len` iterations a `lax.cond` that skips the step once
     the search is over. Differentiable like the plain scan (`jax.grad` through `sample`).
-  * "while": a `lax.while_loop` that checks before every step and writes each step's outputs into
-    buffers of zeros, so it iterates only over the steps taken; not reverse-differentiable.
+  * "while": a `lax.while_loop` that checks before every `unroll` steps and writes each step's
+    outputs into buffers of zeros, so it iterates only over the steps taken (rounded up to a
+    multiple of `unroll`; the extra steps change nothing returned); not reverse-differentiable.
   * None (the default): True on the CPU, False elsewhere, where each check costs a host round trip
     per step (`bench/beam_search.py --early_stop=off,cond,while` measures them).
 A trained captioner's captions end after ~10-12 of 20 steps (`bench/early_stop.py`).
@@ -165,11 +166,12 @@ def stop_loop(early_stop: bool | str | None) -> str | None:
 def _scan_until(step_fn, is_over, carry, max_len: int, unroll: int, loop: str | None):
   """`lax.scan(step_fn, carry, arange(max_len), unroll=...)`, except that once `is_over(carry, step)`
   is true no further step is taken: the carry stays and the outputs of the steps not taken are zeros.
-  Returns (carry, outputs, the number of steps taken).
+  Returns (carry, outputs, the number of steps taken, at most max_len).
 
   loop: None, the plain scan (`is_over` unused); "cond", the scan with a `lax.cond` per iteration
-  that skips `step_fn` once over; "while", a `lax.while_loop` that checks `is_over` before every step
-  and writes each step's outputs into [max_len, ...] buffers of zeros (`unroll` does not apply).
+  that skips `step_fn` once over; "while", a `lax.while_loop` that checks `is_over` before every
+  `unroll` steps and writes their outputs into [max_len, ...] buffers of zeros (so up to `unroll` - 1
+  steps more than needed may run, each changing nothing that a search returns).
   """
   steps = jnp.arange(max_len, dtype=jnp.int32)
   unroll = min(unroll, max_len)
@@ -192,20 +194,32 @@ def _scan_until(step_fn, is_over, carry, max_len: int, unroll: int, loop: str | 
     (carry, taken), outputs = lax.scan(maybe_step, (carry, jnp.int32(0)), steps, unroll=unroll)
     return carry, outputs, taken
 
+  # "while": the check every `unroll` steps. The steps run after the search is over change nothing
+  # returned (module docstring); those past max_len, in the last turn, keep the carry and write
+  # their outputs past the end of the buffers, which are cut to max_len.
+  padded_len = -(-max_len // unroll) * unroll
+
   def go_on(loop_carry):
     step, carry, _ = loop_carry
     return (step < max_len) & jnp.logical_not(is_over(carry, step))
 
-  def take_next(loop_carry):
+  def take_steps(loop_carry):
     step, carry, outputs = loop_carry
-    carry, step_outputs = step_fn(carry, step)
-    outputs = jax.tree.map(lambda buffer, x: lax.dynamic_update_index_in_dim(buffer, x, step, 0),
-                           outputs, step_outputs)
-    return step + 1, carry, outputs
+    for _ in range(unroll):
+      new_carry, step_outputs = step_fn(carry, step)
+      if padded_len > max_len:
+        new_carry = jax.tree.map(lambda new, old, step=step: jnp.where(step < max_len, new, old),
+                                 new_carry, carry)
+      carry = new_carry
+      outputs = jax.tree.map(
+          lambda buffer, x, step=step: lax.dynamic_update_index_in_dim(buffer, x, step, 0),
+          outputs, step_outputs)
+      step = step + 1
+    return step, carry, outputs
 
-  outputs = jax.tree.map(lambda x: jnp.zeros((max_len, *x.shape), x.dtype), output_shapes)
-  taken, carry, outputs = lax.while_loop(go_on, take_next, (jnp.int32(0), carry, outputs))
-  return carry, outputs, taken
+  outputs = jax.tree.map(lambda x: jnp.zeros((padded_len, *x.shape), x.dtype), output_shapes)
+  taken, carry, outputs = lax.while_loop(go_on, take_steps, (jnp.int32(0), carry, outputs))
+  return carry, jax.tree.map(lambda x: x[:max_len], outputs), jnp.minimum(taken, max_len)
 
 
 def beam_search(step_fn: StepFn, init_state: PyTree, *, beam_size: int, max_len: int,
@@ -222,9 +236,9 @@ def beam_search(step_fn: StepFn, init_state: PyTree, *, beam_size: int, max_len:
     bos_id: token fed at the first step.
     eos_id: token that ends a hypothesis.
     length_penalty: GNMT alpha (a float, or a traced scalar); 0 ranks by log-probability.
-    unroll: steps per iteration of the `lax.scan` without early stop (static; >= max_len unrolls
-      the whole search: no loop, at the price of a longer compilation). The results do not
-      depend on it.
+    unroll: steps per loop iteration (static): of the `lax.scan` (>= max_len unrolls the whole
+      search: no loop, at the price of a longer compilation), or with early_stop="while" between
+      two checks of the stop. The results do not depend on it.
     early_stop: False, True / "cond", "while" or None (True on the CPU only): whether and how to
       stop once no live hypothesis can win; the results are the same (module docstring).
 

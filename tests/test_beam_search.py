@@ -275,9 +275,9 @@ STEP_CALLS = []  # one entry per step_fn call of `counted_search`, from a debug 
 
 
 @functools.partial(jax.jit, static_argnames=("kind", "beam_size", "max_len", "length_penalty",
-                                             "early_stop"))
+                                             "early_stop", "unroll"))
 def counted_search(table, embed, *, kind, beam_size=1, max_len, length_penalty=0.0,
-                   early_stop):
+                   early_stop, unroll=1):
   """beam_search, greedy_search or sample ("beam", "greedy", "sample") on the Markov model, with
   every call of the step function recorded in STEP_CALLS."""
 
@@ -289,9 +289,9 @@ def counted_search(table, embed, *, kind, beam_size=1, max_len, length_penalty=0
   init_state = markov_init_state(table)
   if kind == "beam":
     return bs.beam_search(counted_step_fn, init_state, beam_size=beam_size,
-                          length_penalty=length_penalty, **common)
+                          length_penalty=length_penalty, unroll=unroll, **common)
   if kind == "greedy":
-    return bs.greedy_search(counted_step_fn, init_state, **common)
+    return bs.greedy_search(counted_step_fn, init_state, unroll=unroll, **common)
   return bs.sample(counted_step_fn, init_state, rng=jax.random.key(0, impl="rbg"),
                    num_samples=3, **common)
 
@@ -313,7 +313,7 @@ def assert_same_results(a, b):
 @pytest.mark.parametrize("length_penalty", [0.0, 0.6, -0.5])
 def test_early_stop_gives_the_full_searchs_results(length_penalty):
   max_len = 12
-  stopped_early = 0
+  stopped_early = masked_steps = 0
   for beam_size in (1, 4):
     search = functools.partial(counting_search, kind="beam", beam_size=beam_size,
                                max_len=max_len, length_penalty=length_penalty)
@@ -327,7 +327,16 @@ def test_early_stop_gives_the_full_searchs_results(length_penalty):
           assert early_steps == early.steps  # the result says how many steps the search took
           assert_same_results(early, full)
           stopped_early += early_steps < max_len
+          # The while loop checking every 5 steps (12 is no multiple): at most 4 steps more, the
+          # last turn's past max_len masked; the same results.
+          chunked, chunked_steps = search(table, embed, early_stop="while", unroll=5)
+          assert chunked.steps == min(chunked_steps, max_len)
+          assert early_steps <= chunked.steps <= early_steps + 4
+          assert chunked_steps % 5 == 0
+          assert_same_results(chunked, full)
+          masked_steps += chunked_steps > max_len
   assert stopped_early > 0, "the early stop never triggered; the test compares nothing"
+  assert masked_steps > 0, "no chunked search ran past max_len; its masking is untested"
 
 
 @pytest.mark.parametrize("kind", ["greedy", "sample"])
@@ -342,6 +351,10 @@ def test_early_stop_of_greedy_and_sampling_gives_the_same_results(kind):
                                            early_stop=loop)
       assert_same_results(early, full)
       assert early_steps == early.steps == full.lengths.max() < max_len  # after the last <eos>
+    if kind == "greedy":  # the while loop checking every 5 steps
+      chunked, _ = counting_search(table, embed, kind=kind, max_len=max_len, early_stop="while",
+                                   unroll=5)
+      assert_same_results(chunked, full)
 
 
 def test_early_stop_values():
