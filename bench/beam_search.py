@@ -50,9 +50,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from bench import common  # noqa: E402
 from bench import roofline  # noqa: E402
 from bench import workloads  # noqa: E402
-from flaxcap import beam_search as beam_search_lib  # noqa: E402
 from flaxcap import decoding  # noqa: E402
 from flaxcap import inference  # noqa: E402
+from flaxcap import step_loop  # noqa: E402
 from flaxcap import top_k as top_k_lib  # noqa: E402
 
 _BATCH_SIZES = flags.DEFINE_string("batch_sizes", None,
@@ -124,7 +124,7 @@ def main(argv):
 
   choice = {"auto": None, "on": True, "off": False}
   project_context = choice[_PROJECT_CONTEXT.value]
-  stop_choice = {"auto": None, "off": False, **{loop: loop for loop in beam_search_lib.STOP_LOOPS}}
+  stop_choice = {"auto": None, "off": False, **{loop: loop for loop in step_loop.STOP_LOOPS}}
   if unknown := set(_EARLY_STOP.value) - set(stop_choice):
     raise app.UsageError(f"--early_stop takes {', '.join(stop_choice)}; got {sorted(unknown)}.")
   early_stops = [stop_choice[value] for value in _EARLY_STOP.value]
@@ -155,7 +155,7 @@ def main(argv):
               decoder, p, f, beam_size=beam, max_len=max_len, unroll=_UNROLL.value,
               word_gate_table=table, project_context=project_context, early_stop=early_stop),
                            compiler_options=inference.compiler_options())  # as the Captioner's
-          stop = beam_search_lib.stop_loop(early_stop) or "off"
+          stop = step_loop.loop_for(early_stop) or "off"
           if _DUMP_HLO.value:
             hlo = search.lower(params, features_jax).compile().as_text()
             name = (f"beam_search_hlo_{dtype}_b{batch}_k{beam}_u{_UNROLL.value}"

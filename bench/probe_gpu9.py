@@ -77,10 +77,10 @@ import numpy as np  # noqa: E402
 from bench import common  # noqa: E402
 from bench import hlo_kernels  # noqa: E402
 from bench import workloads  # noqa: E402
-from flaxcap import beam_search as beam_search_lib  # noqa: E402
 from flaxcap import decoder as decoder_lib  # noqa: E402
 from flaxcap import decoding  # noqa: E402
 from flaxcap import model as model_lib  # noqa: E402
+from flaxcap import step_loop  # noqa: E402
 from flaxcap import top_k as top_k_lib  # noqa: E402
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
@@ -414,7 +414,7 @@ def beam_part(record: Record, name: str, sizes, batch: int, variants, *, repeats
              "ms": timing.median_s * 1e3, "rate": batch / timing.median_s,
              "min_ms": timing.min_s * 1e3, "first_s": first_s, "timing": timing.as_dict(),
              "candidate_top_k": top_k_lib.candidate_top_k_method(batch), "unroll": unroll,
-             "early_stop": beam_search_lib.stop_loop(early_stop) or "off",
+             "early_stop": step_loop.loop_for(early_stop) or "off",
              "steps": int(result.steps),
              "mean_length": float(np.mean(result.lengths[:, 0]))}
       if variant == "main":

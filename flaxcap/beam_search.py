@@ -67,17 +67,16 @@ Early stop: once no live hypothesis of any image can still enter its finished se
 steps change nothing that is returned. A live hypothesis with raw score s can only end with a score
 <= s, so it can finish no better than max(s / penalty(L)) over the lengths L still possible (the
 penalty is monotonic in L, so the first or the last). Greedy search and sampling are over once every
-row has produced <eos>. `early_stop` says how a search stops, each way with the full search's results
-(the steps not taken emit zeros, which the back trace never reads); `BeamSearchResult.steps` counts
-the steps taken:
+row has produced <eos>. `early_stop` says how a search stops (`flaxcap.step_loop`), each way with
+the full search's results (the steps not taken emit zeros, which the back trace never reads);
+`BeamSearchResult.steps` counts the steps taken:
   * False: a `lax.scan` of all `max_len` steps.
-  * True or "cond": the scan, each of its `max_len` iterations a `lax.cond` that skips the step once
-    the search is over. Differentiable like the plain scan (`jax.grad` through `sample`).
-  * "while": a `lax.while_loop` that checks before every `unroll` steps and writes each step's
-    outputs into buffers of zeros, so it iterates only over the steps taken (rounded up to a
-    multiple of `unroll`; the extra steps change nothing returned); not reverse-differentiable.
+  * True or "cond": the scan with a `lax.cond` per iteration; differentiable (`jax.grad` through
+    `sample`).
+  * "while": a `lax.while_loop` over the steps taken, checked every `unroll` steps; not
+    reverse-differentiable.
   * None (the default): True on the CPU, False elsewhere, where each check costs a host round trip
-    per step (`bench/beam_search.py --early_stop=off,cond,while` measures them).
+    (`bench/beam_search.py --early_stop=off,cond,while` measures them).
 A trained captioner's captions end after ~10-12 of 20 steps (`bench/early_stop.py`).
 """
 
@@ -87,6 +86,7 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+from flaxcap import step_loop
 from flaxcap import top_k as top_k_lib
 
 PyTree = Any
@@ -146,80 +146,6 @@ def _check_log_probs(log_probs: jax.Array, rows: int) -> int:
     raise ValueError(f"step_fn must return log_probs of shape [{rows}, vocab]; "
                      f"got {log_probs.shape}.")
   return log_probs.shape[1]
-
-
-STOP_LOOPS = ("cond", "while")
-
-
-def stop_loop(early_stop: bool | str | None) -> str | None:
-  """How a search given `early_stop` stops here: None (it takes all `max_len` steps), "cond" or
-  "while" (module docstring). None means True on the CPU and False elsewhere; True means "cond"."""
-  if isinstance(early_stop, str):
-    if early_stop not in STOP_LOOPS:
-      raise ValueError(f"early_stop must be a bool, None or one of {STOP_LOOPS}; got {early_stop!r}.")
-    return early_stop
-  if early_stop is None:
-    early_stop = jax.default_backend() == "cpu"
-  return "cond" if early_stop else None
-
-
-def _scan_until(step_fn, is_over, carry, max_len: int, unroll: int, loop: str | None):
-  """`lax.scan(step_fn, carry, arange(max_len), unroll=...)`, except that once `is_over(carry, step)`
-  is true no further step is taken: the carry stays and the outputs of the steps not taken are zeros.
-  Returns (carry, outputs, the number of steps taken, at most max_len).
-
-  loop: None, the plain scan (`is_over` unused); "cond", the scan with a `lax.cond` per iteration
-  that skips `step_fn` once over; "while", a `lax.while_loop` that checks `is_over` before every
-  `unroll` steps and writes their outputs into [max_len, ...] buffers of zeros (so up to `unroll` - 1
-  steps more than needed may run, each changing nothing that a search returns).
-  """
-  steps = jnp.arange(max_len, dtype=jnp.int32)
-  unroll = min(unroll, max_len)
-  if loop is None:
-    carry, outputs = lax.scan(step_fn, carry, steps, unroll=unroll)
-    return carry, outputs, jnp.int32(max_len)
-  output_shapes = jax.eval_shape(step_fn, carry, steps[0])[1]
-  if loop == "cond":
-    def skip(counted, _):
-      return counted, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), output_shapes)
-
-    def take_step(counted, step):
-      carry, taken = counted
-      carry, step_outputs = step_fn(carry, step)
-      return (carry, taken + 1), step_outputs
-
-    def maybe_step(counted, step):
-      return lax.cond(is_over(counted[0], step), skip, take_step, counted, step)
-
-    (carry, taken), outputs = lax.scan(maybe_step, (carry, jnp.int32(0)), steps, unroll=unroll)
-    return carry, outputs, taken
-
-  # "while": the check every `unroll` steps. The steps run after the search is over change nothing
-  # returned (module docstring); those past max_len, in the last turn, keep the carry and write
-  # their outputs past the end of the buffers, which are cut to max_len.
-  padded_len = -(-max_len // unroll) * unroll
-
-  def go_on(loop_carry):
-    step, carry, _ = loop_carry
-    return (step < max_len) & jnp.logical_not(is_over(carry, step))
-
-  def take_steps(loop_carry):
-    step, carry, outputs = loop_carry
-    for _ in range(unroll):
-      new_carry, step_outputs = step_fn(carry, step)
-      if padded_len > max_len:
-        new_carry = jax.tree.map(lambda new, old, step=step: jnp.where(step < max_len, new, old),
-                                 new_carry, carry)
-      carry = new_carry
-      outputs = jax.tree.map(
-          lambda buffer, x, step=step: lax.dynamic_update_index_in_dim(buffer, x, step, 0),
-          outputs, step_outputs)
-      step = step + 1
-    return step, carry, outputs
-
-  outputs = jax.tree.map(lambda x: jnp.zeros((padded_len, *x.shape), x.dtype), output_shapes)
-  taken, carry, outputs = lax.while_loop(go_on, take_steps, (jnp.int32(0), carry, outputs))
-  return carry, jax.tree.map(lambda x: x[:max_len], outputs), jnp.minimum(taken, max_len)
 
 
 def beam_search(step_fn: StepFn, init_state: PyTree, *, beam_size: int, max_len: int,
@@ -296,8 +222,8 @@ def beam_search(step_fn: StepFn, init_state: PyTree, *, beam_size: int, max_len:
                            _penalize(live_scores, jnp.int32(max_len), length_penalty))
     return jnp.all(jnp.min(done_scores, axis=1) >= jnp.max(best_end, axis=1))
 
-  carry, history, steps_taken = _scan_until(
-      search_step, is_over, carry, max_len, unroll, stop_loop(early_stop))
+  carry, history, steps_taken = step_loop.run_steps(
+      search_step, is_over, carry, max_len, unroll, step_loop.loop_for(early_stop))
   _, _, live_scores, done_scores, done_steps, done_slots = carry
 
   # Hypotheses still live after max_len steps finish there (end step max_len = "no <eos>").
@@ -392,8 +318,8 @@ def _decode_one_per_row(step_fn, init_state, choose, *, copies, max_len, bos_id,
            jnp.zeros((rows,), jnp.float32), jnp.zeros((rows,), jnp.int32),
            jnp.zeros((rows,), bool))
   all_done = lambda carry, step: jnp.all(carry[-1])  # every later step would emit zeros
-  carry, (tokens, aux), steps_taken = _scan_until(
-      decode_step, all_done, carry, max_len, unroll, stop_loop(early_stop))
+  carry, (tokens, aux), steps_taken = step_loop.run_steps(
+      decode_step, all_done, carry, max_len, unroll, step_loop.loop_for(early_stop))
   _, _, scores, lengths, _ = carry
 
   def by_image(a):  # [T, rows, ...] -> [batch, copies, T, ...]

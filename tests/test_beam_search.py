@@ -357,13 +357,6 @@ def test_early_stop_of_greedy_and_sampling_gives_the_same_results(kind):
       assert_same_results(chunked, full)
 
 
-def test_early_stop_values():
-  assert bs.stop_loop(True) == bs.stop_loop("cond") == "cond"
-  assert bs.stop_loop(False) is None and bs.stop_loop("while") == "while"
-  assert bs.stop_loop(None) == ("cond" if jax.default_backend() == "cpu" else None)
-  with pytest.raises(ValueError, match="early_stop must be"):
-    bs.stop_loop("sometimes")
-
 
 def eos_after_bos_table(seed, eos_probability):
   table, embed = random_tables(seed)
