@@ -34,6 +34,9 @@ included). In one process, on the issue's workloads (bench/workloads.py: random 
                          read by the host each iteration)
         stop_while4      the while loop checking every 4 steps: 3 reads by the host, not 13
         stop_while+chunks_barrier  both
+        kernel           the candidates' top-k in one Pallas (Triton) kernel, one program per image
+                         (`top_k.top_k_by_kernel`; session 16, lowered on a CPU, never run on a GPU)
+        stop_while+kernel, stop_while4+kernel  the kernel with the while loop's stop
       A row: captions/s, and the share of images whose K hypotheses (tokens) are main's.
   profile   jax.profiler traces of main's and the recompute train step (batch 512 bf16), summed per
             GPU kernel: $OUT/profile_train_<variant>.txt.
@@ -97,7 +100,9 @@ BEAM_VARIANTS = {"main": (None, 1, None), "flat": ("flat", 1, None), "rounds": (
                  "chunks": ("chunks", 1, None), "chunks_barrier": ("chunks_barrier", 1, None),
                  "unroll20": (None, 20, None), "stop_cond": (None, 1, "cond"),
                  "stop_while": (None, 1, "while"), "stop_while4": (None, 4, "while"),
-                 "stop_while+chunks_barrier": ("chunks_barrier", 1, "while")}
+                 "stop_while+chunks_barrier": ("chunks_barrier", 1, "while"),
+                 "kernel": ("kernel", 1, None), "stop_while+kernel": ("kernel", 1, "while"),
+                 "stop_while4+kernel": ("kernel", 4, "while")}
 
 # Seconds a part's item takes on an H200 (compilation + timing), for the budget; rough.
 ESTIMATED_S = {"train": 16, "grads": 8, "beam": 6, "beam_unrolled": 12, "profile": 12}
@@ -489,9 +494,11 @@ def parse_args():
   parser.add_argument("--bf16_variants", default="main,recompute")
   parser.add_argument("--fp32_variants", default="main,recompute,bf16_features+recompute")
   parser.add_argument("--beam256_variants",
-                      default="main,stop_while,stop_while4,stop_cond,rounds,chunks_barrier")
+                      default="main,kernel,stop_while+kernel,stop_while,stop_while4,stop_cond,rounds,"
+                              "chunks_barrier")
   parser.add_argument("--beam1_variants",
-                      default="main,stop_while,stop_while4,stop_cond,chunks_barrier")
+                      default="main,kernel,stop_while+kernel,stop_while,stop_while4,stop_cond,"
+                              "chunks_barrier")
   parser.add_argument("--profile_variants", default="main,recompute")
   parser.add_argument("--steps", type=int, default=None, help="timed train steps (10; quick 2)")
   parser.add_argument("--repeats", type=int, default=None, help="timed searches (20; quick 2)")

@@ -6,8 +6,9 @@ a full sort inside a loop, and on a GPU XLA's TopK took half of a beam-5 step at
     top_k(values, k)                         # lax.top_k's result; on the CPU by k rounds of argmax
     top_k_by_rounds(values, k)               # the same by k rounds of argmax, on any backend
     top_k_by_rank(values, k)                 # the same by counting, for a few dozen entries
-    top_k_of_candidates(candidates, n)       # the n best of [batch, K, V] over K * V: flat, by chunks
-                                             # or by rounds
+    top_k_by_kernel(values, k)               # the same in one Pallas kernel (top_k_kernel.py)
+    top_k_of_candidates(candidates, n)       # the n best of [batch, K, V] over K * V: flat, by chunks,
+                                             # by rounds or by the kernel
 
 Every method returns what `lax.top_k` returns (values best first; -inf entries too; NaN as largest).
 """
@@ -64,6 +65,23 @@ def order_keys(values: jax.Array) -> jax.Array:
   return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
 
 
+def values_of_keys(keys: jax.Array) -> jax.Array:
+  """The float32 values of `order_keys` (its inverse)."""
+  bits = jnp.where(keys < 0, keys ^ jnp.int32(0x7FFFFFFF), keys)
+  return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def top_k_by_kernel(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """`lax.top_k` over the last axis (values as float32) by `top_k_kernel.row_top_k` over their
+  `order_keys`: one Pallas program per row; interpreted off the GPU (Triton is GPU only)."""
+  # Imported here: the kernel is opt-in, and Pallas' Triton API moving between jax versions must
+  # not keep the default search from importing.
+  from flaxcap import top_k_kernel  # pylint: disable=g-import-not-at-top
+  keys, indices = top_k_kernel.row_top_k(order_keys(values), k,
+                                         interpret=jax.default_backend() != "gpu")
+  return values_of_keys(keys), indices
+
+
 def rank_top_k(keys: jax.Array, k: int, tie_order: jax.Array | None = None) -> jax.Array:
   """Indices [..., k] of the k largest int32 keys over the last axis (n entries), by counting.
 
@@ -95,7 +113,7 @@ def top_k_by_rank(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 # How beam search takes the 2K best of its K * V candidates (`top_k_of_candidates`): one of
 # `CANDIDATE_METHODS`; None: by backend and batch (`candidate_top_k_method`).
 CANDIDATE_TOP_K: str | None = None
-CANDIDATE_METHODS = ("flat", "rounds", "chunks", "chunks_barrier")
+CANDIDATE_METHODS = ("flat", "rounds", "chunks", "chunks_barrier", "kernel")
 
 # Off the CPU, batches of up to this many images take their candidates by chunks. Measured on an
 # H200 (beam 5, vocab 2,600, bf16): at batch 1 a search took 1.50 ms by chunks, 3.40 ms flat; at
@@ -167,8 +185,9 @@ def top_k_of_candidates(candidates: jax.Array, n: int, method: str | None = None
 
   `method` (None: `candidate_top_k_method`), one of `CANDIDATE_METHODS`: "flat", `top_k` over the
   K * V candidates of each image; "rounds", `top_k_by_rounds` over them (on every backend);
-  "chunks", `top_k_by_chunks`; "chunks_barrier", the same with its `barrier`. All give the same
-  result, ties included.
+  "chunks", `top_k_by_chunks`; "chunks_barrier", the same with its `barrier`; "kernel",
+  `top_k_by_kernel` over them (interpreted, so slow, off the GPU). All give the same result, ties
+  included.
   """
   batch, k, vocab = candidates.shape
   method = method or candidate_top_k_method(batch)
@@ -177,4 +196,6 @@ def top_k_of_candidates(candidates: jax.Array, n: int, method: str | None = None
   if method.startswith("chunks") and vocab >= 4:
     return top_k_by_chunks(candidates, n, barrier=method == "chunks_barrier")
   flat = candidates.reshape(batch, k * vocab)
+  if method == "kernel":
+    return top_k_by_kernel(flat, n)
   return top_k_by_rounds(flat, n) if method == "rounds" else top_k(flat, n)

@@ -9,7 +9,8 @@ from flaxcap import top_k as top_k_lib
 
 
 @pytest.mark.parametrize("top_k", [top_k_lib.top_k, top_k_lib.top_k_by_rounds,  # argmax rounds
-                                   top_k_lib.top_k_by_rank])  # counting
+                                   top_k_lib.top_k_by_rank,  # counting
+                                   top_k_lib.top_k_by_kernel])  # the Pallas kernel, interpreted
 @pytest.mark.parametrize("width", [40, 100])
 def test_top_k_matches_lax_top_k_with_ties_and_infinities(top_k, width):
   rng = np.random.default_rng(3)

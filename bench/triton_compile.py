@@ -1,0 +1,134 @@
+"""Compiles flaxcap's Pallas kernel for an H100 without a GPU: registers, spills and waves per shape.
+
+Pallas lowers `top_k_kernel.row_top_k` to a Triton module when jax exports for a "cuda" target, on
+any machine. With the `triton` package (`pip install triton`: a development tool here, not a
+requirement) this script compiles that module to PTX for sm_90a and runs the `ptxas` bundled with
+triton on it, which reports what the kernel costs the GPU before one is lent:
+
+  * registers per thread and spilled bytes (spills would make every round reload the row);
+  * programs per SM (registers, threads) and the waves the grid takes on 132 SMs (H100 and H200).
+
+It does not time anything: the GPU probe (bench/probe_gpu9.py, variants `kernel`, `stop_while+kernel`)
+does. The jaxlib on a GPU compiles the module with its own Triton, which may allocate differently.
+
+    pip install triton   # once; ~290 MB
+    python3 bench/triton_compile.py --output=docs/benchmarks/cpu/triton_compile.json
+"""
+
+import json
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+
+from absl import app
+from absl import flags
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import jax  # noqa: E402
+from jax import export  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from bench import common  # noqa: E402
+from flaxcap import top_k_kernel  # noqa: E402
+
+_SHAPES = flags.DEFINE_list("shapes", ["256x13000:10", "1x13000:10", "256x52000:10"],
+                            "rows x row length : k (beam 5 x vocab 2,600 at batch 256 and 1; vocab "
+                            "10,400 at batch 256, read in tiles)")
+_WARPS = flags.DEFINE_list("num_warps", ["4", "8", "16"], "Triton warps per program")
+_ARCH = flags.DEFINE_integer("arch", 90, "compute capability (90: H100, H200)")
+_SMS = flags.DEFINE_integer("sms", 132, "streaming multiprocessors (132: H100 SXM, H200)")
+_OUTPUT = flags.DEFINE_string("output", "triton_compile.json", "JSON path (bench/results/ if bare)")
+
+_TRITON_CALL = "__gpu$xla.gpu.triton"
+_REGISTERS_PER_SM, _THREADS_PER_SM, _PROGRAMS_PER_SM = 65536, 2048, 32
+
+COLUMNS = [common.Column("rows", "rows"), common.Column("length", "row"), common.Column("k", "k"),
+           common.Column("tile", "tile"), common.Column("num_warps", "warps"),
+           common.Column("registers", "regs"), common.Column("spill_bytes", "spill B"),
+           common.Column("programs_per_sm", "per SM"), common.Column("waves", "waves")]
+
+
+def triton_module(rows: int, length: int, k: int) -> str:
+  """The Triton module Pallas lowers `row_top_k` to for a GPU, as MLIR text (no debug locations)."""
+  from jax._src.pallas.triton import lowering  # pylint: disable=g-import-not-at-top
+  modules = []
+  lower = lowering.lower_jaxpr_to_triton_module
+
+  def capture(*args, **kwargs):
+    result = lower(*args, **kwargs)
+    modules.append(result.module.operation.get_asm(enable_debug_info=False))
+    return result
+
+  lowering.lower_jaxpr_to_triton_module = capture
+  try:
+    export.export(jax.jit(lambda keys: top_k_kernel.row_top_k(keys, k)), platforms=["cuda"],
+                  disabled_checks=[export.DisabledSafetyCheck.custom_call(_TRITON_CALL)],
+                  )(jax.ShapeDtypeStruct((rows, length), jnp.int32))
+  finally:
+    lowering.lower_jaxpr_to_triton_module = lower
+  if len(modules) != 1:
+    raise RuntimeError(f"expected one Triton module, lowered {len(modules)}")
+  return modules[0]
+
+
+def ptxas_report(module_text: str, num_warps: int, arch: int) -> dict:
+  """Compiles a Triton module to sm_<arch>a PTX and assembles it: registers, spills, shared memory."""
+  try:
+    import triton  # pylint: disable=g-import-not-at-top
+    from triton.backends.compiler import GPUTarget  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    sys.exit("bench/triton_compile.py: needs the triton package (pip install triton)")
+  with tempfile.TemporaryDirectory() as folder:
+    source = pathlib.Path(folder) / "kernel.ttir"
+    source.write_text(module_text)
+    kernel = triton.compile(str(source), target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": num_warps, "num_stages": 1})
+    ptx = pathlib.Path(folder) / "kernel.ptx"
+    ptx.write_text(kernel.asm["ptx"])
+    bin_dir = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    # The newest bundled ptxas: triton's PTX may be a version the plain one does not read.
+    ptxas = max(bin_dir.glob("ptxas*"), key=lambda p: len(p.name))
+    log = subprocess.run([str(ptxas), f"-arch=sm_{arch}a", "-v", str(ptx), "-o",
+                          str(pathlib.Path(folder) / "kernel.cubin")],
+                         capture_output=True, text=True, check=True).stderr
+  registers = int(re.search(r"Used (\d+) registers", log).group(1))
+  spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
+  return {"registers": registers, "spill_bytes": spills, "shared_bytes": kernel.metadata.shared,
+          "ptxas": ptxas.name}
+
+
+def occupancy(registers: int, num_warps: int) -> int:
+  """Programs an SM holds at once, by registers (allocated per warp in units of 256) and threads."""
+  per_warp = -(-registers * 32 // 256) * 256
+  return min(_REGISTERS_PER_SM // (per_warp * num_warps), _THREADS_PER_SM // (32 * num_warps),
+             _PROGRAMS_PER_SM)
+
+
+def main(argv):
+  del argv
+  rows_out = []
+  for shape in _SHAPES.value:
+    size, k = shape.split(":")
+    rows, length = (int(n) for n in size.split("x"))
+    module_text = triton_module(rows, length, int(k))
+    tile = min(1 << (length - 1).bit_length(), top_k_kernel.MAX_TILE)
+    for num_warps in (int(n) for n in _WARPS.value):
+      report = ptxas_report(module_text, num_warps, _ARCH.value)
+      per_sm = occupancy(report["registers"], num_warps)
+      row = {"rows": rows, "length": length, "k": int(k), "tile": tile, "num_warps": num_warps,
+             **report, "programs_per_sm": per_sm,
+             "waves": -(-rows // (per_sm * _SMS.value)) if per_sm else None}
+      rows_out.append(row)
+      print(json.dumps(row))
+  common.print_table(rows_out, COLUMNS, title=(
+      f"top_k_kernel.row_top_k compiled for sm_{_ARCH.value}a without a GPU ({_SMS.value} SMs)"))
+  common.write_json(_OUTPUT.value, {
+      "bench": "triton_compile", "machine": common.machine(torch_too=False),
+      "triton": __import__("triton").__version__, "arch": _ARCH.value, "sms": _SMS.value,
+      "rows": rows_out})
+
+
+if __name__ == "__main__":
+  app.run(main)

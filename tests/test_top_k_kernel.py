@@ -1,0 +1,59 @@
+"""flaxcap/top_k_kernel.py: the Pallas kernel (interpreted on the CPU) gives lax.top_k's keys and
+positions: ties, the extreme keys, rows in tiles, batch axes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxcap import top_k_kernel
+
+INT32 = np.iinfo(np.int32)
+
+
+def _reference(keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+  """Independent of lax: a stable sort, largest first, ties to the lower position."""
+  order = np.argsort(-keys.astype(np.int64), axis=-1, kind="stable")[..., :k]
+  return np.take_along_axis(keys, order, axis=-1), order
+
+
+@pytest.mark.parametrize("tile", [None, 16])  # the whole row in registers, or 4 tiles of 16 per round
+def test_row_top_k_matches_a_stable_sort_with_ties_and_extreme_keys(tile):
+  rng = np.random.default_rng(5)
+  keys = rng.integers(-4, 4, size=(2, 3, 50)).astype(np.int32)  # many ties
+  keys[0, 0, [3, 40]] = INT32.max
+  keys[0, 1, :] = INT32.min  # the padding's key too: the row's own entries still come first
+  keys[1, 2, 49] = INT32.max  # in the last, partial tile
+  keys[1, 0] = rng.integers(INT32.min, INT32.max, size=50, dtype=np.int32)
+  for k in (1, 7, 50):
+    top_keys, positions = top_k_kernel.row_top_k(jnp.asarray(keys), k, interpret=True, tile=tile)
+    ref_keys, ref_positions = _reference(keys, k)
+    assert top_keys.shape == positions.shape == (2, 3, k)
+    assert top_keys.dtype == positions.dtype == jnp.int32
+    np.testing.assert_array_equal(positions, ref_positions, err_msg=f"k={k}")
+    np.testing.assert_array_equal(top_keys, ref_keys, err_msg=f"k={k}")
+    np.testing.assert_array_equal((top_keys, positions), jax.lax.top_k(jnp.asarray(keys), k))
+
+
+def test_row_top_k_rejects_float_keys_k_out_of_range_and_odd_tiles():
+  with pytest.raises(TypeError, match="int32 keys"):
+    top_k_kernel.row_top_k(jnp.zeros((2, 8)), 3, interpret=True)
+  with pytest.raises(ValueError, match="1 <= k <= 8"):
+    top_k_kernel.row_top_k(jnp.zeros((2, 8), jnp.int32), 9, interpret=True)
+  with pytest.raises(ValueError, match="power of two"):
+    top_k_kernel.row_top_k(jnp.zeros((2, 8), jnp.int32), 3, interpret=True, tile=6)
+
+
+@pytest.mark.parametrize("length, k", [(13_000, 10), (40_000, 7)])  # beam 5 x vocab 2,600; 3 tiles
+def test_row_top_k_lowers_to_one_triton_kernel_without_a_gpu(length, k):
+  """Pallas' Triton lowering runs at export time for a "cuda" target, on any machine: it catches
+  what Triton would refuse (blocks that are not powers of two, unsupported operations) before a GPU
+  does. Compiling the Triton IR to PTX still needs one."""
+  export = pytest.importorskip("jax.export")
+  lowered = export.export(
+      jax.jit(lambda keys: top_k_kernel.row_top_k(keys, k)), platforms=["cuda"],
+      disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+  )(jax.ShapeDtypeStruct((256, length), jnp.int32))
+  module = lowered.mlir_module()
+  assert module.count("stablehlo.custom_call @__gpu$xla.gpu.triton") == 1
+  assert "grid_x = 256" in module
