@@ -1,7 +1,9 @@
 """Issue 8 GPU probe, round 4 (branch probe9): main's train step and beam search against variants.
 
-Not part of the bench suite: one script for one device call (~150-180 s on an H200, compilation
-included). In one process, on the issue's workloads (bench/workloads.py: random weights and inputs):
+Not part of the bench suite: one script for one device call (up to --budget_s, 300 s,
+compilation included; give the call timeout_s=360: the JSON is rewritten after every row, so a
+cut-off run still returns what it measured). In one process, on the issue's workloads
+(bench/workloads.py: random weights and inputs):
 
   train_bf16, train_fp32   `train_lib.train_step` under `jax.pmap`, as bench/training.py times it
       (dropout, cross-entropy + attention term, clipping + Adam), the decoder at the tutorial's sizes
@@ -15,6 +17,8 @@ included). In one process, on the issue's workloads (bench/workloads.py: random 
         bf16_features(+recompute)  feature_dtype=bfloat16 (float32 runs): the grid kept in bf16, so
                                  each step's context product reads half of its 205 MB (at batch 128);
                                  rounds the features, so not exact
+        pad8                     pad_columns_to=8: the kernels padded with zero columns to a multiple
+                                 of 8 inside each product (hidden_proj's 2,561 -> 2,568), the same values
       A row: images/s (batch / median step), the compiled step's temporary memory, the first step's
       loss and the parameters after all steps against main's (same initial state, batch and dropout
       keys: only rounding differs).
@@ -37,15 +41,18 @@ included). In one process, on the issue's workloads (bench/workloads.py: random 
         kernel           the candidates' top-k in one Pallas (Triton) kernel, one program per image
                          (`top_k.top_k_by_kernel`; session 16, lowered on a CPU, never run on a GPU)
         stop_while+kernel, stop_while4+kernel  the kernel with the while loop's stop
+        pad8, pad128     `Decoder(pad_columns_to=...)`: the layers' kernels padded with zero columns
+                         (hidden_proj's 2,561 -> 2,568 or 2,688: bf16 rows 16-byte aligned)
+        stop_while+kernel+pad8  all three
       A row: captions/s, and the share of images whose K hypotheses (tokens) are main's.
   profile   jax.profiler traces of main's and the recompute train step (batch 512 bf16), summed per
             GPU kernel: $OUT/profile_train_<variant>.txt.
   grads     for each train variant timed: loss and gradients at --grad_batch against main's.
 
-The parts run in the order of --parts (beam256, train_bf16, train_fp32, beam1, profile, grads: the
+The parts run in the order of --parts (beam256, beam1, train_bf16, train_fp32, profile, grads: the
 most wanted first), after 2 s of matmuls to raise the GPU's clocks; each part times main first and
 again after its variants (row main_again: the noise between the two). An item that would end after
---budget_s (180 s) is skipped, and listed.
+--budget_s (300 s) is skipped, and listed.
 
     python3 bench/probe_gpu9.py                               # the GPU run, every part
     JAX_PLATFORMS=cpu python bench/probe_gpu9.py --quick      # tiny shapes: every code path on a CPU
@@ -94,6 +101,7 @@ TRAIN_VARIANTS = {
     "recompute": {"recompute_attention": True},
     "bf16_features": {"feature_dtype": jnp.bfloat16},
     "bf16_features+recompute": {"feature_dtype": jnp.bfloat16, "recompute_attention": True},
+    "pad8": {"pad_columns_to": 8},
 }
 # (top_k.CANDIDATE_TOP_K, unroll, early_stop) of each beam search variant; None: the library's choice.
 BEAM_VARIANTS = {"main": (None, 1, None), "flat": ("flat", 1, None), "rounds": ("rounds", 1, None),
@@ -102,7 +110,11 @@ BEAM_VARIANTS = {"main": (None, 1, None), "flat": ("flat", 1, None), "rounds": (
                  "stop_while": (None, 1, "while"), "stop_while4": (None, 4, "while"),
                  "stop_while+chunks_barrier": ("chunks_barrier", 1, "while"),
                  "kernel": ("kernel", 1, None), "stop_while+kernel": ("kernel", 1, "while"),
-                 "stop_while4+kernel": ("kernel", 4, "while")}
+                 "stop_while4+kernel": ("kernel", 4, "while"), "pad8": (None, 1, None),
+                 "pad128": (None, 1, None), "stop_while+kernel+pad8": ("kernel", 1, "while")}
+# `Decoder` options of the beam search variants that have any.
+BEAM_DECODER_OPTIONS = {"pad8": {"pad_columns_to": 8}, "pad128": {"pad_columns_to": 128},
+                        "stop_while+kernel+pad8": {"pad_columns_to": 8}}
 
 # Seconds a part's item takes on an H200 (compilation + timing), for the budget; rough.
 ESTIMATED_S = {"train": 16, "grads": 8, "beam": 6, "beam_unrolled": 12, "profile": 12}
@@ -409,9 +421,11 @@ def beam_part(record: Record, name: str, sizes, batch: int, variants, *, repeats
     if not record.fits(f"{name} {variant}",
                        ESTIMATED_S["beam_unrolled" if unroll > 1 else "beam"]):
       continue
-    search = jax.jit(lambda p, f, unroll=unroll, early_stop=early_stop: decoding.search(
-        decoder, p, f, beam_size=beam, max_len=max_len, unroll=unroll, word_gate_table=table,
-        early_stop=early_stop))
+    options = BEAM_DECODER_OPTIONS.get(variant, {})
+    search = jax.jit(lambda p, f, unroll=unroll, early_stop=early_stop, options=options:
+                     decoding.search(make_decoder(sizes, "bfloat16", dropout=0.0, **options), p, f,
+                                     beam_size=beam, max_len=max_len, unroll=unroll,
+                                     word_gate_table=table, early_stop=early_stop))
     top_k_lib.CANDIDATE_TOP_K = method  # read while tracing (the first call)
     try:
       result, first_s, timing = time_search(search, params, features, repeats)
@@ -489,22 +503,22 @@ def warm_up(seconds: float, size: int = 4096):
 def parse_args():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="tiny shapes: every code path on a CPU")
-  parser.add_argument("--parts", default="beam256,train_bf16,train_fp32,beam1,profile,grads",
+  parser.add_argument("--parts", default="beam256,beam1,train_bf16,train_fp32,profile,grads",
                       help="in this order (most wanted first: the budget skips the last)")
-  parser.add_argument("--bf16_variants", default="main,recompute")
-  parser.add_argument("--fp32_variants", default="main,recompute,bf16_features+recompute")
+  parser.add_argument("--bf16_variants", default="main,recompute,pad8")
+  parser.add_argument("--fp32_variants", default="main,recompute,bf16_features+recompute,pad8")
   parser.add_argument("--beam256_variants",
-                      default="main,kernel,stop_while+kernel,stop_while,stop_while4,stop_cond,rounds,"
-                              "chunks_barrier")
+                      default="main,kernel,stop_while+kernel,stop_while,pad8,stop_while+kernel+pad8,"
+                              "stop_while4,stop_cond,rounds,chunks_barrier")
   parser.add_argument("--beam1_variants",
-                      default="main,kernel,stop_while+kernel,stop_while,stop_while4,stop_cond,"
+                      default="main,kernel,stop_while+kernel,stop_while,pad8,stop_while4,stop_cond,"
                               "chunks_barrier")
   parser.add_argument("--profile_variants", default="main,recompute")
   parser.add_argument("--steps", type=int, default=None, help="timed train steps (10; quick 2)")
   parser.add_argument("--repeats", type=int, default=None, help="timed searches (20; quick 2)")
   parser.add_argument("--grad_batch", type=int, default=None, help="images (32; quick 2)")
   parser.add_argument("--budget_s", type=float, default=None,
-                      help="skip what would end after this many seconds (180; quick: no limit)")
+                      help="skip what would end after this many seconds (300; quick: no limit)")
   args = parser.parse_args()
   for flag, known in (("bf16_variants", TRAIN_VARIANTS), ("fp32_variants", TRAIN_VARIANTS),
                       ("profile_variants", TRAIN_VARIANTS), ("beam256_variants", BEAM_VARIANTS),
@@ -529,7 +543,7 @@ def main():
   steps = args.steps or (2 if quick else 10)
   repeats = args.repeats or (2 if quick else 20)
   grad_batch = args.grad_batch or (2 if quick else 32)
-  budget_s = args.budget_s or (1e9 if quick else 180.0)
+  budget_s = args.budget_s or (1e9 if quick else 300.0)
   out_dir = pathlib.Path(os.environ.get("OUT", "/tmp"))
   out_dir.mkdir(parents=True, exist_ok=True)
   record = Record(out_dir, budget_s, args)

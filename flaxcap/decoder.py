@@ -102,20 +102,32 @@ def cast_matrices(params, dtype):
 _MAX_ROWS_AS_VECTORS = 6
 
 
-def _few_rows_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+def _few_rows_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+                          column_multiple: int = 1):
   """`lax.dot_general` for `nn.Dense`; on the CPU, inputs [..., C] of at most `_MAX_ROWS_AS_VECTORS`
   rows times a kernel [C, N] become one [C] x [C, N] product per row.
 
   XLA:CPU runs a GEMM of 2-6 rows by packing the whole kernel first; for the megabyte kernels of a
   decoding step that made a beam-3 step several times slower than its matrix-vector products (which
   stream the kernel once each). Same results up to float rounding (another summation order).
+
+  `column_multiple` (`Decoder.pad_columns_to`): otherwise a kernel [C, N] gets zero columns up to a
+  multiple of it and the product is cut back to N columns: the same values, in a GEMM whose rows are
+  aligned (a bf16 row of 2,561 is not 16-byte aligned, which GPU GEMM kernels that load tiles by TMA
+  require).
   """
   (lhs_contract, rhs_contract), (lhs_batch, _) = dimension_numbers
   rows = math.prod(lhs.shape[:-1])
-  if (jax.default_backend() != "cpu" or not 1 < rows <= _MAX_ROWS_AS_VECTORS or lhs_batch
-      or rhs.ndim != 2 or tuple(lhs_contract) != (lhs.ndim - 1,) or tuple(rhs_contract) != (0,)):
-    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                               preferred_element_type=preferred_element_type)
+  is_kernel_product = (not lhs_batch and rhs.ndim == 2 and tuple(rhs_contract) == (0,)
+                       and tuple(lhs_contract) == (lhs.ndim - 1,))
+  if not is_kernel_product or jax.default_backend() != "cpu" or not 1 < rows <= _MAX_ROWS_AS_VECTORS:
+    columns = rhs.shape[-1]
+    padded = is_kernel_product and columns % column_multiple
+    if padded:
+      rhs = jnp.pad(rhs, ((0, 0), (0, -columns % column_multiple)))
+    product = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                  preferred_element_type=preferred_element_type)
+    return product[..., :columns] if padded else product
   vectors = lhs.reshape(rows, lhs.shape[-1])
   products = [jax.lax.dot_general(vectors[i], rhs, (((0,), (0,)), ((), ())), precision=precision,
                                   preferred_element_type=preferred_element_type) for i in range(rows)]
@@ -188,6 +200,10 @@ class Decoder(nn.Module):
     feature_dtype: None (the compute dtype), or the dtype the flattened feature grid is kept in: with
       float32 compute, bfloat16 rounds the features once and halves the bytes every step's context
       product reads (the products and sums stay float32).
+    pad_columns_to: each layer's product runs on its kernel padded with zero columns to a multiple
+      of this, the result cut back (`_few_rows_dot_general`): the same values, aligned rows for GPU
+      GEMMs (`hidden_proj` has 4H + A + 1 = 2,561 columns). 1: off. Speed only; the parameters keep
+      their shapes.
   """
   vocab_size: int
   embed_dim: int = 512
@@ -202,15 +218,18 @@ class Decoder(nn.Module):
   unroll: int = 1
   recompute_attention: bool = False
   feature_dtype: Any = None
+  pad_columns_to: int = 1
 
   def setup(self):
     if self.attention_activation not in _ATTENTION_ACTIVATIONS:
       raise ValueError(f"attention_activation must be one of {sorted(_ATTENTION_ACTIVATIONS)}, "
                        f"got {self.attention_activation!r}")
-    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32,
-                              dot_general=_few_rows_dot_general)
+    if self.pad_columns_to < 1:
+      raise ValueError(f"pad_columns_to must be >= 1, got {self.pad_columns_to}")
+    dot = functools.partial(_few_rows_dot_general, column_multiple=self.pad_columns_to)
+    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32, dot_general=dot)
     # float32 results from low-precision inputs, where the result feeds a softmax.
-    f32_dot = functools.partial(_few_rows_dot_general, preferred_element_type=jnp.float32)
+    f32_dot = functools.partial(dot, preferred_element_type=jnp.float32)
     hid, att = self.hidden_dim, self.attention_dim
     self.embedding = nn.Embed(self.vocab_size, self.embed_dim, dtype=self.dtype, param_dtype=jnp.float32)
     self.feature_proj = dense(att, name="feature_proj")  # W_f: C -> A

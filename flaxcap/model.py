@@ -105,6 +105,8 @@ def create_decoder(config, vocab_size: int) -> decoder_lib.Decoder:
   activation = dec.get("attention_activation", "tanh")
   if activation not in ("tanh", "relu"):
     raise errors.ConfigError(f"config.decoder.attention_activation = {activation!r}: use tanh or relu")
+  if int(dec.get("pad_columns_to", 1)) < 1:
+    raise errors.ConfigError(f"config.decoder.pad_columns_to = {dec.pad_columns_to!r}: must be >= 1")
   dtype = jnp.bfloat16 if config.get("half_precision", False) else _dtype(config, "decoder.dtype")
   feature_dtype = _dtype(config, "decoder.feature_dtype") if dec.get("feature_dtype", "") else None
   return decoder_lib.Decoder(
@@ -112,7 +114,8 @@ def create_decoder(config, vocab_size: int) -> decoder_lib.Decoder:
       attention_dim=int(dec.attention_dim), dropout_rate=float(dec.dropout_rate), gate=bool(dec.gate),
       prev2out=bool(dec.prev2out), ctx2out=bool(dec.ctx2out), attention_activation=activation,
       dtype=dtype, unroll=int(dec.get("unroll", 1)),
-      recompute_attention=bool(dec.get("recompute_attention", False)), feature_dtype=feature_dtype)
+      recompute_attention=bool(dec.get("recompute_attention", False)), feature_dtype=feature_dtype,
+      pad_columns_to=int(dec.get("pad_columns_to", 1)))
 
 
 def create_encoder(config, *, feature_stage: int | None = None, start_stage: int = 0) -> nn.Module:

@@ -169,11 +169,14 @@ def test_create_model_from_config(monkeypatch):
   assert model.decoder.dtype == jnp.float32 and not model.encoder_trainable
   assert model.decoder.unroll == 1
   assert not model.decoder.recompute_attention and model.decoder.feature_dtype is None
+  assert model.decoder.pad_columns_to == 1
   config.decoder.unroll = 3
   config.decoder.recompute_attention = True
   config.decoder.feature_dtype = "bfloat16"
+  config.decoder.pad_columns_to = 8
   decoder = model_lib.create_model(config, vocab_size=VOCAB, encoder=TinyConvEncoder()).decoder
   assert decoder.unroll == 3 and decoder.recompute_attention and decoder.feature_dtype == jnp.bfloat16
+  assert decoder.pad_columns_to == 8
 
   calls = []
   fake_encoders = types.ModuleType("flaxcap.encoders")
@@ -195,7 +198,8 @@ def test_create_model_from_config(monkeypatch):
 @pytest.mark.parametrize("field,value", [("decoder.dtype", "float16"), ("decoder.hidden_dim", 0),
                                          ("decoder.dropout_rate", 1.0),
                                          ("decoder.attention_activation", "gelu"),
-                                         ("decoder.feature_dtype", "float16")])
+                                         ("decoder.feature_dtype", "float16"),
+                                         ("decoder.pad_columns_to", 0)])
 def test_create_model_rejects_bad_config(field, value):
   config = tiny.get_config()
   section, name = field.split(".")
