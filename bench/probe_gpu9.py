@@ -41,6 +41,8 @@ cut-off run still returns what it measured). In one process, on the issue's work
         kernel           the candidates' top-k in one Pallas (Triton) kernel, one program per image
                          (`top_k.top_k_by_kernel`; session 16, lowered on a CPU, never run on a GPU)
         stop_while+kernel, stop_while4+kernel  the kernel with the while loop's stop
+        kernel_w4, kernel_w16  the kernel's programs with 4 or 16 warps instead of 8 (4: 255
+                         registers a thread, 2 programs an SM; 16: 89 registers, 1; bench/triton_compile.py)
         pad8, pad128     `Decoder(pad_columns_to=...)`: the layers' kernels padded with zero columns
                          (hidden_proj's 2,561 -> 2,568 or 2,688: bf16 rows 16-byte aligned)
         stop_while+kernel+pad8  all three
@@ -111,7 +113,10 @@ BEAM_VARIANTS = {"main": (None, 1, None), "flat": ("flat", 1, None), "rounds": (
                  "stop_while+chunks_barrier": ("chunks_barrier", 1, "while"),
                  "kernel": ("kernel", 1, None), "stop_while+kernel": ("kernel", 1, "while"),
                  "stop_while4+kernel": ("kernel", 4, "while"), "pad8": (None, 1, None),
-                 "pad128": (None, 1, None), "stop_while+kernel+pad8": ("kernel", 1, "while")}
+                 "pad128": (None, 1, None), "stop_while+kernel+pad8": ("kernel", 1, "while"),
+                 "kernel_w4": ("kernel", 1, None), "kernel_w16": ("kernel", 1, None)}
+# `top_k.KERNEL_NUM_WARPS` of the kernel variants that set it (8 otherwise, at these sizes).
+BEAM_KERNEL_WARPS = {"kernel_w4": 4, "kernel_w16": 16}
 # `Decoder` options of the beam search variants that have any.
 BEAM_DECODER_OPTIONS = {"pad8": {"pad_columns_to": 8}, "pad128": {"pad_columns_to": 128},
                         "stop_while+kernel+pad8": {"pad_columns_to": 8}}
@@ -426,13 +431,15 @@ def beam_part(record: Record, name: str, sizes, batch: int, variants, *, repeats
                      decoding.search(make_decoder(sizes, "bfloat16", dropout=0.0, **options), p, f,
                                      beam_size=beam, max_len=max_len, unroll=unroll,
                                      word_gate_table=table, early_stop=early_stop))
-    top_k_lib.CANDIDATE_TOP_K = method  # read while tracing (the first call)
+    top_k_lib.CANDIDATE_TOP_K = method  # read while tracing (the first call), as is:
+    top_k_lib.KERNEL_NUM_WARPS = BEAM_KERNEL_WARPS.get(variant)
     try:
       result, first_s, timing = time_search(search, params, features, repeats)
       row = {"part": name, "variant": variant, "batch": batch, "dtype": "bfloat16", "beam": beam,
              "ms": timing.median_s * 1e3, "rate": batch / timing.median_s,
              "min_ms": timing.min_s * 1e3, "first_s": first_s, "timing": timing.as_dict(),
              "candidate_top_k": top_k_lib.candidate_top_k_method(batch), "unroll": unroll,
+             "kernel_num_warps": top_k_lib.KERNEL_NUM_WARPS, "decoder_options": options,
              "early_stop": step_loop.loop_for(early_stop) or "off",
              "steps": int(result.steps),
              "mean_length": float(np.mean(result.lengths[:, 0]))}
@@ -444,7 +451,7 @@ def beam_part(record: Record, name: str, sizes, batch: int, variants, *, repeats
     except Exception as e:  # pylint: disable=broad-except
       record.error(f"{name} {variant}", e)
     finally:
-      top_k_lib.CANDIDATE_TOP_K = None
+      top_k_lib.CANDIDATE_TOP_K, top_k_lib.KERNEL_NUM_WARPS = None, None
   if main and len(variants) > 1:
     try:
       _, _, timing = time_search(main[2], params, features, repeats)  # compiled: no tracing
@@ -509,10 +516,10 @@ def parse_args():
   parser.add_argument("--fp32_variants", default="main,recompute,bf16_features+recompute,pad8")
   parser.add_argument("--beam256_variants",
                       default="main,kernel,stop_while+kernel,stop_while,pad8,stop_while+kernel+pad8,"
-                              "stop_while4,stop_cond,rounds,chunks_barrier")
+                              "kernel_w4,kernel_w16,stop_while4,stop_cond,rounds,chunks_barrier")
   parser.add_argument("--beam1_variants",
-                      default="main,kernel,stop_while+kernel,stop_while,pad8,stop_while4,stop_cond,"
-                              "chunks_barrier")
+                      default="main,kernel,stop_while+kernel,stop_while,kernel_w16,kernel_w4,pad8,"
+                              "stop_while4,stop_cond,chunks_barrier")
   parser.add_argument("--profile_variants", default="main,recompute")
   parser.add_argument("--steps", type=int, default=None, help="timed train steps (10; quick 2)")
   parser.add_argument("--repeats", type=int, default=None, help="timed searches (20; quick 2)")

@@ -71,13 +71,18 @@ def values_of_keys(keys: jax.Array) -> jax.Array:
   return lax.bitcast_convert_type(bits, jnp.float32)
 
 
+# The Triton warps of `top_k_by_kernel`'s programs; None: `top_k_kernel.row_top_k`'s choice (8 for
+# rows of 8,193-16,384 entries). Read while tracing.
+KERNEL_NUM_WARPS: int | None = None
+
+
 def top_k_by_kernel(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   """`lax.top_k` over the last axis (values as float32) by `top_k_kernel.row_top_k` over their
   `order_keys`: one Pallas program per row; interpreted off the GPU (Triton is GPU only)."""
   # Imported here: the kernel is opt-in, and Pallas' Triton API moving between jax versions must
   # not keep the default search from importing.
   from flaxcap import top_k_kernel  # pylint: disable=g-import-not-at-top
-  keys, indices = top_k_kernel.row_top_k(order_keys(values), k,
+  keys, indices = top_k_kernel.row_top_k(order_keys(values), k, num_warps=KERNEL_NUM_WARPS,
                                          interpret=jax.default_backend() != "gpu")
   return values_of_keys(keys), indices
 

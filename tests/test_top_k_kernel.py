@@ -44,16 +44,22 @@ def test_row_top_k_rejects_float_keys_k_out_of_range_and_odd_tiles():
     top_k_kernel.row_top_k(jnp.zeros((2, 8), jnp.int32), 3, interpret=True, tile=6)
 
 
-@pytest.mark.parametrize("length, k", [(13_000, 10), (40_000, 7)])  # beam 5 x vocab 2,600; 3 tiles
-def test_row_top_k_lowers_to_one_triton_kernel_without_a_gpu(length, k):
+@pytest.mark.parametrize("length, k, num_warps, expected_warps", [
+    (13_000, 10, None, 8),  # beam 5 x vocab 2,600: one tile of 16,384
+    (13_000, 10, 16, 16),
+    (40_000, 7, None, 8),  # 3 tiles
+    (700, 6, None, 4)])
+def test_row_top_k_lowers_to_one_triton_kernel_without_a_gpu(length, k, num_warps, expected_warps):
   """Pallas' Triton lowering runs at export time for a "cuda" target, on any machine: it catches
   what Triton would refuse (blocks that are not powers of two, unsupported operations) before a GPU
-  does. Compiling the Triton IR to PTX still needs one."""
+  does. Compiling the Triton IR to PTX still needs one (bench/triton_compile.py, with triton)."""
   export = pytest.importorskip("jax.export")
   lowered = export.export(
-      jax.jit(lambda keys: top_k_kernel.row_top_k(keys, k)), platforms=["cuda"],
+      jax.jit(lambda keys: top_k_kernel.row_top_k(keys, k, num_warps=num_warps)),
+      platforms=["cuda"],
       disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
   )(jax.ShapeDtypeStruct((256, length), jnp.int32))
   module = lowered.mlir_module()
   assert module.count("stablehlo.custom_call @__gpu$xla.gpu.triton") == 1
   assert "grid_x = 256" in module
+  assert f"num_warps = {expected_warps} : i32" in module
