@@ -83,6 +83,9 @@ _EARLY_STOP = flags.DEFINE_list("early_stop", ["auto"],
                                  "flaxcap: `decoding.search(early_stop=...)`, one row each: auto (the "
                                  "library's choice: cond on the CPU, off elsewhere), off, cond, while; "
                                  "e.g. off,cond,while.")
+_PAD_COLUMNS_TO = flags.DEFINE_integer("pad_columns_to", 1, "flaxcap: pad the decoder's kernels with "
+                                       "zero columns to a multiple of this inside each product "
+                                       "(config.decoder.pad_columns_to; the same values).")
 _METHODS = flags.DEFINE_list("methods", ["flaxcap", "torch_batched", "torch_loop"], "What to time.")
 _OUTPUT = flags.DEFINE_string("output", "beam_search", "JSON path, or a name under bench/results/.")
 
@@ -131,7 +134,7 @@ def main(argv):
   top_k_lib.CANDIDATE_TOP_K = None if _CANDIDATE_TOP_K.value == "auto" else _CANDIDATE_TOP_K.value
   rows = []
   for dtype in dtypes:
-    decoder = workloads.decoder_for(sizes, dtype)
+    decoder = workloads.decoder_for(sizes, dtype, pad_columns_to=_PAD_COLUMNS_TO.value)
     params = workloads.init_decoder_params(decoder, sizes)
     if _CAPTION_LENGTH.value:
       params = workloads.end_captions_near(params, length=_CAPTION_LENGTH.value)
@@ -177,7 +180,7 @@ def main(argv):
           lengths = np.asarray(result.lengths)
           steps = int(result.steps)
           row = dict(row_key, method="flaxcap", unroll=_UNROLL.value,
-                     project_context=_PROJECT_CONTEXT.value,
+                     project_context=_PROJECT_CONTEXT.value, pad_columns_to=_PAD_COLUMNS_TO.value,
                      candidate_top_k=(top_k_lib.candidate_top_k_method(batch) if beam > 1
                                       else None),
                      early_stop=stop, steps=steps, timing=timing.as_dict(),

@@ -70,6 +70,9 @@ _RECOMPUTE_ATTENTION = flags.DEFINE_bool("recompute_attention", False, "flaxcap:
 _FEATURE_DTYPE = flags.DEFINE_enum("feature_dtype", "", ["", "bfloat16", "float32"],
                                    "flaxcap: the dtype the decoder keeps the features in "
                                    "(config.decoder.feature_dtype; '': the compute dtype).")
+_PAD_COLUMNS_TO = flags.DEFINE_integer("pad_columns_to", 1, "flaxcap: pad the decoder's kernels with "
+                                       "zero columns to a multiple of this inside each product "
+                                       "(config.decoder.pad_columns_to; the same values).")
 _OUTPUT = flags.DEFINE_string("output", "training", "JSON path, or a name under bench/results/.")
 
 
@@ -232,7 +235,7 @@ def main(argv):
   dtypes = _DTYPES.value or (["float32", "bfloat16"] if gpu else ["float32"])
   steps = _STEPS.value or (20 if gpu else 2)
   decoder_options = {"unroll": _DECODER_UNROLL.value, "recompute_attention": _RECOMPUTE_ATTENTION.value,
-                     "feature_dtype": _FEATURE_DTYPE.value}
+                     "feature_dtype": _FEATURE_DTYPE.value, "pad_columns_to": _PAD_COLUMNS_TO.value}
   warmup = _WARMUP.value or default_warmup()
   common.configure_torch()
   info = common.machine()

@@ -188,6 +188,9 @@ def replicate(tree, device):
   return train_lib.replicate(tree, [device])
 
 
-def decoder_for(sizes: Sizes, dtype: str = "float32", dropout: float = 0.0):
-  """A flaxcap `Decoder` at `sizes` through `model.create_decoder` (as inference builds it)."""
-  return model_lib.create_decoder(config_for(sizes, dtype=dtype, dropout=dropout), sizes.vocab)
+def decoder_for(sizes: Sizes, dtype: str = "float32", dropout: float = 0.0, **decoder_fields):
+  """A flaxcap `Decoder` at `sizes` through `model.create_decoder` (as inference builds it), with
+  `decoder_fields` set in `config.decoder` (e.g. pad_columns_to=8)."""
+  config = config_for(sizes, dtype=dtype, dropout=dropout)
+  config.decoder.update(decoder_fields)
+  return model_lib.create_decoder(config, sizes.vocab)
