@@ -48,7 +48,9 @@ cut-off run still returns what it measured). In one process, on the issue's work
         stop_while+kernel+pad8  all three
       A row: captions/s, and the share of images whose K hypotheses (tokens) are main's.
   profile   jax.profiler traces of main's and the recompute train step (batch 512 bf16), summed per
-            GPU kernel: $OUT/profile_train_<variant>.txt.
+            GPU kernel: $OUT/profile_train_<variant>.txt. The beam256 part ends with traces of
+            --beam_profile_variants (kernel, stop_while+kernel): $OUT/profile_beam256_<variant>.txt,
+            per search, which time the Pallas kernel itself.
   grads     for each train variant timed: loss and gradients at --grad_batch against main's.
 
 The parts run in the order of --parts (beam256, beam1, train_bf16, train_fp32, profile, grads: the
@@ -405,9 +407,10 @@ def agreement(result, reference) -> dict:
 
 
 def beam_part(record: Record, name: str, sizes, batch: int, variants, *, repeats: int,
-              max_len: int, caption_length: int, beam: int = 5):
+              max_len: int, caption_length: int, beam: int = 5, profile_variants=()):
   """Times `decoding.search` for each variant (main first, and main again at the end); token
-  agreement with main's result."""
+  agreement with main's result; then kernel profiles of the timed `profile_variants`
+  ($OUT/profile_<name>_<variant>.txt, per search)."""
   if not record.fits(f"{name} set-up", ESTIMATED_S["beam"]):
     return
   try:
@@ -421,6 +424,7 @@ def beam_part(record: Record, name: str, sizes, batch: int, variants, *, repeats
     record.error(f"{name} set-up", e)
     return
   main = None  # (row, result, search)
+  searches = {}  # variant -> its compiled search (for the profiles)
   for variant in variants:
     method, unroll, early_stop = BEAM_VARIANTS[variant]
     if not record.fits(f"{name} {variant}",
@@ -448,6 +452,7 @@ def beam_part(record: Record, name: str, sizes, batch: int, variants, *, repeats
       elif main:
         row.update(vs_main=row["rate"] / main[0]["rate"], **agreement(result, main[1]))
       record.add(row)
+      searches[variant] = search
     except Exception as e:  # pylint: disable=broad-except
       record.error(f"{name} {variant}", e)
     finally:
@@ -461,37 +466,49 @@ def beam_part(record: Record, name: str, sizes, batch: int, variants, *, repeats
                   "check": "main timed again after the variants (noise)"})
     except Exception as e:  # pylint: disable=broad-except
       record.error(f"{name} main_again", e)
+  for variant in (v for v in profile_variants if v in searches):
+    search = searches[variant]  # compiled: tracing sees the calls only
+    profile(record, f"{name}_{variant}", lambda: search(params, features).tokens.block_until_ready(),
+            header=f"beam search, bfloat16, batch {batch}, beam {beam}, variant {variant}; per search")
   record.save()
 
 
 # -- kernel profile -----------------------------------------------------------------------------------
 
 
+def profile(record: Record, label: str, run, *, header: str, calls: int = 3):
+  """Traces `calls` calls of `run` (compiled and warmed up beforehand by one untraced call) and
+  writes the GPU time per kernel and call to $OUT/profile_<label>.txt (and the JSON's profiles)."""
+  if not record.fits(f"profile {label}", ESTIMATED_S["profile"]):
+    return
+  try:
+    run()
+    trace_dir = f"/tmp/probe_gpu9_trace_{label}"
+    jax.profiler.start_trace(trace_dir)
+    for _ in range(calls):
+      run()
+    jax.profiler.stop_trace()
+    lines, summary = hlo_kernels.trace_kernel_summary(trace_dir, calls)
+    path = record.out_dir / f"profile_{label.replace('+', '_')}.txt"
+    path.write_text(f"{header} (mean of {calls})\n" + "\n".join(lines) + "\n")
+    record.payload["profiles"][label] = summary
+    log(f"--- profile {label} (top of {path})")
+    log("\n".join(lines[:30]))
+  except Exception as e:  # pylint: disable=broad-except
+    record.error(f"profile {label}", e)
+
+
 def profile_part(record: Record, case: TrainCase, variants, calls: int = 3):
   """Kernel time per train step of the given (already compiled) variants: $OUT/profile_train_*.txt."""
-  for variant in variants:
-    if variant not in case.compiled or not record.fits(f"profile {variant}", ESTIMATED_S["profile"]):
-      continue
-    try:
-      step = case.compiled[variant]
-      state = case.fresh_state(variant)
-      state, sums = step(state, case.device_batch, case.table)
+  for variant in (v for v in variants if v in case.compiled):
+    step, holder = case.compiled[variant], {"state": case.fresh_state(variant)}
+
+    def run(step=step, holder=holder):
+      holder["state"], sums = step(holder["state"], case.device_batch, case.table)
       jax.block_until_ready(sums)
-      trace_dir = f"/tmp/probe_gpu9_trace_{variant}"
-      jax.profiler.start_trace(trace_dir)
-      for _ in range(calls):
-        state, sums = step(state, case.device_batch, case.table)
-        jax.block_until_ready(sums)
-      jax.profiler.stop_trace()
-      lines, summary = hlo_kernels.trace_kernel_summary(trace_dir, calls)
-      path = record.out_dir / f"profile_train_{variant.replace('+', '_')}.txt"
-      path.write_text(f"train step, {case.dtype}, batch {case.batch}, variant {variant}; "
-                      f"per step (mean of {calls})\n" + "\n".join(lines) + "\n")
-      record.payload["profiles"][variant] = summary
-      log(f"--- profile {variant} (top of {path})")
-      log("\n".join(lines[:30]))
-    except Exception as e:  # pylint: disable=broad-except
-      record.error(f"profile {variant}", e)
+
+    profile(record, f"train_{variant}", run, calls=calls,
+            header=f"train step, {case.dtype}, batch {case.batch}, variant {variant}; per step")
   record.save()
 
 
@@ -520,7 +537,10 @@ def parse_args():
   parser.add_argument("--beam1_variants",
                       default="main,kernel,stop_while+kernel,stop_while,kernel_w16,kernel_w4,pad8,"
                               "stop_while4,stop_cond,chunks_barrier")
-  parser.add_argument("--profile_variants", default="main,recompute")
+  parser.add_argument("--profile_variants", default="main,recompute",
+                      help="train variants (batch 512 bf16) whose kernels the profile part traces")
+  parser.add_argument("--beam_profile_variants", default="kernel,stop_while+kernel",
+                      help="beam variants traced after beam256's timings (kernel time per search)")
   parser.add_argument("--steps", type=int, default=None, help="timed train steps (10; quick 2)")
   parser.add_argument("--repeats", type=int, default=None, help="timed searches (20; quick 2)")
   parser.add_argument("--grad_batch", type=int, default=None, help="images (32; quick 2)")
@@ -529,7 +549,7 @@ def parse_args():
   args = parser.parse_args()
   for flag, known in (("bf16_variants", TRAIN_VARIANTS), ("fp32_variants", TRAIN_VARIANTS),
                       ("profile_variants", TRAIN_VARIANTS), ("beam256_variants", BEAM_VARIANTS),
-                      ("beam1_variants", BEAM_VARIANTS),
+                      ("beam1_variants", BEAM_VARIANTS), ("beam_profile_variants", BEAM_VARIANTS),
                       ("parts", ("beam256", "beam1", "train_bf16", "train_fp32", "profile", "grads"))):
     unknown = [name for name in getattr(args, flag).split(",") if name and name not in known]
     if unknown:
@@ -563,7 +583,8 @@ def main():
   cases = {}
   for part in parts:
     if part == "beam256":
-      beam("beam256", beam_sizes, big_beam_batch, variants(args.beam256_variants))
+      beam("beam256", beam_sizes, big_beam_batch, variants(args.beam256_variants),
+           profile_variants=variants(args.beam_profile_variants))
     elif part == "beam1":
       beam("beam1", beam_sizes, 1, variants(args.beam1_variants))
     elif part == "train_bf16":
