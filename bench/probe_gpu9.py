@@ -12,8 +12,8 @@ cut-off run still returns what it measured). In one process, on the issue's work
         main                     main's decoder
         recompute                recompute_attention: the attention score by multiply and sum under
                                  nn.remat; the forward scan keeps no [B, 196, 512] tensor (main keeps
-                                 two a step, tanh's output and 1 - it: 2 x 103 MB a step at batch 512
-                                 bf16, written and read back)
+                                 one a step since session 16, tanh's output: 103 MB a step at batch
+                                 512 bf16, written and read back; two before)
         bf16_features(+recompute)  feature_dtype=bfloat16 (float32 runs): the grid kept in bf16, so
                                  each step's context product reads half of its 205 MB (at batch 128);
                                  rounds the features, so not exact

@@ -320,10 +320,40 @@ def _assert_same_loss_and_grads(actual, expected):
     np.testing.assert_allclose(grad, expected_grad, rtol=1e-5, atol=1e-6)
 
 
+def test_tanh_gradient_is_exact_for_its_output_in_float32_and_bfloat16():
+  """`_tanh` (which keeps only its output y for the backward pass): tanh's values, and as gradient
+  g (1 - y^2) of its own output to the dtype's rounding, even where y is near +-1 and 1 - y^2 is
+  small (float64 reference); jax's tanh gradient up to that rounding."""
+  x = np.concatenate([np.linspace(-6, 6, 301), np.random.default_rng(0).normal(size=200) * 3])
+  cotangent = np.random.default_rng(1).normal(size=x.shape)
+  for dtype, rtol in ((jnp.float32, 1e-6), (jnp.bfloat16, 2**-8)):
+    inputs, cotangents = jnp.asarray(x, dtype), jnp.asarray(cotangent, dtype)
+    y, vjp = jax.vjp(decoder_lib._tanh, inputs)
+    np.testing.assert_array_equal(y, jnp.tanh(inputs))
+    grad = vjp(cotangents)[0]
+    assert y.dtype == grad.dtype == dtype
+    y64 = np.asarray(y, np.float64)
+    exact = np.asarray(cotangents, np.float64) * (1.0 - y64) * (1.0 + y64)
+    np.testing.assert_allclose(np.asarray(grad, np.float64), exact, rtol=rtol, atol=0)
+    if dtype == jnp.float32:
+      np.testing.assert_allclose(grad, jax.vjp(jnp.tanh, inputs)[1](cotangents)[0], atol=1e-6)
+
+
+def test_decoder_gradients_with_jaxs_tanh_and_ours_agree(monkeypatch):
+  """The attention's `_tanh` changes what the backward pass keeps, not the loss or the gradients."""
+  decoder, variables, features, tokens = _cached_setup()
+  params = variables["params"]
+  ours = _loss_and_grads(decoder)(params, features, tokens)
+  monkeypatch.setitem(decoder_lib._ATTENTION_ACTIVATIONS, "tanh", jnp.tanh)
+  _assert_same_loss_and_grads(ours, _loss_and_grads(make_decoder())(params, features, tokens))
+  per_step_attention = (TIME, BATCH, 1, POSITIONS, ATTN)
+  assert _forward_scan_residual_shapes(make_decoder(), params, features, tokens).count(
+      per_step_attention) == 2  # jax's tanh: its output and 1 - it
+
+
 def test_recomputed_attention_gives_the_same_loss_and_gradients():
   """recompute_attention: the same parameters, loss and gradients; nothing of the attention's size
-  [batch, 1, P, A] per step is kept by the forward scan (the default keeps two: tanh's output and
-  1 - it)."""
+  [batch, 1, P, A] per step is kept by the forward scan (the default keeps one: tanh's output)."""
   decoder, variables, features, tokens = _cached_setup()
   recomputed = make_decoder(recompute_attention=True)
   init = functools.partial(recomputed.init, deterministic=True)
@@ -333,7 +363,7 @@ def test_recomputed_attention_gives_the_same_loss_and_gradients():
   _assert_same_loss_and_grads(_loss_and_grads(recomputed)(params, features, tokens),
                               _loss_and_grads(decoder)(params, features, tokens))
   per_step_attention = (TIME, BATCH, 1, POSITIONS, ATTN)
-  assert _forward_scan_residual_shapes(decoder, params, features, tokens).count(per_step_attention) == 2
+  assert _forward_scan_residual_shapes(decoder, params, features, tokens).count(per_step_attention) == 1
   assert per_step_attention not in _forward_scan_residual_shapes(recomputed, params, features, tokens)
 
 
