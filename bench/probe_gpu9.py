@@ -19,6 +19,9 @@ cut-off run still returns what it measured). In one process, on the issue's work
                                  rounds the features, so not exact
         pad8                     pad_columns_to=8: the kernels padded with zero columns to a multiple
                                  of 8 inside each product (hidden_proj's 2,561 -> 2,568), the same values
+        jax_tanh                 the attention's tanh as jnp.tanh (main before session 16: its gradient
+                                 rule kept y and 1 - y a step, `decoder._tanh` keeps y): what the
+                                 change gained against the 20.5k / 9.8k images/s of round 3
       A row: images/s (batch / median step), the compiled step's temporary memory, the first step's
       loss and the parameters after all steps against main's (same initial state, batch and dropout
       keys: only rounding differs).
@@ -42,7 +45,8 @@ cut-off run still returns what it measured). In one process, on the issue's work
                          (`top_k.top_k_by_kernel`; session 16, lowered on a CPU, never run on a GPU)
         stop_while+kernel, stop_while4+kernel  the kernel with the while loop's stop
         kernel_w4, kernel_w16  the kernel's programs with 4 or 16 warps instead of 8 (4: 255
-                         registers a thread, 2 programs an SM; 16: 89 registers, 1; bench/triton_compile.py)
+                         registers a thread, 2 programs an SM; 16: 89 registers, 1;
+                         bench/triton_compile.py)
         pad8, pad128     `Decoder(pad_columns_to=...)`: the layers' kernels padded with zero columns
                          (hidden_proj's 2,561 -> 2,568 or 2,688: bf16 rows 16-byte aligned)
         stop_while+kernel+pad8  all three
@@ -68,6 +72,7 @@ missing; no checkpoint is read or written).
 """
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -106,7 +111,23 @@ TRAIN_VARIANTS = {
     "bf16_features": {"feature_dtype": jnp.bfloat16},
     "bf16_features+recompute": {"feature_dtype": jnp.bfloat16, "recompute_attention": True},
     "pad8": {"pad_columns_to": 8},
+    "jax_tanh": {},
 }
+# The attention's tanh of the train variants that change it (read while tracing): jax_tanh is main's
+# decoder before session 16, whose tanh kept y and 1 - y for the backward pass (`decoder._tanh`: y).
+TRAIN_TANH = {"jax_tanh": jnp.tanh}
+
+
+@contextlib.contextmanager
+def attention_tanh(variant: str):
+  """Traces inside use the variant's tanh for the attention (`TRAIN_TANH`; else flaxcap's)."""
+  activations = decoder_lib._ATTENTION_ACTIVATIONS  # pylint: disable=protected-access
+  original = activations["tanh"]
+  activations["tanh"] = TRAIN_TANH.get(variant, original)
+  try:
+    yield
+  finally:
+    activations["tanh"] = original
 # (top_k.CANDIDATE_TOP_K, unroll, early_stop) of each beam search variant; None: the library's choice.
 BEAM_VARIANTS = {"main": (None, 1, None), "flat": ("flat", 1, None), "rounds": ("rounds", 1, None),
                  "chunks": ("chunks", 1, None), "chunks_barrier": ("chunks_barrier", 1, None),
@@ -262,7 +283,8 @@ class TrainCase:
                       axis_name=self.train_lib.AXIS, donate_argnums=(0,), devices=[self.device])
     start = time.perf_counter()
     try:
-      compiled = p_step.lower(self.fresh_state(variant), self.device_batch, self.table).compile()
+      with attention_tanh(variant):
+        compiled = p_step.lower(self.fresh_state(variant), self.device_batch, self.table).compile()
     except Exception as e:  # pylint: disable=broad-except  (then it compiles at its first call)
       log(f"  lower/compile failed ({e!r:.200}); the first step compiles")
       compiled = p_step
@@ -363,7 +385,8 @@ def grads_part(record: Record, name: str, case: TrainCase, grad_batch: int):
     try:
       grad_fn = jax.jit(jax.value_and_grad(functools.partial(train_loss, case.model(variant))))
       start = time.perf_counter()
-      loss, grads = jax.device_get(grad_fn(params, features, tokens, jax.random.key(7)))
+      with attention_tanh(variant):  # the first call traces
+        loss, grads = jax.device_get(grad_fn(params, features, tokens, jax.random.key(7)))
       row = {"part": f"grads_{name}", "variant": variant, "batch": grad_batch, "dtype": case.dtype,
              "first_s": time.perf_counter() - start, "loss": float(loss)}
       if variant == "main":
@@ -529,8 +552,8 @@ def parse_args():
   parser.add_argument("--quick", action="store_true", help="tiny shapes: every code path on a CPU")
   parser.add_argument("--parts", default="beam256,beam1,train_bf16,train_fp32,profile,grads",
                       help="in this order (most wanted first: the budget skips the last)")
-  parser.add_argument("--bf16_variants", default="main,recompute,pad8")
-  parser.add_argument("--fp32_variants", default="main,recompute,bf16_features+recompute,pad8")
+  parser.add_argument("--bf16_variants", default="main,jax_tanh,recompute,pad8")
+  parser.add_argument("--fp32_variants", default="main,jax_tanh,recompute,bf16_features+recompute,pad8")
   parser.add_argument("--beam256_variants",
                       default="main,kernel,stop_while+kernel,stop_while,pad8,stop_while+kernel+pad8,"
                               "kernel_w4,kernel_w16,stop_while4,stop_cond,rounds,chunks_barrier")

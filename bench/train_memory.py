@@ -39,19 +39,22 @@ from flaxcap import decoder as decoder_lib  # noqa: E402
 _BATCH_SIZES = flags.DEFINE_string("batch_sizes", "32,128", "Comma-separated batch sizes.")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes.")
 _SIZES = flags.DEFINE_enum("sizes", "tutorial", sorted(workloads.SIZES), "Feature grid and sizes.")
-_REPEATS = flags.DEFINE_integer("repeats", 0, "Timed calls of each variant, taking turns (0: compile only).")
+_REPEATS = flags.DEFINE_integer("repeats", 0,
+                                "Timed calls of each variant, taking turns (0: compile only).")
 _OUTPUT = flags.DEFINE_string("output", "train_memory", "JSON path, or a name under bench/results/.")
 
 # variant -> (the attention's tanh, Decoder options)
-VARIANTS = {"jax_tanh": (jnp.tanh, {}), "flaxcap": (decoder_lib._tanh, {}),  # pylint: disable=protected-access
-            "recompute": (decoder_lib._tanh, {"recompute_attention": True})}  # pylint: disable=protected-access
+_FLAXCAP_TANH = decoder_lib._tanh  # pylint: disable=protected-access
+VARIANTS = {"jax_tanh": (jnp.tanh, {}), "flaxcap": (_FLAXCAP_TANH, {}),
+            "recompute": (_FLAXCAP_TANH, {"recompute_attention": True})}
 
 COLUMNS = [common.Column("variant", "variant"), common.Column("dtype", "dtype"),
            common.Column("batch", "batch"), common.Column("temp_mib", "temp MiB", ",.0f"),
            common.Column("vs_jax_tanh", "vs jax_tanh", ".2f"),
            common.Column("attention_residuals", "kept a step"),
            common.Column("attention_residual_mib", "kept MiB", ",.0f"),
-           common.Column("seconds", "s/step", ".3f"), common.Column("speedup", "speed vs jax_tanh", ".2f")]
+           common.Column("seconds", "s/step", ".3f"),
+           common.Column("speedup", "speed vs jax_tanh", ".2f")]
 
 
 def _scan_residuals(loss, *args):
@@ -64,8 +67,8 @@ def _scan_residuals(loss, *args):
 def measure(sizes, dtype: str, batch: int, variant: str) -> tuple[dict, object]:
   """(row, the compiled gradient function of (params, features, tokens))."""
   tanh, options = VARIANTS[variant]
-  original = decoder_lib._ATTENTION_ACTIVATIONS["tanh"]  # pylint: disable=protected-access
-  decoder_lib._ATTENTION_ACTIVATIONS["tanh"] = tanh  # pylint: disable=protected-access  (read while tracing)
+  activations = decoder_lib._ATTENTION_ACTIVATIONS  # pylint: disable=protected-access
+  original, activations["tanh"] = activations["tanh"], tanh  # read while tracing
   try:
     decoder = decoder_lib.Decoder(vocab_size=sizes.vocab, embed_dim=sizes.dim, hidden_dim=sizes.dim,
                                   attention_dim=sizes.dim, dropout_rate=0.0,
@@ -85,7 +88,7 @@ def measure(sizes, dtype: str, batch: int, variant: str) -> tuple[dict, object]:
     kept = [aval for aval in _scan_residuals(loss, params, features, tokens)
             if tuple(aval.shape) == attention_shape]
   finally:
-    decoder_lib._ATTENTION_ACTIVATIONS["tanh"] = original  # pylint: disable=protected-access
+    activations["tanh"] = original
   return {"variant": variant, "dtype": dtype, "batch": batch,
           "temp_mib": compiled.memory_analysis().temp_size_in_bytes / 2**20,
           "attention_residuals": len(kept),
