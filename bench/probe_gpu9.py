@@ -20,7 +20,7 @@ cut-off run still returns what it measured). In one process, on the issue's work
         pad8                     pad_columns_to=8: the kernels padded with zero columns to a multiple
                                  of 8 inside each product (hidden_proj's 2,561 -> 2,568), the same values
         jax_tanh                 the attention's tanh as jnp.tanh (main before session 16: its gradient
-                                 rule kept y and 1 - y a step, `decoder._tanh` keeps y): what the
+                                 rule kept y and 1 - y a step, `layers.tanh` keeps y): what the
                                  change gained against the 20.5k / 9.8k images/s of round 3
       A row: images/s (batch / median step), the compiled step's temporary memory, the first step's
       loss and the parameters after all steps against main's (same initial state, batch and dropout
@@ -97,6 +97,7 @@ from bench import common  # noqa: E402
 from bench import hlo_kernels  # noqa: E402
 from bench import workloads  # noqa: E402
 from flaxcap import decoder as decoder_lib  # noqa: E402
+from flaxcap import layers  # noqa: E402
 from flaxcap import decoding  # noqa: E402
 from flaxcap import model as model_lib  # noqa: E402
 from flaxcap import step_loop  # noqa: E402
@@ -114,14 +115,14 @@ TRAIN_VARIANTS = {
     "jax_tanh": {},
 }
 # The attention's tanh of the train variants that change it (read while tracing): jax_tanh is main's
-# decoder before session 16, whose tanh kept y and 1 - y for the backward pass (`decoder._tanh`: y).
+# decoder before session 16, whose tanh kept y and 1 - y for the backward pass (`layers.tanh`: y).
 TRAIN_TANH = {"jax_tanh": jnp.tanh}
 
 
 @contextlib.contextmanager
 def attention_tanh(variant: str):
   """Traces inside use the variant's tanh for the attention (`TRAIN_TANH`; else flaxcap's)."""
-  activations = decoder_lib._ATTENTION_ACTIVATIONS  # pylint: disable=protected-access
+  activations = layers.ATTENTION_ACTIVATIONS
   original = activations["tanh"]
   activations["tanh"] = TRAIN_TANH.get(variant, original)
   try:

@@ -9,7 +9,7 @@ arguments and outputs) and the scan's per-step tensors of the attention's size:
 
   jax_tanh     the attention's tanh as `jnp.tanh` (flaxcap before session 16): jax's gradient rule
                g (1 + y)(1 - y) keeps y and 1 - y
-  flaxcap      the default: `decoder._tanh` keeps y only (the gradient from it, in float32)
+  flaxcap      the default: `layers.tanh` keeps y only (the gradient from it, in float32)
   recompute    `config.decoder.recompute_attention`: none kept, the backward pass recomputes them
 
 With --repeats=N the compiled gradients also run, on random features and tokens, the variants
@@ -35,6 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 from bench import common  # noqa: E402
 from bench import workloads  # noqa: E402
 from flaxcap import decoder as decoder_lib  # noqa: E402
+from flaxcap import layers  # noqa: E402
 
 _BATCH_SIZES = flags.DEFINE_string("batch_sizes", "32,128", "Comma-separated batch sizes.")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes.")
@@ -44,9 +45,8 @@ _REPEATS = flags.DEFINE_integer("repeats", 0,
 _OUTPUT = flags.DEFINE_string("output", "train_memory", "JSON path, or a name under bench/results/.")
 
 # variant -> (the attention's tanh, Decoder options)
-_FLAXCAP_TANH = decoder_lib._tanh  # pylint: disable=protected-access
-VARIANTS = {"jax_tanh": (jnp.tanh, {}), "flaxcap": (_FLAXCAP_TANH, {}),
-            "recompute": (_FLAXCAP_TANH, {"recompute_attention": True})}
+VARIANTS = {"jax_tanh": (jnp.tanh, {}), "flaxcap": (layers.tanh, {}),
+            "recompute": (layers.tanh, {"recompute_attention": True})}
 
 COLUMNS = [common.Column("variant", "variant"), common.Column("dtype", "dtype"),
            common.Column("batch", "batch"), common.Column("temp_mib", "temp MiB", ",.0f"),
@@ -67,7 +67,7 @@ def _scan_residuals(loss, *args):
 def measure(sizes, dtype: str, batch: int, variant: str) -> tuple[dict, object]:
   """(row, the compiled gradient function of (params, features, tokens))."""
   tanh, options = VARIANTS[variant]
-  activations = decoder_lib._ATTENTION_ACTIVATIONS  # pylint: disable=protected-access
+  activations = layers.ATTENTION_ACTIVATIONS
   original, activations["tanh"] = activations["tanh"], tanh  # read while tracing
   try:
     decoder = decoder_lib.Decoder(vocab_size=sizes.vocab, embed_dim=sizes.dim, hidden_dim=sizes.dim,

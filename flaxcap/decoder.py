@@ -20,15 +20,16 @@ How the work is laid out, so that a train step is a few large matmuls plus a lea
     context into the LSTM gates.
   * `step` takes K beams per image as an extra axis and attends every beam against the image's single copy
     of the encoded features (an einsum with a beam axis), so beam search never tiles the feature grid.
-  * On the CPU a matmul of a few rows (a step of one image's beams) runs as one matrix-vector product per
-    row (`_few_rows_dot_general`): XLA:CPU packs the whole weight matrix for a small-row GEMM, which made
-    a beam-3 step's [3, 512] x [512, 2561] products ~4x slower than three matrix-vector products.
+  * On the CPU a matmul of a few rows (a step of one image's beams) runs as one matrix-vector product
+    per row (`layers.few_rows_dot_general`): XLA:CPU packs the whole weight matrix for a small-row
+    GEMM, which made a beam-3 step's [3, 512] x [512, 2561] products ~4x slower than three
+    matrix-vector products.
   * In `step`, off the CPU, the attention score w_a . tanh(...) is a multiply and a sum
-    (`_AttentionScore`), which fuses into the activation; teacher forcing keeps it a product with the
-    [A, 1] kernel, and autodiff keeps one [batch, P, A] tensor of every step for the backward pass,
-    tanh's output (`_tanh`: jax's own tanh would keep 1 - output too; at batch 128, fp32, the
-    tutorial's sizes, that took a train step's compiled temporary memory on the CPU from 2,412 to
-    1,383 MiB). With `recompute_attention` teacher forcing takes the sum too, under
+    (`layers.AttentionScore`), which fuses into the activation; teacher forcing keeps it a product
+    with the [A, 1] kernel, and autodiff keeps one [batch, P, A] tensor of every step for the backward
+    pass, tanh's output (`layers.tanh`: jax's own tanh would keep 1 - output too; at batch 128, fp32,
+    the tutorial's sizes, that took a train step's compiled temporary memory on the CPU from 2,399 to
+    1,370 MiB, bench/train_memory.py). With `recompute_attention` teacher forcing takes the sum too, under
     `nn.remat`: nothing of the attention's size is kept, the backward pass recomputes the activation
     from the projected features and the query.
   * `feature_dtype` can keep the feature grid in a narrower dtype than the compute dtype (bfloat16
@@ -45,7 +46,6 @@ LSTM cell state and the vocabulary logits are kept in float32.
 """
 
 import functools
-import math
 from typing import Any, NamedTuple
 
 import einops
@@ -53,37 +53,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flaxcap import layers
+
 Array = jax.Array
-
-
-@jax.custom_vjp
-def _tanh(x: Array) -> Array:
-  """`jnp.tanh` whose gradient keeps only its output y for the backward pass.
-
-  jax's rule for tanh, g (1 + y)(1 - y), makes autodiff keep two tensors of the input's size, y and
-  1 - y; in the attention that is [batch, P, A] per step of the teacher-forced scan (1 GiB each at
-  batch 128, fp32, the tutorial's sizes). Here the forward pass keeps y alone (which the attention
-  score's product keeps anyway), and the backward pass computes g (1 - y)(1 + y) from it in float32.
-  The same gradient (in bfloat16 computed in float32, then rounded).
-  """
-  return jnp.tanh(x)
-
-
-def _tanh_forward(x: Array) -> tuple[Array, Array]:
-  y = jnp.tanh(x)
-  return y, y
-
-
-def _tanh_backward(y: Array, cotangent: Array) -> tuple[Array]:
-  y = y.astype(jnp.float32)
-  # (1 - y)(1 + y) rather than 1 - y^2: 1 - y is exact for y in [1/2, 1], where 1 - y^2 cancels.
-  return ((cotangent.astype(jnp.float32) * ((1.0 - y) * (1.0 + y))).astype(cotangent.dtype),)
-
-
-_tanh.defvjp(_tanh_forward, _tanh_backward)
-
-
-_ATTENTION_ACTIVATIONS = {"tanh": _tanh, "relu": jax.nn.relu}
 
 
 class Encoded(NamedTuple):
@@ -113,81 +85,6 @@ def flatten_features(features: Array) -> Array:
   if features.ndim != 3:
     raise ValueError(f"features must be [batch, h, w, C] or [batch, P, C], got shape {features.shape}")
   return features
-
-
-def cast_matrices(params, dtype):
-  """The decoder's params with every matrix (the Dense kernels, the embedding) cast to `dtype`.
-
-  Each layer casts its matrix to the compute dtype before using it, so casting once outside a
-  decoding loop gives the same results; inside the loop XLA does not hoist the casts and converts
-  the weights again at every step (three extra kernels a step on a GPU). Vectors (biases, the gate
-  bias, which is used in float32) are left as they are.
-  """
-  if jnp.dtype(dtype) == jnp.float32:
-    return params
-  return jax.tree_util.tree_map(lambda p: p.astype(dtype) if jnp.ndim(p) >= 2 else p, params)
-
-
-# Up to this many rows, a CPU matmul runs as one matrix-vector product per row (measured crossover ~6-8).
-_MAX_ROWS_AS_VECTORS = 6
-
-
-def _few_rows_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
-                          column_multiple: int = 1):
-  """`lax.dot_general` for `nn.Dense`; on the CPU, inputs [..., C] of at most `_MAX_ROWS_AS_VECTORS`
-  rows times a kernel [C, N] become one [C] x [C, N] product per row.
-
-  XLA:CPU runs a GEMM of 2-6 rows by packing the whole kernel first; for the megabyte kernels of a
-  decoding step that made a beam-3 step several times slower than its matrix-vector products (which
-  stream the kernel once each). Same results up to float rounding (another summation order).
-
-  `column_multiple` (`Decoder.pad_columns_to`): otherwise a kernel [C, N] gets zero columns up to a
-  multiple of it and the product is cut back to N columns: the same values, in a GEMM whose rows are
-  aligned (a bf16 row of 2,561 is not 16-byte aligned, which GPU GEMM kernels that load tiles by TMA
-  require).
-  """
-  (lhs_contract, rhs_contract), (lhs_batch, _) = dimension_numbers
-  rows = math.prod(lhs.shape[:-1])
-  is_kernel_product = (not lhs_batch and rhs.ndim == 2 and tuple(rhs_contract) == (0,)
-                       and tuple(lhs_contract) == (lhs.ndim - 1,))
-  if not is_kernel_product or jax.default_backend() != "cpu" or not 1 < rows <= _MAX_ROWS_AS_VECTORS:
-    columns = rhs.shape[-1]
-    padded = is_kernel_product and columns % column_multiple
-    if padded:
-      rhs = jnp.pad(rhs, ((0, 0), (0, -columns % column_multiple)))
-    product = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                                  preferred_element_type=preferred_element_type)
-    return product[..., :columns] if padded else product
-  vectors = lhs.reshape(rows, lhs.shape[-1])
-  products = [jax.lax.dot_general(vectors[i], rhs, (((0,), (0,)), ((), ())), precision=precision,
-                                  preferred_element_type=preferred_element_type) for i in range(rows)]
-  return jnp.stack(products).reshape(*lhs.shape[:-1], rhs.shape[1])
-
-
-class _AttentionScore(nn.Module):
-  """The additive attention's score w_a . hidden over the last axis, float32: [..., A] -> [...].
-
-  The parameters of `nn.Dense(1, use_bias=False)` (a "kernel" [A, 1], the same initializer). With
-  `by_sum` the product with the one column is a multiply and a sum: on a GPU, XLA ran the Dense's
-  product as a GEMM over [batch * K * P, A] that needed the whole tanh(...) tensor written out first
-  (64 MB a step at beam 5, batch 256), where the sum fuses into the activation. The products are
-  exact in float32 (the kernel rounded to the compute dtype, as the Dense rounds it), so only the
-  order of the float32 summation differs. `step` sums off the CPU (there the sum made a beam-3
-  search of the shipped model ~1 ms slower, of ~39 ms); teacher forcing keeps the Dense's product:
-  under autodiff the sum would save the activation in float32 for the backward pass, twice the bytes,
-  unless the activation is recomputed there instead (`Decoder.recompute_attention`).
-  """
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, hidden: Array, by_sum: bool = False) -> Array:
-    kernel = self.param("kernel", nn.initializers.lecun_normal(), (hidden.shape[-1], 1), jnp.float32)
-    kernel = kernel.astype(self.dtype)
-    if by_sum:
-      return jnp.sum(hidden.astype(jnp.float32) * kernel[:, 0].astype(jnp.float32), axis=-1)
-    return _few_rows_dot_general(hidden.astype(self.dtype), kernel,
-                                 (((hidden.ndim - 1,), (0,)), ((), ())),
-                                 preferred_element_type=jnp.float32)[..., 0]
 
 
 def _scores_by_sum(decoder: "Decoder", projected_features: Array, query: Array) -> Array:
@@ -231,7 +128,7 @@ class Decoder(nn.Module):
       float32 compute, bfloat16 rounds the features once and halves the bytes every step's context
       product reads (the products and sums stay float32).
     pad_columns_to: each layer's product runs on its kernel padded with zero columns to a multiple
-      of this, the result cut back (`_few_rows_dot_general`): the same values, aligned rows for GPU
+      of this, the result cut back (`layers.few_rows_dot_general`): the same values, aligned rows for GPU
       GEMMs (`hidden_proj` has 4H + A + 1 = 2,561 columns). 1: off. Speed only; the parameters keep
       their shapes.
   """
@@ -251,12 +148,12 @@ class Decoder(nn.Module):
   pad_columns_to: int = 1
 
   def setup(self):
-    if self.attention_activation not in _ATTENTION_ACTIVATIONS:
-      raise ValueError(f"attention_activation must be one of {sorted(_ATTENTION_ACTIVATIONS)}, "
+    if self.attention_activation not in layers.ATTENTION_ACTIVATIONS:
+      raise ValueError(f"attention_activation must be one of {sorted(layers.ATTENTION_ACTIVATIONS)}, "
                        f"got {self.attention_activation!r}")
     if self.pad_columns_to < 1:
       raise ValueError(f"pad_columns_to must be >= 1, got {self.pad_columns_to}")
-    dot = functools.partial(_few_rows_dot_general, column_multiple=self.pad_columns_to)
+    dot = functools.partial(layers.few_rows_dot_general, column_multiple=self.pad_columns_to)
     dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32, dot_general=dot)
     # float32 results from low-precision inputs, where the result feeds a softmax.
     f32_dot = functools.partial(dot, preferred_element_type=jnp.float32)
@@ -270,7 +167,7 @@ class Decoder(nn.Module):
     if self.gate:
       self.gate_bias = self.param("gate_bias", nn.initializers.zeros_init(), (1,), jnp.float32)
     self.context_gates = dense(4 * hid, use_bias=False, name="context_gates")  # z -> gates
-    self.attention_score = _AttentionScore(dtype=self.dtype, name="attention_score")  # w_a
+    self.attention_score = layers.AttentionScore(dtype=self.dtype, name="attention_score")  # w_a
     self.hidden_out = dense(self.embed_dim, name="hidden_out")  # L_h
     if self.ctx2out:
       self.context_out = dense(self.embed_dim, use_bias=False, name="context_out")  # L_z
@@ -323,9 +220,9 @@ class Decoder(nn.Module):
   def _scores(self, projected_features: Array, query: Array, by_sum: bool) -> Array:
     """The additive attention's scores w_a . act(projected_features + query), float32 [batch, K, P].
 
-    projected_features [batch, P, A], query [batch, K, A]; `by_sum`: see `_AttentionScore`.
+    projected_features [batch, P, A], query [batch, K, A]; `by_sum`: see `layers.AttentionScore`.
     """
-    activation = _ATTENTION_ACTIVATIONS[self.attention_activation]
+    activation = layers.ATTENTION_ACTIVATIONS[self.attention_activation]
     hidden = activation(projected_features[:, None, :, :] + query[:, :, None, :])  # [b, K, P, A]
     return self.attention_score(hidden, by_sum)
 
@@ -336,7 +233,7 @@ class Decoder(nn.Module):
     Args:
       encoded: features [batch, P, C], projected_features [batch, P, A].
       query: the projected hidden state W_ha h, [batch, K, A].
-      score_by_sum: the score as a multiply and a sum (`_AttentionScore`; for decoding steps).
+      score_by_sum: the score as a multiply and a sum (`layers.AttentionScore`; for decoding steps).
       recompute_scores: the score by sum, its activation recomputed in the backward pass
         (`recompute_attention`).
 

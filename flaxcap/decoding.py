@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from flaxcap import beam_search
 from flaxcap import decoder as decoder_lib
+from flaxcap import layers
 from flaxcap import vocab as vocab_lib
 
 
@@ -25,10 +26,10 @@ def _step_fn(decoder: decoder_lib.Decoder, decoder_params, features, *, steps_pe
   `steps_per_image` is how many context vectors a search multiplies per image (hypotheses x
   steps); above the grid's locations the grid is pushed through the context layers once per image
   (unless `project_context` says otherwise). The decoder's matrices are cast to its compute dtype
-  here, once, not in every step (`decoder.cast_matrices`). `eos_banned_after` (bool [V] or None):
+  here, once, not in every step (`layers.cast_matrices`). `eos_banned_after` (bool [V] or None):
   after these tokens `<eos>` gets log-probability -1e9, so no caption ends on them.
   """
-  variables = {"params": decoder_lib.cast_matrices(decoder_params, decoder.dtype)}
+  variables = {"params": layers.cast_matrices(decoder_params, decoder.dtype)}
   grid_locations = decoder_lib.flatten_features(features).shape[1]
   if project_context is None:
     project_context = steps_per_image > grid_locations

@@ -252,7 +252,7 @@ def _rules() -> tuple[_Rule, ...]:
       r(f"(y{apos}){plain_letter}", "yY", context=True),
       r(rf"https?://[^ \t\n\f\r\"<>|(){{}}]+{url_end}", "hH"),
       r(likelyurl, "^ \t\n\f\r\"`'<>|.!?(){},\\-_$"),
-      r(email, f"&<a-zA-Z0-9"),
+      r(email, "&<a-zA-Z0-9"),
       r(f"@[a-zA-Z_][a-zA-Z_0-9]*|#{letter}+", "@#"),
       r(f"({redaux})[^A-Za-z]", f_apos, "right_quote", context=True),
       r(f"({sredaux})[^A-Za-z]", "nN", "right_quote", context=True),

@@ -2,13 +2,13 @@
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from flaxcap import decoder as decoder_lib
+from flaxcap import layers
 from flaxcap.decoder import Decoder, Encoded, LSTMCarry
 
 # Distinct sizes so that a kernel's shape names the layer it belongs to.
@@ -181,20 +181,6 @@ def test_word_gate_table_step_equals_plain_step():
       np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("lhs_shape", [(1, 7), (2, 7), (1, 3, 7), (2, 3, 7), (3, 4, 7)])
-def test_few_rows_dot_general_equals_dot_general(lhs_shape):
-  """Up to `_MAX_ROWS_AS_VECTORS` rows it multiplies row by row (on the CPU); above, as usual."""
-  rng = np.random.default_rng(sum(lhs_shape))
-  lhs = jnp.asarray(rng.normal(size=lhs_shape), jnp.float32)
-  rhs = jnp.asarray(rng.normal(size=(7, 5)), jnp.float32)
-  dims = (((lhs.ndim - 1,), (0,)), ((), ()))
-  for preferred in (None, jnp.float32):
-    got = jax.jit(functools.partial(decoder_lib._few_rows_dot_general, dimension_numbers=dims,
-                                    preferred_element_type=preferred))(lhs, rhs)
-    assert got.shape == (*lhs_shape[:-1], 5) and got.dtype == jnp.float32
-    np.testing.assert_allclose(got, np.asarray(lhs) @ np.asarray(rhs), atol=1e-5, rtol=1e-5)
-
-
 def _dot_operand_shapes(jaxpr, in_scan=False):
   """Yields (operand shapes, inside a scan body?) for every dot_general, nested jaxprs included."""
   for eqn in jaxpr.eqns:
@@ -286,25 +272,6 @@ def test_bfloat16_close_to_float32():
   assert float(jnp.abs(attention - ref_attention).max()) < 0.02
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_attention_score_by_sum_equals_the_dense_product(dtype):
-  """_AttentionScore has nn.Dense(1, use_bias=False)'s parameter (same name, shape and initial
-  values, so checkpoints load) and computes its product either way up to summation order."""
-  hidden = jnp.asarray(np.random.default_rng(4).normal(size=(2, 3, 7, ATTN)), dtype)
-  dense = nn.Dense(1, use_bias=False, dtype=dtype, dot_general=functools.partial(  # as it was
-      decoder_lib._few_rows_dot_general, preferred_element_type=jnp.float32))  # pylint: disable=protected-access
-  score = decoder_lib._AttentionScore(dtype=dtype)  # pylint: disable=protected-access
-  params = score.init(rng_key(1), hidden)
-  dense_params = dense.init(rng_key(1), hidden)
-  np.testing.assert_array_equal(params["params"]["kernel"], dense_params["params"]["kernel"])
-  expected = np.asarray(dense.apply(params, hidden)[..., 0], np.float32)
-  by_dot = score.apply(params, hidden)
-  by_sum = score.apply(params, hidden, True)
-  assert by_dot.shape == by_sum.shape == hidden.shape[:-1] and by_sum.dtype == jnp.float32
-  np.testing.assert_allclose(by_dot, expected, rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(by_sum, expected, rtol=1e-5, atol=1e-5)
-
-
 def _forward_scan_residual_shapes(decoder, params, features, tokens):
   """Shapes of what the teacher-forced scan keeps for the backward pass (its stacked outputs)."""
   loss = lambda p: jnp.sum(decoder.apply({"params": p}, features, tokens, deterministic=True)[0])
@@ -320,31 +287,13 @@ def _assert_same_loss_and_grads(actual, expected):
     np.testing.assert_allclose(grad, expected_grad, rtol=1e-5, atol=1e-6)
 
 
-def test_tanh_gradient_is_exact_for_its_output_in_float32_and_bfloat16():
-  """`_tanh` (which keeps only its output y for the backward pass): tanh's values, and as gradient
-  g (1 - y^2) of its own output to the dtype's rounding, even where y is near +-1 and 1 - y^2 is
-  small (float64 reference); jax's tanh gradient up to that rounding."""
-  x = np.concatenate([np.linspace(-6, 6, 301), np.random.default_rng(0).normal(size=200) * 3])
-  cotangent = np.random.default_rng(1).normal(size=x.shape)
-  for dtype, rtol in ((jnp.float32, 1e-6), (jnp.bfloat16, 2**-8)):
-    inputs, cotangents = jnp.asarray(x, dtype), jnp.asarray(cotangent, dtype)
-    y, vjp = jax.vjp(decoder_lib._tanh, inputs)
-    np.testing.assert_array_equal(y, jnp.tanh(inputs))
-    grad = vjp(cotangents)[0]
-    assert y.dtype == grad.dtype == dtype
-    y64 = np.asarray(y, np.float64)
-    exact = np.asarray(cotangents, np.float64) * (1.0 - y64) * (1.0 + y64)
-    np.testing.assert_allclose(np.asarray(grad, np.float64), exact, rtol=rtol, atol=0)
-    if dtype == jnp.float32:
-      np.testing.assert_allclose(grad, jax.vjp(jnp.tanh, inputs)[1](cotangents)[0], atol=1e-6)
-
-
 def test_decoder_gradients_with_jaxs_tanh_and_ours_agree(monkeypatch):
-  """The attention's `_tanh` changes what the backward pass keeps, not the loss or the gradients."""
+  """The attention's `layers.tanh` changes what the backward pass keeps, not the loss or the
+  gradients."""
   decoder, variables, features, tokens = _cached_setup()
   params = variables["params"]
   ours = _loss_and_grads(decoder)(params, features, tokens)
-  monkeypatch.setitem(decoder_lib._ATTENTION_ACTIVATIONS, "tanh", jnp.tanh)
+  monkeypatch.setitem(layers.ATTENTION_ACTIVATIONS, "tanh", jnp.tanh)
   _assert_same_loss_and_grads(ours, _loss_and_grads(make_decoder())(params, features, tokens))
   per_step_attention = (TIME, BATCH, 1, POSITIONS, ATTN)
   assert _forward_scan_residual_shapes(make_decoder(), params, features, tokens).count(
@@ -411,20 +360,6 @@ def test_padded_kernel_columns_give_the_same_values():
   assert {columns % 8 for columns in kernel_columns(padded) - {1}} == {0}
   with pytest.raises(ValueError, match="pad_columns_to"):
     make_decoder(pad_columns_to=0).init(rng_key(0), features, tokens, deterministic=True)
-
-
-def test_cast_matrices_casts_the_matrices_only():
-  _, variables, _, _ = _cached_setup()
-  params = variables["params"]
-  assert decoder_lib.cast_matrices(params, jnp.float32) is params
-  cast = decoder_lib.cast_matrices(params, jnp.bfloat16)
-  for (path, before), after in zip(jax.tree_util.tree_leaves_with_path(params),
-                                   jax.tree_util.tree_leaves(cast)):
-    if before.ndim >= 2:
-      assert after.dtype == jnp.bfloat16, path
-      np.testing.assert_array_equal(after, before.astype(jnp.bfloat16))
-    else:  # biases and the gate bias, used as they are
-      assert after is before, path
 
 
 def test_rejects_bad_shapes_and_options():

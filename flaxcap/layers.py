@@ -1,0 +1,126 @@
+"""The decoder's building blocks below the module: its dot_general, attention score and tanh.
+
+    tanh                     jnp.tanh whose gradient keeps only its output (the attention's)
+    ATTENTION_ACTIVATIONS    the activations inside the additive attention, by config name
+    cast_matrices(params)    a decoder's matrices cast once to the compute dtype (decoding)
+    few_rows_dot_general     nn.Dense's dot_general: row by row for a few rows on the CPU, kernels
+                             padded to aligned columns where asked
+    AttentionScore           w_a . hidden, as nn.Dense(1)'s product or as a multiply and a sum
+
+`flaxcap.decoder` builds the decoder from them; what each one saves is measured there and in
+bench/ (BENCHMARKS.md).
+"""
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+@jax.custom_vjp
+def tanh(x: Array) -> Array:
+  """`jnp.tanh` whose gradient keeps only its output y for the backward pass.
+
+  jax's rule for tanh, g (1 + y)(1 - y), makes autodiff keep two tensors of the input's size, y and
+  1 - y; in the attention that is [batch, P, A] per step of the teacher-forced scan (1 GiB each at
+  batch 128, fp32, the tutorial's sizes). Here the forward pass keeps y alone (which the attention
+  score's product keeps anyway), and the backward pass computes g (1 - y)(1 + y) from it in float32.
+  The same gradient (in bfloat16 computed in float32, then rounded).
+  """
+  return jnp.tanh(x)
+
+
+def _tanh_forward(x: Array) -> tuple[Array, Array]:
+  y = jnp.tanh(x)
+  return y, y
+
+
+def _tanh_backward(y: Array, cotangent: Array) -> tuple[Array]:
+  y = y.astype(jnp.float32)
+  # (1 - y)(1 + y) rather than 1 - y^2: 1 - y is exact for y in [1/2, 1], where 1 - y^2 cancels.
+  return ((cotangent.astype(jnp.float32) * ((1.0 - y) * (1.0 + y))).astype(cotangent.dtype),)
+
+
+tanh.defvjp(_tanh_forward, _tanh_backward)
+
+
+ATTENTION_ACTIVATIONS = {"tanh": tanh, "relu": jax.nn.relu}
+
+
+def cast_matrices(params, dtype):
+  """The decoder's params with every matrix (the Dense kernels, the embedding) cast to `dtype`.
+
+  Each layer casts its matrix to the compute dtype before using it, so casting once outside a
+  decoding loop gives the same results; inside the loop XLA does not hoist the casts and converts
+  the weights again at every step (three extra kernels a step on a GPU). Vectors (biases, the gate
+  bias, which is used in float32) are left as they are.
+  """
+  if jnp.dtype(dtype) == jnp.float32:
+    return params
+  return jax.tree_util.tree_map(lambda p: p.astype(dtype) if jnp.ndim(p) >= 2 else p, params)
+
+
+# Up to this many rows, a CPU matmul runs as one matrix-vector product per row (measured crossover ~6-8).
+MAX_ROWS_AS_VECTORS = 6
+
+
+def few_rows_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+                          column_multiple: int = 1):
+  """`lax.dot_general` for `nn.Dense`; on the CPU, inputs [..., C] of at most `MAX_ROWS_AS_VECTORS`
+  rows times a kernel [C, N] become one [C] x [C, N] product per row.
+
+  XLA:CPU runs a GEMM of 2-6 rows by packing the whole kernel first; for the megabyte kernels of a
+  decoding step that made a beam-3 step several times slower than its matrix-vector products (which
+  stream the kernel once each). Same results up to float rounding (another summation order).
+
+  `column_multiple` (`decoder.Decoder.pad_columns_to`): otherwise a kernel [C, N] gets zero columns up
+  to a multiple of it and the product is cut back to N columns: the same values, in a GEMM whose rows are
+  aligned (a bf16 row of 2,561 is not 16-byte aligned, which GPU GEMM kernels that load tiles by TMA
+  require).
+  """
+  (lhs_contract, rhs_contract), (lhs_batch, _) = dimension_numbers
+  rows = math.prod(lhs.shape[:-1])
+  is_kernel_product = (not lhs_batch and rhs.ndim == 2 and tuple(rhs_contract) == (0,)
+                       and tuple(lhs_contract) == (lhs.ndim - 1,))
+  if not is_kernel_product or jax.default_backend() != "cpu" or not 1 < rows <= MAX_ROWS_AS_VECTORS:
+    columns = rhs.shape[-1]
+    padded = is_kernel_product and columns % column_multiple
+    if padded:
+      rhs = jnp.pad(rhs, ((0, 0), (0, -columns % column_multiple)))
+    product = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                  preferred_element_type=preferred_element_type)
+    return product[..., :columns] if padded else product
+  vectors = lhs.reshape(rows, lhs.shape[-1])
+  products = [jax.lax.dot_general(vectors[i], rhs, (((0,), (0,)), ((), ())), precision=precision,
+                                  preferred_element_type=preferred_element_type) for i in range(rows)]
+  return jnp.stack(products).reshape(*lhs.shape[:-1], rhs.shape[1])
+
+
+class AttentionScore(nn.Module):
+  """The additive attention's score w_a . hidden over the last axis, float32: [..., A] -> [...].
+
+  The parameters of `nn.Dense(1, use_bias=False)` (a "kernel" [A, 1], the same initializer). With
+  `by_sum` the product with the one column is a multiply and a sum: on a GPU, XLA ran the Dense's
+  product as a GEMM over [batch * K * P, A] that needed the whole tanh(...) tensor written out first
+  (64 MB a step at beam 5, batch 256), where the sum fuses into the activation. The products are
+  exact in float32 (the kernel rounded to the compute dtype, as the Dense rounds it), so only the
+  order of the float32 summation differs. `step` sums off the CPU (there the sum made a beam-3
+  search of the shipped model ~1 ms slower, of ~39 ms); teacher forcing keeps the Dense's product:
+  under autodiff the sum would save the activation in float32 for the backward pass, twice the bytes,
+  unless the activation is recomputed there instead (`decoder.Decoder.recompute_attention`).
+  """
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, hidden: Array, by_sum: bool = False) -> Array:
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (hidden.shape[-1], 1), jnp.float32)
+    kernel = kernel.astype(self.dtype)
+    if by_sum:
+      return jnp.sum(hidden.astype(jnp.float32) * kernel[:, 0].astype(jnp.float32), axis=-1)
+    return few_rows_dot_general(hidden.astype(self.dtype), kernel,
+                                 (((hidden.ndim - 1,), (0,)), ((), ())),
+                                 preferred_element_type=jnp.float32)[..., 0]

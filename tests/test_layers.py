@@ -1,0 +1,88 @@
+"""Tests of flaxcap/layers.py: the decoder's dot_general, attention score, tanh and matrix casts."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxcap import layers
+
+
+def rng_key(seed):
+  """An "rbg" key: on the CPU, threefry's random bits take seconds to compile, rbg's do not."""
+  return jax.random.key(seed, impl="rbg")
+
+
+@pytest.mark.parametrize("lhs_shape", [(1, 7), (2, 7), (1, 3, 7), (2, 3, 7), (3, 4, 7)])
+def test_few_rows_dot_general_equals_dot_general(lhs_shape):
+  """Up to `MAX_ROWS_AS_VECTORS` rows it multiplies row by row (on the CPU); above, as usual; with
+  `column_multiple` on a padded kernel, cut back: the same product either way."""
+  rng = np.random.default_rng(sum(lhs_shape))
+  lhs = jnp.asarray(rng.normal(size=lhs_shape), jnp.float32)
+  rhs = jnp.asarray(rng.normal(size=(7, 5)), jnp.float32)
+  dims = (((lhs.ndim - 1,), (0,)), ((), ()))
+  for preferred in (None, jnp.float32):
+    for column_multiple in (1, 8):
+      got = jax.jit(functools.partial(layers.few_rows_dot_general, dimension_numbers=dims,
+                                      preferred_element_type=preferred,
+                                      column_multiple=column_multiple))(lhs, rhs)
+      assert got.shape == (*lhs_shape[:-1], 5) and got.dtype == jnp.float32
+      np.testing.assert_allclose(got, np.asarray(lhs) @ np.asarray(rhs), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_attention_score_by_sum_equals_the_dense_product(dtype):
+  """AttentionScore has nn.Dense(1, use_bias=False)'s parameter (same name, shape and initial
+  values, so checkpoints load) and computes its product either way up to summation order."""
+  hidden = jnp.asarray(np.random.default_rng(4).normal(size=(2, 3, 7, 10)), dtype)
+  dense = nn.Dense(1, use_bias=False, dtype=dtype, dot_general=functools.partial(  # as it was
+      layers.few_rows_dot_general, preferred_element_type=jnp.float32))
+  score = layers.AttentionScore(dtype=dtype)
+  params = score.init(rng_key(1), hidden)
+  dense_params = dense.init(rng_key(1), hidden)
+  np.testing.assert_array_equal(params["params"]["kernel"], dense_params["params"]["kernel"])
+  expected = np.asarray(dense.apply(params, hidden)[..., 0], np.float32)
+  by_dot = score.apply(params, hidden)
+  by_sum = score.apply(params, hidden, True)
+  assert by_dot.shape == by_sum.shape == hidden.shape[:-1] and by_sum.dtype == jnp.float32
+  np.testing.assert_allclose(by_dot, expected, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(by_sum, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_tanh_gradient_is_exact_for_its_output_in_float32_and_bfloat16():
+  """`tanh` (which keeps only its output y for the backward pass): tanh's values, and as gradient
+  g (1 - y^2) of its own output to the dtype's rounding, even where y is near +-1 and 1 - y^2 is
+  small (float64 reference); jax's tanh gradient up to that rounding."""
+  x = np.concatenate([np.linspace(-6, 6, 301), np.random.default_rng(0).normal(size=200) * 3])
+  cotangent = np.random.default_rng(1).normal(size=x.shape)
+  for dtype, rtol in ((jnp.float32, 1e-6), (jnp.bfloat16, 2**-8)):
+    inputs, cotangents = jnp.asarray(x, dtype), jnp.asarray(cotangent, dtype)
+    y, vjp = jax.vjp(layers.tanh, inputs)
+    np.testing.assert_array_equal(y, jnp.tanh(inputs))
+    grad = vjp(cotangents)[0]
+    assert y.dtype == grad.dtype == dtype
+    y64 = np.asarray(y, np.float64)
+    exact = np.asarray(cotangents, np.float64) * (1.0 - y64) * (1.0 + y64)
+    np.testing.assert_allclose(np.asarray(grad, np.float64), exact, rtol=rtol, atol=0)
+    if dtype == jnp.float32:
+      np.testing.assert_allclose(grad, jax.vjp(jnp.tanh, inputs)[1](cotangents)[0], atol=1e-6)
+
+
+def test_cast_matrices_casts_the_matrices_only():
+  rng = np.random.default_rng(2)
+  params = {"dense": {"kernel": jnp.asarray(rng.normal(size=(4, 6)), jnp.float32),
+                      "bias": jnp.asarray(rng.normal(size=6), jnp.float32)},
+            "embedding": {"embedding": jnp.asarray(rng.normal(size=(9, 4)), jnp.float32)},
+            "gate_bias": jnp.asarray(rng.normal(size=1), jnp.float32)}
+  assert layers.cast_matrices(params, jnp.float32) is params
+  cast = layers.cast_matrices(params, jnp.bfloat16)
+  for (path, before), after in zip(jax.tree_util.tree_leaves_with_path(params),
+                                   jax.tree_util.tree_leaves(cast)):
+    if before.ndim >= 2:
+      assert after.dtype == jnp.bfloat16, path
+      np.testing.assert_array_equal(after, before.astype(jnp.bfloat16))
+    else:  # biases and the gate bias, used as they are
+      assert after is before, path
