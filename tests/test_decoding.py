@@ -10,6 +10,7 @@ import pytest
 
 from flaxcap import beam_search as bs
 from flaxcap import decoding
+from flaxcap import top_k as top_k_lib
 from flaxcap import vocab as vocab_lib
 from flaxcap.decoder import Decoder
 
@@ -116,3 +117,26 @@ def test_no_caption_ends_on_a_banned_word(beam_size):
   endings, tokens = last_words(constrained)
   assert not any(banned[word] for word in endings.values()), endings
   assert not np.array_equal(tokens, free_tokens)
+
+
+@pytest.mark.parametrize("method", ["kernel", None, "chunks"])  # None: the library's (XLA's TopK)
+@pytest.mark.parametrize("early_stop", [None, "while"])
+def test_the_gpu_code_paths_of_a_search_lower_for_a_gpu(monkeypatch, method, early_stop):
+  """With jax.default_backend() saying "gpu", the branches the CPU never traces (the score as a
+  sum, the merges by counting, the candidates' top-k by chunks or by the Pallas kernel, bf16
+  matrices cast once) lower for a "cuda" target, the kernel as one Triton call inside the loop."""
+  export = pytest.importorskip("jax.export")
+  decoder = Decoder(vocab_size=VOCAB, embed_dim=12, hidden_dim=16, attention_dim=10, dropout_rate=0.0,
+                    dtype=jnp.bfloat16)
+  features = jax.ShapeDtypeStruct((BATCH, GRID_H, GRID_W, CHANNELS), jnp.float32)
+  params = jax.eval_shape(functools.partial(decoder.init, deterministic=True), jax.random.key(0),
+                          features, jax.ShapeDtypeStruct((BATCH, 4), jnp.int32))["params"]
+  monkeypatch.setattr(top_k_lib, "CANDIDATE_TOP_K", method)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  search = jax.jit(lambda p, f: decoding.search(decoder, p, f, beam_size=3, max_len=5,
+                                                early_stop=early_stop))
+  module = export.export(
+      search, platforms=["cuda"],
+      disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+  )(params, features).mlir_module()
+  assert module.count("@__gpu$xla.gpu.triton") == (method == "kernel")
