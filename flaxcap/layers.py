@@ -29,7 +29,9 @@ def tanh(x: Array) -> Array:
   1 - y; in the attention that is [batch, P, A] per step of the teacher-forced scan (1 GiB each at
   batch 128, fp32, the tutorial's sizes). Here the forward pass keeps y alone (which the attention
   score's product keeps anyway), and the backward pass computes g (1 - y)(1 + y) from it in float32.
-  The same gradient (in bfloat16 computed in float32, then rounded).
+  The same gradient (in bfloat16 computed in float32, then rounded). A custom VJP: reverse mode only
+  (jax.jvp through the attention raises; a custom JVP could not keep y alone without the bf16
+  cancellation of g - g y y, or a float32 copy of y).
   """
   return jnp.tanh(x)
 
