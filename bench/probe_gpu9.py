@@ -65,6 +65,16 @@ again after its variants (row main_again: the noise between the two). An item th
     python3 bench/probe_gpu9.py                               # the GPU run, every part
     JAX_PLATFORMS=cpu python bench/probe_gpu9.py --quick      # tiny shapes: every code path on a CPU
 
+XLA flags apply to a whole process, so a variant under other flags is a second run, e.g. the early
+stop with while loops and conditionals as CUDA graph nodes, which could spare the host's read of
+the stop's predicate every iteration (round 3 found graphs of the whole loop 2-16% slower, without a
+stop):
+
+    XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUSTOM_CALL,CONDITIONAL,WHILE \
+      python3 bench/probe_gpu9.py --tag=graphs --parts=beam256,beam1 --budget_s=90 \
+      --beam256_variants=main,stop_while+kernel,stop_cond \
+      --beam1_variants=main,stop_while+kernel,stop_cond --beam_profile_variants=
+
 Prints each row as it comes and a table at the end; rewrites $OUT/probe_gpu9.json after every row (OUT:
 environment variable, default /tmp). Needs jax, flax, optax, numpy (and train_lib's absl, tqdm); not
 tensorflow, not ml_collections (an empty stand-in satisfies `flaxcap.checkpoints`' import when it is
@@ -156,10 +166,11 @@ COLUMNS = [common.Column("part", "part"), common.Column("variant", "variant"),
 
 
 class Record:
-  """The probe's rows, time budget and JSON file ($OUT/probe_gpu9.json)."""
+  """The probe's rows, time budget and JSON file ($OUT/probe_gpu9[_<tag>].json)."""
 
   def __init__(self, out_dir: pathlib.Path, budget_s: float, args):
     self.out_dir, self.budget_s, self.start = out_dir, budget_s, time.perf_counter()
+    self.json_path = out_dir / f"probe_gpu9{'_' + args.tag if args.tag else ''}.json"
     self.payload = {"probe": "bench/probe_gpu9.py", "args": vars(args),
                     "machine": common.machine(torch_too=False),
                     "xla_flags": os.environ.get("XLA_FLAGS", ""), "rows": [], "errors": [],
@@ -196,7 +207,7 @@ class Record:
 
   def save(self):
     self.payload["elapsed_s"] = self.elapsed()
-    (self.out_dir / "probe_gpu9.json").write_text(json.dumps(self.payload, indent=1, default=str))
+    self.json_path.write_text(json.dumps(self.payload, indent=1, default=str))
 
 
 def log(*args):
@@ -568,6 +579,9 @@ def parse_args():
   parser.add_argument("--steps", type=int, default=None, help="timed train steps (10; quick 2)")
   parser.add_argument("--repeats", type=int, default=None, help="timed searches (20; quick 2)")
   parser.add_argument("--grad_batch", type=int, default=None, help="images (32; quick 2)")
+  parser.add_argument("--tag", default="",
+                      help="names the JSON probe_gpu9_<tag>.json (a second run in the same call, e.g. "
+                           "under other XLA_FLAGS, keeps the first's file)")
   parser.add_argument("--budget_s", type=float, default=None,
                       help="skip what would end after this many seconds (300; quick: no limit)")
   args = parser.parse_args()
@@ -633,7 +647,7 @@ def main():
   if record.payload["skipped"]:
     log(f"skipped for the budget: {', '.join(record.payload['skipped'])}")
   record.save()
-  log(f"done in {record.elapsed():.0f} s; wrote {out_dir / 'probe_gpu9.json'}")
+  log(f"done in {record.elapsed():.0f} s; wrote {record.json_path}")
 
 
 if __name__ == "__main__":
