@@ -72,7 +72,7 @@ def values_of_keys(keys: jax.Array) -> jax.Array:
 
 
 # The Triton warps of `top_k_by_kernel`'s programs; None: `top_k_kernel.row_top_k`'s choice (8 for
-# rows of 8,193-16,384 entries). Read while tracing.
+# rows of more than 8,192 entries). Read while tracing.
 KERNEL_NUM_WARPS: int | None = None
 
 
