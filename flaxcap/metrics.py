@@ -16,7 +16,6 @@ by step: captions are PTB-tokenized as its PTBTokenizer does (in Python here, se
 Only METEOR needs Java; nothing here needs TF or torch.
 """
 
-import collections
 import importlib.util
 import math
 import pathlib
@@ -30,12 +29,13 @@ from absl import logging
 import numpy as np
 
 from flaxcap import errors
+from flaxcap import ngrams
 from flaxcap.ptb_tokenizer import ptb_tokenize, tokenize_captions
 
 __all__ = ["METRICS", "bleu_from_counts", "ptb_tokenize", "score", "tokenize_captions"]
 
 METRICS = ("BLEU", "METEOR", "ROUGE-L", "CIDEr")
-MAX_N = 4
+MAX_N = ngrams.MAX_N
 _BLEU_SMALL = 1e-9  # bleu_scorer's guards, kept exactly for the same numbers
 _BLEU_TINY = 1e-15
 _ROUGE_BETA = 1.2
@@ -139,50 +139,25 @@ def _some(keys, limit=5) -> str:
 
 
 class _NGrams:
-  """Distinct n-grams (n = 1..4) of the candidates and references, with their counts.
+  """The n-grams (n = 1..4) of the candidates and references (`ngrams.Corpus` over both).
 
-  Words are what `str.split()` gives on the tokenized caption, as in bleu_scorer and cider_scorer.
   Caption index c < num_images is image c's candidate; reference r is caption num_images + r.
-  For each order n (0-based), `caption[n]`, `gram[n]`, `count[n]` list every distinct
-  (caption, n-gram) pair sorted by caption then n-gram id; `num_grams[n]` is the number of ids.
   """
 
   def __init__(self, cand_texts, ref_texts, ref_image):
-    words = [text.split() for text in cand_texts] + [text.split() for text in ref_texts]
+    corpus = ngrams.Corpus(list(cand_texts) + list(ref_texts))
     self.num_images = len(cand_texts)
     self.ref_image = ref_image  # [num_refs] image index of each reference
-    self.lengths = np.array([len(w) for w in words], dtype=np.int64)  # [num_captions]
-    vocab = collections.defaultdict(lambda: len(vocab) + 1)  # ids from 1; 0 never occurs
-    token_ids = np.array([vocab[w] for caption in words for w in caption], dtype=np.int64)
-    caption_of_token = np.repeat(np.arange(len(words)), self.lengths)
-    position = np.arange(len(token_ids)) - np.repeat(np.cumsum(self.lengths) - self.lengths,
-                                                     self.lengths)
-    base = len(vocab) + 1
-    self.caption, self.gram, self.count, self.num_grams = [], [], [], []
-    for order in range(1, MAX_N + 1):
-      starts = np.nonzero(position <= self.lengths[caption_of_token] - order)[0]
-      columns = token_ids[starts[:, None] + np.arange(order)]  # [occurrences, order]
-      if base ** order < 2 ** 62:
-        packed = columns @ (base ** np.arange(order - 1, -1, -1, dtype=np.int64))
-        _, gram_of = np.unique(packed, return_inverse=True)
-      else:
-        _, gram_of = np.unique(columns, axis=0, return_inverse=True)
-      gram_of = gram_of.reshape(-1)
-      num_grams = int(gram_of.max()) + 1 if len(gram_of) else 1
-      pairs, counts = np.unique(caption_of_token[starts] * num_grams + gram_of,
-                                return_counts=True)
-      self.caption.append(pairs // num_grams)
-      self.gram.append(pairs % num_grams)
-      self.count.append(counts)
-      self.num_grams.append(num_grams)
+    self.lengths = corpus.lengths  # [num_captions]
+    self.grams, self.num_grams = corpus.grams, corpus.num_grams
 
   def split(self, n):
     """(candidate part, reference part) of order n, each as (image, gram, count) arrays."""
-    is_cand = self.caption[n] < self.num_images
-    cand = (self.caption[n][is_cand], self.gram[n][is_cand], self.count[n][is_cand])
-    ref_caption = self.caption[n][~is_cand] - self.num_images
-    ref = (self.ref_image[ref_caption], self.gram[n][~is_cand], self.count[n][~is_cand],
-           ref_caption)
+    grams = self.grams[n]
+    is_cand = grams.caption < self.num_images
+    cand = (grams.caption[is_cand], grams.gram[is_cand], grams.count[is_cand])
+    ref_caption = grams.caption[~is_cand] - self.num_images
+    ref = (self.ref_image[ref_caption], grams.gram[~is_cand], grams.count[~is_cand], ref_caption)
     return cand, ref
 
 
@@ -194,6 +169,40 @@ def _lookup(sorted_keys, values, keys):
   return np.where(sorted_keys[index] == keys, values[index], 0)
 
 
+def max_reference_counts(ref_image, ref_gram, ref_count, num_grams: int):
+  """BLEU's clipping counts: the largest count of each n-gram in any one reference of an image.
+
+  Args: the references' (image, n-gram id, count) triples of one order, n-gram ids below
+  `num_grams`. Returns (sorted keys image * num_grams + n-gram, largest counts), for `clipped_counts`.
+  """
+  ref_keys = ref_image * num_grams + ref_gram
+  order = np.argsort(ref_keys, kind="stable")
+  ref_keys, ref_count = ref_keys[order], ref_count[order]
+  firsts = np.flatnonzero(np.r_[True, ref_keys[1:] != ref_keys[:-1]])[:len(ref_keys)]
+  max_counts = np.maximum.reduceat(ref_count, firsts) if len(ref_keys) else ref_count
+  return ref_keys[firsts], max_counts
+
+
+def clipped_counts(max_counts, num_grams: int, image, gram, count) -> np.ndarray:
+  """Each candidate n-gram's count clipped by its image's references (0 for ids >= `num_grams`)."""
+  held = gram < num_grams
+  keys = image * num_grams + np.where(held, gram, 0)
+  return np.where(held, np.minimum(count, _lookup(*max_counts, keys)), 0)
+
+
+def closest_lengths(test_length, pair_test, pair_ref_length) -> np.ndarray:
+  """bleu_scorer's "closest" reference length of each test caption; on a tie, the shorter one.
+
+  `pair_test` (sorted) says which test caption each reference length in `pair_ref_length` goes with.
+  """
+  gap = np.abs(pair_ref_length - test_length[pair_test])
+  best = np.lexsort((pair_ref_length, gap, pair_test))  # by test, then gap, then length
+  firsts = np.flatnonzero(np.r_[True, pair_test[best][1:] != pair_test[best][:-1]])
+  closest = np.zeros(len(test_length), dtype=np.int64)
+  closest[pair_test[best][firsts]] = pair_ref_length[best][firsts]
+  return closest
+
+
 def _bleu(grams: _NGrams):
   """bleu_scorer.compute_score(option="closest"): ([4] corpus BLEU, [images, 4] per image)."""
   num_images = grams.num_images
@@ -202,22 +211,11 @@ def _bleu(grams: _NGrams):
   correct = np.zeros((num_images, MAX_N), dtype=np.int64)
   for n in range(MAX_N):
     (image, gram, count), (ref_image, ref_gram, ref_count, _) = grams.split(n)
-    # Largest count of each n-gram in any one reference of the image.
-    ref_keys = ref_image * grams.num_grams[n] + ref_gram
-    order = np.argsort(ref_keys, kind="stable")
-    ref_keys, ref_count = ref_keys[order], ref_count[order]
-    firsts = np.flatnonzero(np.r_[True, ref_keys[1:] != ref_keys[:-1]])[:len(ref_keys)]
-    max_keys = ref_keys[firsts]
-    max_counts = np.maximum.reduceat(ref_count, firsts) if len(ref_keys) else ref_count
-    clipped = np.minimum(count, _lookup(max_keys, max_counts, image * grams.num_grams[n] + gram))
+    max_counts = max_reference_counts(ref_image, ref_gram, ref_count, grams.num_grams[n])
+    clipped = clipped_counts(max_counts, grams.num_grams[n], image, gram, count)
     correct[:, n] = np.bincount(image, weights=clipped, minlength=num_images).astype(np.int64)
   guess = np.maximum(0, test_len[:, None] - np.arange(MAX_N))  # [images, 4]
-  # "closest" reference length; on a tie, the shorter one.
-  ref_bounds = np.searchsorted(grams.ref_image, np.arange(num_images + 1))
-  closest = [min((abs(length - test_len[i]), length)
-                 for length in ref_len[ref_bounds[i]:ref_bounds[i + 1]])[1]
-             for i in range(num_images)]
-
+  closest = closest_lengths(test_len, grams.ref_image, ref_len)
   per_image = np.array([bleu_from_counts(correct[i], guess[i], int(test_len[i]), int(closest[i]))
                         for i in range(num_images)])
   corpus = bleu_from_counts([int(c) for c in correct.sum(0)], [int(g) for g in guess.sum(0)],
@@ -237,34 +235,62 @@ def bleu_from_counts(correct, guess, test_length: int, ref_length: int) -> list[
   return bleus
 
 
+def document_frequency(ref_image, ref_gram, num_grams: int) -> np.ndarray:
+  """int64 [num_grams]: in how many images' references each n-gram occurs (CIDEr-D's frequencies)."""
+  keys = np.sort(ref_image * num_grams + ref_gram)  # sorting beats np.unique's hashing here (4x)
+  present = keys[np.r_[True, keys[1:] != keys[:-1]]] if len(keys) else keys
+  return np.bincount(present % max(num_grams, 1), minlength=num_grams)
+
+
+def idf_weights(frequency: np.ndarray, num_images: int) -> np.ndarray:
+  """CIDEr-D's n-gram weights: log(images) - log(max(1, document frequency))."""
+  return np.log(float(num_images)) - np.log(np.maximum(1.0, frequency.astype(np.float64)))
+
+
+def cider_d_similarity(cand_vectors, pair_vectors, pair_cand, cand_length, pair_length,
+                       num_grams) -> np.ndarray:
+  """cider_scorer's similarity of (candidate, reference) pairs, summed over n = 1..4: [pairs].
+
+  Args:
+    cand_vectors: per order, the candidates' tf-idf vectors as (candidate, n-gram id, value) arrays,
+      sorted by candidate, then n-gram.
+    pair_vectors: per order, each pair's reference vector as (pair, n-gram id, value) arrays.
+    pair_cand: int [pairs], the candidate of each pair.
+    cand_length, pair_length: words of each candidate and of each pair's reference.
+    num_grams: per order, an upper bound of the n-gram ids.
+  """
+  # cider_scorer's "length" is the number of bigrams of a caption.
+  delta = np.maximum(cand_length - 1, 0)[pair_cand] - np.maximum(pair_length - 1, 0)
+  penalty = np.e ** (-(delta.astype(np.float64) ** 2) / (2 * CIDER_SIGMA ** 2))
+  similarity = np.zeros(len(pair_cand))
+  for n in range(MAX_N):
+    (cand, gram, cand_vec), (pair, ref_gram, ref_vec) = cand_vectors[n], pair_vectors[n]
+    cand_norm = np.sqrt(np.bincount(cand, weights=cand_vec ** 2, minlength=len(cand_length)))
+    ref_norm = np.sqrt(np.bincount(pair, weights=ref_vec ** 2, minlength=len(pair_cand)))
+    cand_vec_at_ref = _lookup(cand * num_grams[n] + gram, cand_vec,
+                              pair_cand[pair] * num_grams[n] + ref_gram)
+    dot = np.bincount(pair, weights=np.minimum(cand_vec_at_ref, ref_vec) * ref_vec,
+                      minlength=len(pair_cand))
+    norms = cand_norm[pair_cand] * ref_norm
+    similarity += np.where(norms != 0, dot / np.where(norms != 0, norms, 1), dot) * penalty
+  return similarity
+
+
 def _cider_d(grams: _NGrams, ref_counts: np.ndarray) -> np.ndarray:
   """cider_scorer's CIDEr-D of each image: [images]."""
   num_images = grams.num_images
-  log_num_images = np.log(float(num_images))
-  # cider_scorer's "length" is the number of bigrams of a caption.
-  bigrams = np.maximum(grams.lengths - 1, 0).astype(np.float64)
-  delta = bigrams[:num_images][grams.ref_image] - bigrams[num_images:]  # [refs]
-  penalty = np.e ** (-(delta ** 2) / (2 * CIDER_SIGMA ** 2))
-  similarity = np.zeros((len(grams.ref_image), MAX_N))  # [refs, 4]
+  cand_vectors, ref_vectors = [], []
   for n in range(MAX_N):
     (image, gram, count), (ref_image, ref_gram, ref_count, ref) = grams.split(n)
-    num_grams = grams.num_grams[n]
     # Document frequency: in how many images' references each n-gram occurs.
-    present = np.unique(ref_image * num_grams + ref_gram)
-    frequency = np.bincount(present % num_grams, minlength=num_grams).astype(np.float64)
-    weight = log_num_images - np.log(np.maximum(1.0, frequency))  # [grams]
-    cand_vec = count * weight[gram]
-    ref_vec = ref_count * weight[ref_gram]
-    cand_norm = np.sqrt(np.bincount(image, weights=cand_vec ** 2, minlength=num_images))
-    ref_norm = np.sqrt(np.bincount(ref, weights=ref_vec ** 2, minlength=len(grams.ref_image)))
-    cand_vec_at_ref = _lookup(image * num_grams + gram, cand_vec, ref_image * num_grams + ref_gram)
-    dot = np.bincount(ref, weights=np.minimum(cand_vec_at_ref, ref_vec) * ref_vec,
-                      minlength=len(grams.ref_image))
-    norms = cand_norm[grams.ref_image] * ref_norm
-    similarity[:, n] = np.where(norms != 0, dot / np.where(norms != 0, norms, 1), dot) * penalty
-  per_image = np.zeros((num_images, MAX_N))
-  np.add.at(per_image, grams.ref_image, similarity)
-  return per_image.mean(axis=1) / ref_counts * 10.0
+    weight = idf_weights(document_frequency(ref_image, ref_gram, grams.num_grams[n]), num_images)
+    cand_vectors.append((image, gram, count * weight[gram]))
+    ref_vectors.append((ref, ref_gram, ref_count * weight[ref_gram]))
+  similarity = cider_d_similarity(cand_vectors, ref_vectors, grams.ref_image,
+                                  grams.lengths[:num_images], grams.lengths[num_images:],
+                                  grams.num_grams)
+  per_image = np.bincount(grams.ref_image, weights=similarity, minlength=num_images)
+  return per_image / MAX_N / ref_counts * 10.0
 
 
 def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
