@@ -6,8 +6,8 @@ the beam's captions, the one with the highest mean CIDEr-D against the reference
 image's k nearest training images, plus a small multiple of its beam score (`BEAM_SCORE_WEIGHT`: the
 beam's log-probability breaks near-ties between captions the neighbours agree with about equally). The index (`ConsensusIndex`) holds one embedding per training
 image, the mean of its encoder grid (centred on the training mean, unit length: cosine neighbours),
-and the images' captions, with their CIDEr-D document frequencies (stored, so that loading takes
-0.3 s instead of counting them for 3.5 s); `write_index` builds it for an exported model, and
+and the images' captions, also stored PTB-tokenized (so that the first reranking need not tokenize
+30,000 captions); `write_index` builds it for an exported model, and
 `Captioner.load` reads it from the model's directory (`INDEX_FILE`): a model with an index reranks
 its beam over `NEIGHBOURS` neighbours unless told otherwise.
 
@@ -53,13 +53,13 @@ class ConsensusIndex:
     embeddings: float16 [images, channels], the images' pooled features minus `center`, unit length.
     center: float32 [channels], the mean pooled feature of the training images.
     captions: each image's raw reference captions.
-    document_frequency: per n-gram order 1..4, in how many images' captions each n-gram occurs (CIDEr-D's
-      document frequencies, `sentence_scores.CiderD.document_frequency`); None: counted on first use.
+    tokenized: every caption PTB-tokenized, flat in image order (`metrics.tokenize_captions`); None:
+      tokenized on first use.
   """
   embeddings: np.ndarray
   center: np.ndarray
   captions: list[list[str]]
-  document_frequency: list[dict[str, int]] | None = None
+  tokenized: list[str] | None = None
 
   @classmethod
   def build(cls, pooled: np.ndarray, captions: Sequence[Sequence[str]]) -> "ConsensusIndex":
@@ -71,15 +71,12 @@ class ConsensusIndex:
     return cls(_unit(pooled - center).astype(np.float16), center, [list(c) for c in captions])
 
   def save(self, path: str | os.PathLike) -> None:
-    """Writes the index with its document frequencies, so that `load` need not count them (~4 s)."""
+    """Writes the index with its captions tokenized, so that scoring need not tokenize them."""
     captions = np.frombuffer(json.dumps(self.captions).encode("utf-8"), np.uint8)
-    frequency = {}
-    for n, counts in enumerate(self._cider.document_frequency):
-      frequency[f"grams_{n + 1}"] = np.frombuffer("\n".join(counts).encode("utf-8"), np.uint8)
-      frequency[f"counts_{n + 1}"] = np.fromiter(counts.values(), np.uint32, len(counts))
+    tokenized = np.frombuffer("\n".join(self._tokenized).encode("utf-8"), np.uint8)
     with open(path, "wb") as f:  # np.savez_compressed would append ".npz" to another suffix
       np.savez_compressed(f, embeddings=self.embeddings, center=self.center, captions=captions,
-                          **frequency)
+                          tokenized=tokenized)
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> "ConsensusIndex":
@@ -87,16 +84,23 @@ class ConsensusIndex:
       with np.load(path) as stored:
         index = cls(stored["embeddings"], stored["center"],
                     json.loads(stored["captions"].tobytes().decode("utf-8")))
-        if "counts_1" in stored:  # indexes written before they kept them: counted on first use
-          index.document_frequency = [
-              dict(zip(_split_lines(stored[f"grams_{n}"]), stored[f"counts_{n}"].tolist()))
-              for n in range(1, metrics.MAX_N + 1)]
+        if "tokenized" in stored:  # indexes written before session 17: tokenized on first use
+          index.tokenized = stored["tokenized"].tobytes().decode("utf-8").split("\n")
     except (OSError, ValueError, KeyError, EOFError) as e:
       raise errors.CheckpointError(f"{path}: not a consensus index ({type(e).__name__}: {e})")
     if index.embeddings.shape != (len(index.captions), len(index.center)):
       raise errors.CheckpointError(f"{path}: {index.embeddings.shape} embeddings for "
                                    f"{len(index.captions)} images of {len(index.center)} channels")
+    if index.tokenized is not None and len(index.tokenized) != sum(map(len, index.captions)):
+      raise errors.CheckpointError(f"{path}: {len(index.tokenized)} tokenized captions for "
+                                   f"{sum(map(len, index.captions))} captions")
     return index
+
+  @property
+  def _tokenized(self) -> list[str]:
+    if self.tokenized is None:
+      self.tokenized = metrics.tokenize_captions(c for captions in self.captions for c in captions)
+    return self.tokenized
 
   @functools.cached_property
   def _device_embeddings(self) -> jax.Array:
@@ -104,8 +108,7 @@ class ConsensusIndex:
 
   @functools.cached_property
   def _cider(self) -> sentence_scores.CiderD:
-    # Without stored document frequencies, counting them over every training image takes a few seconds.
-    return sentence_scores.CiderD(self.captions, document_frequency=self.document_frequency)
+    return sentence_scores.CiderD(self.captions, tokenized=self._tokenized)
 
   def neighbours(self, pooled: np.ndarray, count: int) -> np.ndarray:
     """int [batch, count]: the most similar training images (cosine), most similar first."""
@@ -124,12 +127,16 @@ class ConsensusIndex:
   def consensus(self, pooled: np.ndarray, candidates: Sequence[Sequence[str]],
                 neighbours: int) -> np.ndarray:
     """float [batch, candidates]: each candidate's mean CIDEr-D against its image's neighbours."""
-    nearest = self.neighbours(pooled, neighbours)
+    nearest = self.neighbours(pooled, neighbours)  # [batch, neighbours]
     width = max(len(c) for c in candidates)
+    row, column = zip(*[(r, c) for r, texts in enumerate(candidates) for c in range(len(texts))])
+    row, column = np.array(row), np.array(column)
+    texts = metrics.tokenize_captions(text for texts in candidates for text in texts)
+    count = nearest.shape[1]
+    # Every (candidate, neighbour) pair in one call: [candidates x neighbours] CIDEr-D values.
+    values = self._cider.score_tokenized(nearest[row].reshape(-1), np.repeat(texts, count))
     scores = np.full((len(candidates), width), -np.inf)
-    for row, (image_nearest, texts) in enumerate(zip(nearest, candidates)):
-      values = self._cider(np.tile(image_nearest, len(texts)), np.repeat(texts, len(image_nearest)))
-      scores[row, :len(texts)] = values.reshape(len(texts), len(image_nearest)).mean(1)
+    scores[row, column] = values.reshape(-1, count).mean(1)
     return scores
 
   def rerank(self, pooled: np.ndarray, candidates: Sequence[Sequence[str]], neighbours: int,
@@ -157,11 +164,6 @@ class ConsensusIndex:
 def _nearest(query: jax.Array, embeddings: jax.Array, count: int) -> jax.Array:
   """int [batch, count]: rows of `embeddings` [images, C] with the largest dot products with `query`."""
   return jax.lax.top_k(query @ embeddings.T, count)[1]
-
-
-def _split_lines(stored: np.ndarray) -> list[str]:
-  text = stored.tobytes().decode("utf-8")
-  return text.split("\n") if text else []
 
 
 def _unit(vectors: np.ndarray) -> np.ndarray:

@@ -28,6 +28,7 @@ import numpy as np
 from flaxcap import decoding
 from flaxcap import epoch_plan
 from flaxcap import errors
+from flaxcap import metrics
 from flaxcap import model as model_lib
 from flaxcap import sentence_scores
 from flaxcap import vocab as vocab_lib
@@ -66,13 +67,17 @@ class CaptionReward:
     if bleu_weight < 0:
       raise errors.ConfigError(f"config.self_critical.bleu_weight is {bleu_weight}; it must be >= 0")
     self.bleu_weight = float(bleu_weight)
-    self.cider = sentence_scores.CiderD(references, end_token=REWARD_END_TOKEN if reward_end else None)
-    self.bleu = sentence_scores.SentenceBleu(references) if self.bleu_weight else None
+    tokenized = metrics.tokenize_captions(caption for refs in references for caption in refs)
+    self.cider = sentence_scores.CiderD(references, end_token=REWARD_END_TOKEN if reward_end else None,
+                                        tokenized=tokenized)
+    self.bleu = (sentence_scores.SentenceBleu(references, tokenized=tokenized) if self.bleu_weight
+                 else None)
 
   def __call__(self, image_indices, captions, ended) -> np.ndarray:
-    rewards = self.cider(image_indices, captions, ended)
+    texts = metrics.tokenize_captions(captions)
+    rewards = self.cider.score_tokenized(image_indices, texts, ended)
     if self.bleu is not None:
-      rewards = rewards + self.bleu_weight * self.bleu(image_indices, captions)
+      rewards = rewards + self.bleu_weight * self.bleu.score_tokenized(image_indices, texts)
     return rewards
 
 

@@ -16,7 +16,6 @@ from flaxcap import consensus
 from flaxcap import errors
 from flaxcap import inference
 from flaxcap import metrics
-from flaxcap import sentence_scores
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORDS = "a dog cat man boy girl runs sits jumps on in the grass water snow red blue ball".split()
@@ -105,15 +104,15 @@ def test_index_file_round_trip_and_errors(tmp_path):
   np.testing.assert_array_equal(loaded.embeddings, index.embeddings)
   np.testing.assert_array_equal(loaded.center, index.center)
   assert loaded.captions == captions and loaded.embeddings.dtype == np.float16
-  # The document frequencies travel with the index (counted at save); an index written before they
-  # did is counted on first use. Both score as the index they came from.
-  counted = sentence_scores.CiderD(captions).document_frequency
-  assert loaded.document_frequency == [dict(order) for order in counted]
+  # The tokenized captions travel with the index; an index written before they did (session 16's
+  # kept document frequencies instead) is tokenized on first use. All score as the index they came from.
+  assert loaded.tokenized == metrics.tokenize_captions(c for texts in captions for c in texts)
   with open(tmp_path / "old.npz", "wb") as f:
     np.savez_compressed(f, embeddings=index.embeddings, center=index.center, captions=np.frombuffer(
-        json.dumps(captions).encode("utf-8"), np.uint8))
+        json.dumps(captions).encode("utf-8"), np.uint8), grams_1=np.frombuffer(b"a", np.uint8),
+        counts_1=np.ones(1, np.uint32))
   old = consensus.ConsensusIndex.load(tmp_path / "old.npz")
-  assert old.document_frequency is None
+  assert old.tokenized is None
   queries = rng.normal(size=(3, pooled.shape[1])) + 3.0
   candidates = [[" ".join(rng.choice(WORDS, size=6)) for _ in range(3)] for _ in range(3)]
   expected = index.consensus(queries, candidates, neighbours=5)
@@ -121,6 +120,11 @@ def test_index_file_round_trip_and_errors(tmp_path):
   np.testing.assert_allclose(loaded.consensus(queries, candidates, neighbours=5), expected,
                              rtol=1e-12)
   np.testing.assert_allclose(old.consensus(queries, candidates, neighbours=5), expected, rtol=1e-12)
+  with open(tmp_path / "short.npz", "wb") as f:
+    np.savez_compressed(f, embeddings=index.embeddings, center=index.center, captions=np.frombuffer(
+        json.dumps(captions).encode("utf-8"), np.uint8), tokenized=np.frombuffer(b"a dog", np.uint8))
+  with pytest.raises(errors.CheckpointError, match=r"short.npz: 1 tokenized captions for \d+ captions"):
+    consensus.ConsensusIndex.load(tmp_path / "short.npz")
   (tmp_path / "bad.npz").write_bytes(b"not an npz")
   with pytest.raises(errors.CheckpointError, match="bad.npz: not a consensus index"):
     consensus.ConsensusIndex.load(tmp_path / "bad.npz")

@@ -361,29 +361,34 @@ def test_cider_d_reward_matches_pycocoevalcap_per_image(pycoco, corpus):
   order = np.random.default_rng(0).integers(0, len(keys), size=3 * len(keys))
   np.testing.assert_allclose(reward(order, [candidates[keys[i]] for i in order]), expected[order],
                              rtol=0, atol=TOLERANCE)
-  # Given the frequencies (a stored consensus index), references are tokenized image by image.
-  given = sentence_scores.CiderD([references[key] for key in keys],
-                                 document_frequency=reward.document_frequency)
+  # Given the references tokenized (a stored consensus index), the same.
+  given = sentence_scores.CiderD([references[key] for key in keys], tokenized=metrics.tokenize_captions(
+      caption for key in keys for caption in references[key]))
   np.testing.assert_allclose(given(order, [candidates[keys[i]] for i in order]), expected[order],
                              rtol=0, atol=TOLERANCE)
   with pytest.raises(errors.DataError, match="non-empty"):
     sentence_scores.CiderD([["a caption"], []])
-  with pytest.raises(errors.DataError, match="frequencies of 2 n-gram orders, not 4"):
-    sentence_scores.CiderD([["a caption"]], document_frequency=[{}, {}])
+  with pytest.raises(errors.DataError, match="CiderD: 1 tokenized references for 2 captions"):
+    sentence_scores.CiderD([["a caption", "another"]], tokenized=["a caption"])
+  with pytest.raises(ValueError, match="3 candidates for 2 image indices"):
+    reward([0, 1], ["a dog", "a cat", "a cow"])
+  with pytest.raises(IndexError, match=r"image indices must be in \[0, "):
+    reward([len(keys)], ["a dog"])
 
 
 def test_cider_d_document_frequency_counts_images_not_captions(pycoco, corpus):
   """Each n-gram's document frequency is the number of images with a tokenized reference holding it."""
   references, _ = corpus
   gts = _reference_tokenize(pycoco, references)
-  frequency = sentence_scores.CiderD(list(references.values())).document_frequency
+  reward = sentence_scores.CiderD(list(references.values()))
   for n in range(1, 5):
     expected = collections.Counter()
     for texts in gts.values():
       expected.update({" ".join(words[i:i + n]) for words in map(str.split, texts)
                        for i in range(len(words) - n + 1)})
-    assert dict(frequency[n - 1]) == dict(expected)
-  assert max(frequency[0].values()) > 1  # some words occur in several images
+    np.testing.assert_array_equal(reward.document_frequency(list(expected)), list(expected.values()))
+  assert reward.document_frequency(["a"])[0] > 1  # some words occur in several images
+  assert reward.document_frequency(["zebra xylophone", "qqq"]).tolist() == [0, 0]  # in no reference
 
 
 def test_sentence_bleu_reward_matches_pycocoevalcap_per_image(pycoco, corpus):
@@ -424,7 +429,8 @@ def test_cider_d_end_token_is_pycocoevalcap_with_the_token_appended(pycoco, corp
   np.testing.assert_allclose(reward(range(len(keys)), [candidates[key] for key in keys], ended),
                              expected, rtol=0, atol=TOLERANCE)
   given = sentence_scores.CiderD([references[key] for key in keys], end_token="<eos>",
-                                 document_frequency=reward.document_frequency)
+                                 tokenized=metrics.tokenize_captions(
+                                     caption for key in keys for caption in references[key]))
   np.testing.assert_allclose(given(range(len(keys)), [candidates[key] for key in keys], ended),
                              expected, rtol=0, atol=TOLERANCE)
   with pytest.raises(ValueError, match="ended flags"):
