@@ -222,13 +222,17 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--beam_size", type=int, default=DEFAULT_BEAM_SIZE,
                       choices=range(1, MAX_BEAM_SIZE + 1), metavar=f"1..{MAX_BEAM_SIZE}",
                       help=f"beam size compiled at start-up (default {DEFAULT_BEAM_SIZE})")
+  parser.add_argument("--xla_cache", default=None,
+                      help="where compiled programs are kept for the next start (default: "
+                      "~/.cache/flaxcap/xla, or $JAX_COMPILATION_CACHE_DIR; 'none': off)")
   return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  from flaxcap import inference  # pylint: disable=g-import-not-at-top
+  from flaxcap import compilation_cache, inference  # pylint: disable=g-import-not-at-top
   import uvicorn  # pylint: disable=g-import-not-at-top
+  compilation_cache.enable(args.xla_cache)
   try:
     captioner = inference.Captioner.load(args.checkpoint)
   except errors.FlaxcapError as e:

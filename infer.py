@@ -12,6 +12,8 @@
                                          training images agree with (default: 15 when the model has a
                                          consensus index, as the shipped one does; 0 = the beam's best)
   --consensus_beam_weight W              how much the beam's own score counts beside that agreement
+  --xla_cache DIR                        keep compiled programs here for the next run (default:
+                                         ~/.cache/flaxcap/xla; 'none': off)
 
 An unreadable image gets one line on stderr and the others are still captioned; the exit code is 1
 when any image failed.
@@ -49,6 +51,8 @@ flags.DEFINE_float("consensus_beam_weight", None, "With --consensus: add this mu
 flags.DEFINE_integer("batch_size", 16, "Images per compiled batch.")
 flags.DEFINE_bool("json", False, "Print one JSON object per line instead of 'path: caption'.")
 flags.DEFINE_string("attention_out", None, "Write one attention overlay PNG per image here.")
+flags.DEFINE_string("xla_cache", None, "Where compiled programs are kept for the next run (default: "
+                    "~/.cache/flaxcap/xla, or $JAX_COMPILATION_CACHE_DIR; 'none': off).")
 flags.DEFINE_string("dataset", None, "Caption a dataset split and score it (a data root).")
 flags.DEFINE_string("layout", None, "Layout of --dataset (default: the model's config.data.layout).")
 flags.DEFINE_string("split", "dev", "Split of --dataset to caption.")
@@ -145,11 +149,12 @@ def score_dataset(captioner) -> None:
 
 
 def main(argv):
-  from flaxcap import inference  # pylint: disable=g-import-not-at-top
+  from flaxcap import compilation_cache, inference  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not (FLAGS.image or FLAGS.images or FLAGS.dataset):
     raise app.UsageError("give --image PHOTO.jpg, --images DIR or --dataset DIR")
+  compilation_cache.enable(FLAGS.xla_cache)
   try:
     captioner = inference.Captioner.load(FLAGS.checkpoint)
     if FLAGS.dataset:
