@@ -437,6 +437,20 @@ def test_cider_d_end_token_is_pycocoevalcap_with_the_token_appended(pycoco, corp
     reward([0, 1], ["a dog", "a cat"], [True])
 
 
+def test_corpus_scorers_with_references_shorter_than_the_candidates():
+  """References without 4-grams (or 3-grams), longer candidates, an empty one: `metrics.score`'s values."""
+  references = [["a dog"], ["a cat sits", "cat"], ["two men"]]
+  candidates = ["a big brown dog runs", "a cat sits on a mat", ""]
+  cider = sentence_scores.CiderD(references)(range(3), candidates)
+  bleu = sentence_scores.SentenceBleu(references)(range(3), candidates)
+  _, per_image = metrics.score(dict(enumerate(references)), dict(enumerate(candidates)),
+                               ("BLEU", "CIDEr"), per_image=True)
+  np.testing.assert_allclose(cider, [per_image[i]["CIDEr"] for i in range(3)], rtol=0, atol=TOLERANCE)
+  np.testing.assert_allclose(bleu, [per_image[i]["BLEU-4"] for i in range(3)], rtol=1e-9,
+                             atol=TOLERANCE)
+  assert cider[1] > 0 and cider[2] == 0
+
+
 def test_cider_d_end_token_pays_less_for_a_caption_cut_mid_phrase():
   """The end token is what makes stopping mid-phrase cost: without it "a dog runs in the" keeps most
   of the complete caption's reward."""
