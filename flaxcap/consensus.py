@@ -128,14 +128,15 @@ class ConsensusIndex:
                 neighbours: int) -> np.ndarray:
     """float [batch, candidates]: each candidate's mean CIDEr-D against its image's neighbours."""
     nearest = self.neighbours(pooled, neighbours)  # [batch, neighbours]
-    width = max(len(c) for c in candidates)
-    row, column = zip(*[(r, c) for r, texts in enumerate(candidates) for c in range(len(texts))])
-    row, column = np.array(row), np.array(column)
+    scores = np.full((len(candidates), max(map(len, candidates), default=0)), -np.inf)
+    row = np.repeat(np.arange(len(candidates)), [len(texts) for texts in candidates])
+    column = np.concatenate([np.arange(len(texts)) for texts in candidates] + [[]]).astype(int)
+    if not len(row):
+      return scores
     texts = metrics.tokenize_captions(text for texts in candidates for text in texts)
     count = nearest.shape[1]
     # Every (candidate, neighbour) pair in one call: [candidates x neighbours] CIDEr-D values.
     values = self._cider.score_tokenized(nearest[row].reshape(-1), np.repeat(texts, count))
-    scores = np.full((len(candidates), width), -np.inf)
     scores[row, column] = values.reshape(-1, count).mean(1)
     return scores
 

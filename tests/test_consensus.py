@@ -56,6 +56,7 @@ def test_consensus_is_the_mean_cider_d_against_the_neighbours_captions():
       expected = np.mean([per_image[i]["CIDEr"] for i in nearest[row]])
       assert scores[row, column] == pytest.approx(expected, rel=1e-9, abs=1e-12)
   assert np.isneginf(scores[1, 2:]).all()
+  assert index.consensus(queries[:2], [[], []], neighbours=5).shape == (2, 0)  # nothing to score
 
 
 def test_rerank_keeps_the_caption_the_neighbours_agree_with():
