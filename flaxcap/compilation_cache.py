@@ -47,8 +47,12 @@ def enable(cache_dir: str | os.PathLike | None = None) -> pathlib.Path | None:
   except OSError as e:
     logging.warning("compilation cache off: cannot create %s (%s)", folder, e.strerror or e)
     return None
+  try:  # the limits first: a JAX without one of these options gets no cache, not an unbounded one
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+      jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_S)
+    jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
+  except (AttributeError, ValueError) as e:
+    logging.warning("compilation cache off: this JAX does not take its options (%s)", e)
+    return None
   jax.config.update("jax_compilation_cache_dir", str(folder))
-  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_S)
-  jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
   return folder

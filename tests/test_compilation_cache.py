@@ -61,6 +61,24 @@ print(compilation_cache.enable({str(blocker / "cache")!r}), jax.config.jax_compi
   assert set_outside.stdout.split() == [str(tmp_path / "theirs")]
 
 
+def test_a_jax_without_the_cache_options_runs_without_a_cache(tmp_path):
+  code = f"""
+import jax
+from flaxcap import compilation_cache
+update = jax.config.update
+def without_max_size(name, value):
+  if name == "jax_compilation_cache_max_size":
+    raise AttributeError(f"Unrecognized config option: {{name}}")
+  update(name, value)
+jax.config.update = without_max_size
+print(compilation_cache.enable({str(tmp_path / "cache")!r}), jax.config.jax_compilation_cache_dir)
+"""
+  done = _python(code)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.stdout.split() == ["None", "None"]  # no unbounded cache
+  assert "compilation cache off: this JAX does not take its options" in done.stderr
+
+
 def test_infer_cli_compiles_once_then_loads(tiny_checkpoint, shapes_root, tmp_path):
   photo = sorted((shapes_root / "Flicker8k_Dataset").glob("*.jpg"))[0]
   cache = tmp_path / "cache"
