@@ -9,12 +9,14 @@ compiled programs from disk instead. `enable()` turns it on for this process:
 * programs that took `MIN_COMPILE_S` or more to compile are kept (or as
   `$JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS` says), up to `MAX_BYTES` in all (JAX drops the least
   recently used beyond that);
-* a folder that cannot be created costs a warning, not the run.
+* a folder that cannot be created, a JAX without these options, or no `filelock` package (JAX needs it
+  to bound the cache; `requirements.txt` has it) cost a warning and no cache, not the run.
 
 Compiled programs are keyed by the program, the jaxlib version and the device, so a cache is never
 used for anything but the program it was made for.
 """
 
+import importlib.util
 import os
 import pathlib
 
@@ -42,6 +44,10 @@ def enable(cache_dir: str | os.PathLike | None = None) -> pathlib.Path | None:
   if str(cache_dir) == OFF:
     return None
   folder = pathlib.Path(cache_dir) if cache_dir else default_dir()
+  if importlib.util.find_spec("filelock") is None:  # without it JAX reads and writes no entry
+    logging.warning("compilation cache off: JAX needs the filelock package to bound its size "
+                    "(pip install -r requirements.txt)")
+    return None
   try:
     folder.mkdir(parents=True, exist_ok=True)
   except OSError as e:

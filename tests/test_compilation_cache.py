@@ -79,6 +79,24 @@ print(compilation_cache.enable({str(tmp_path / "cache")!r}), jax.config.jax_comp
   assert "compilation cache off: this JAX does not take its options" in done.stderr
 
 
+def test_without_filelock_there_is_no_cache_and_one_warning(tmp_path):
+  code = f"""
+import sys
+sys.modules["filelock"] = None  # as if it were not installed: importing it fails
+import importlib.util
+importlib.util.find_spec = lambda name, *a, _find=importlib.util.find_spec: (
+    None if name == "filelock" else _find(name, *a))
+import jax
+from flaxcap import compilation_cache
+print(compilation_cache.enable({str(tmp_path / "cache")!r}), jax.config.jax_compilation_cache_dir)
+"""
+  done = _python(code)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.stdout.split() == ["None", "None"]
+  assert "compilation cache off: JAX needs the filelock package" in done.stderr
+  assert not (tmp_path / "cache").exists()
+
+
 def test_infer_cli_compiles_once_then_loads(tiny_checkpoint, shapes_root, tmp_path):
   photo = sorted((shapes_root / "Flicker8k_Dataset").glob("*.jpg"))[0]
   cache = tmp_path / "cache"
