@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import gpu_export
 from flaxcap import beam_search as bs
 from flaxcap import decoding
 from flaxcap import top_k as top_k_lib
@@ -125,7 +126,6 @@ def test_the_gpu_code_paths_of_a_search_lower_for_a_gpu(monkeypatch, method, ear
   """With jax.default_backend() saying "gpu", the branches the CPU never traces (the score as a
   sum, the merges by counting, the candidates' top-k by chunks or by the Pallas kernel, bf16
   matrices cast once) lower for a "cuda" target, the kernel as one Triton call inside the loop."""
-  export = pytest.importorskip("jax.export")
   decoder = Decoder(vocab_size=VOCAB, embed_dim=12, hidden_dim=16, attention_dim=10, dropout_rate=0.0,
                     dtype=jnp.bfloat16)
   features = jax.ShapeDtypeStruct((BATCH, GRID_H, GRID_W, CHANNELS), jnp.float32)
@@ -135,8 +135,5 @@ def test_the_gpu_code_paths_of_a_search_lower_for_a_gpu(monkeypatch, method, ear
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   search = jax.jit(lambda p, f: decoding.search(decoder, p, f, beam_size=3, max_len=5,
                                                 early_stop=early_stop))
-  module = export.export(
-      search, platforms=["cuda"],
-      disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-  )(params, features).mlir_module()
+  module = gpu_export.export_for_cuda(search, params, features)
   assert module.count("@__gpu$xla.gpu.triton") == (method == "kernel")

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import gpu_export
 from flaxcap import top_k_kernel
 
 INT32 = np.iinfo(np.int32)
@@ -53,13 +54,9 @@ def test_row_top_k_lowers_to_one_triton_kernel_without_a_gpu(length, k, num_warp
   """Pallas' Triton lowering runs at export time for a "cuda" target, on any machine: it catches
   what Triton would refuse (blocks that are not powers of two, unsupported operations) before a GPU
   does. Compiling the Triton IR to PTX still needs one (bench/triton_compile.py, with triton)."""
-  export = pytest.importorskip("jax.export")
-  lowered = export.export(
+  module = gpu_export.export_for_cuda(
       jax.jit(lambda keys: top_k_kernel.row_top_k(keys, k, num_warps=num_warps)),
-      platforms=["cuda"],
-      disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-  )(jax.ShapeDtypeStruct((256, length), jnp.int32))
-  module = lowered.mlir_module()
+      jax.ShapeDtypeStruct((256, length), jnp.int32))
   assert module.count("stablehlo.custom_call @__gpu$xla.gpu.triton") == 1
   assert "grid_x = 256" in module
   assert f"num_warps = {expected_warps} : i32" in module
