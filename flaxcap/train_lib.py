@@ -291,74 +291,79 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
   store = checkpoints.CheckpointStore(workdir, keep=config.checkpoint.keep,
                                       best_metric=config.eval.best_metric)
-  store.check_vocab(data.vocab)
-  state = create_train_state(config, model, data, steps_per_epoch)
-  state = store.restore_latest(state) or warm_start(state, data)
-  step = int(state.step)
-  start_epoch, skip_batches = divmod(step, steps_per_epoch)
+  writer = None
+  try:  # closed on any exit: an open writer left to atexit prints a traceback (Python 3.12)
+    store.check_vocab(data.vocab)
+    state = create_train_state(config, model, data, steps_per_epoch)
+    state = store.restore_latest(state) or warm_start(state, data)
+    step = int(state.step)
+    start_epoch, skip_batches = divmod(step, steps_per_epoch)
 
-  replicated_table = None if data.feature_table is None else replicate(data.feature_table)
-  replicated_state = replicate(state)
-  writer = _summary_writer(workdir) if is_chief else None
-  guard = _NaNGuard()
-  eval_metrics = {}
-  for epoch in range(start_epoch, config.num_epochs):
-    epoch_sums, epoch_start = [], time.time()
-    progress = tqdm.tqdm(total=steps_per_epoch, initial=skip_batches, desc=f"epoch {epoch + 1}",
-                         unit="step", disable=not is_chief, dynamic_ncols=True)
-    window_start, window_steps = time.time(), 0
-    for batch in objective.batches(epoch=epoch, num_devices=num_devices,
-                                   skip_batches=skip_batches):
-      replicated_state, sums = objective.step(replicated_state, batch, replicated_table)
-      step += 1
-      window_steps += 1
-      guard.add(step, sums)
-      progress.update(1)
-      if step % config.log_every_steps == 0 or step % config.checkpoint.every_steps == 0:
-        fetched = guard.flush(store)
-        epoch_sums.extend(fetched)
-        logged = objective.summarize(_stack(fetched))
-        logged["images_per_second"] = window_steps * config.batch_size / (time.time() - window_start)
-        window_start, window_steps = time.time(), 0
-        progress.set_postfix(loss=f"{logged['loss']:.3f}",
-                             img_s=f"{logged['images_per_second']:.0f}")
+    replicated_table = None if data.feature_table is None else replicate(data.feature_table)
+    replicated_state = replicate(state)
+    writer = _summary_writer(workdir) if is_chief else None
+    guard = _NaNGuard()
+    eval_metrics = {}
+    for epoch in range(start_epoch, config.num_epochs):
+      epoch_sums, epoch_start = [], time.time()
+      progress = tqdm.tqdm(total=steps_per_epoch, initial=skip_batches, desc=f"epoch {epoch + 1}",
+                           unit="step", disable=not is_chief, dynamic_ncols=True)
+      window_start, window_steps = time.time(), 0
+      for batch in objective.batches(epoch=epoch, num_devices=num_devices,
+                                     skip_batches=skip_batches):
+        replicated_state, sums = objective.step(replicated_state, batch, replicated_table)
+        step += 1
+        window_steps += 1
+        guard.add(step, sums)
+        progress.update(1)
+        if step % config.log_every_steps == 0 or step % config.checkpoint.every_steps == 0:
+          fetched = guard.flush(store)
+          epoch_sums.extend(fetched)
+          logged = objective.summarize(_stack(fetched))
+          seconds = time.time() - window_start
+          logged["images_per_second"] = window_steps * config.batch_size / seconds
+          window_start, window_steps = time.time(), 0
+          progress.set_postfix(loss=f"{logged['loss']:.3f}",
+                               img_s=f"{logged['images_per_second']:.0f}")
+          if writer:
+            for name, value in logged.items():
+              writer.add_scalar(f"train/{name}", value, step)
+        if step % config.checkpoint.every_steps == 0:
+          store.save_latest(step, unreplicate(replicated_state), config, data.vocab)
+      progress.close()
+      skip_batches = 0
+      epoch_sums.extend(guard.flush(store))
+      state = jax.device_put(unreplicate(replicated_state))  # on device again for the evaluation
+      store.save_latest(step, state, config, data.vocab)
+      summary = objective.summarize(_stack(epoch_sums)) if epoch_sums else {}
+      if (epoch + 1) % config.eval.every_epochs == 0 or epoch + 1 == config.num_epochs:
+        eval_metrics = evaluate(config, state.params, data, batch_stats=state.batch_stats)
+        improved = store.offer_best(step, state, config, data.vocab, eval_metrics)
         if writer:
-          for name, value in logged.items():
-            writer.add_scalar(f"train/{name}", value, step)
-      if step % config.checkpoint.every_steps == 0:
-        store.save_latest(step, unreplicate(replicated_state), config, data.vocab)
-    progress.close()
-    skip_batches = 0
-    epoch_sums.extend(guard.flush(store))
-    state = jax.device_put(unreplicate(replicated_state))  # on device again for the evaluation
-    store.save_latest(step, state, config, data.vocab)
-    summary = objective.summarize(_stack(epoch_sums)) if epoch_sums else {}
-    if (epoch + 1) % config.eval.every_epochs == 0 or epoch + 1 == config.num_epochs:
-      eval_metrics = evaluate(config, state.params, data, batch_stats=state.batch_stats)
-      improved = store.offer_best(step, state, config, data.vocab, eval_metrics)
-      if writer:
-        for name, value in eval_metrics.items():
-          writer.add_scalar(f"eval/{name}", value, step)
-        writer.flush()
-      logging.info("epoch %d step %d: train loss %.4f, %s %s(%.0f s)", epoch + 1, step,
-                   summary.get("loss", float("nan")),
-                   ", ".join(f"{config.data.eval_split} {k} {v:.4f}" for k, v in eval_metrics.items()),
-                   "(best) " if improved else "", time.time() - epoch_start)
-      best_step = store.best.best_step()
-      epochs_since_best = epoch + 1 - (best_step or 0) // steps_per_epoch
-      if config.eval.patience and epochs_since_best >= config.eval.patience:
-        logging.info("No %s improvement for %d epochs: stopping early", config.eval.best_metric,
-                     epochs_since_best)
-        break
-      if (config.optimizer.schedule == "plateau" and epochs_since_best > 0
-          and epochs_since_best % config.optimizer.plateau_patience == 0):
-        scale = _plateau_scale(replicated_state.opt_state)
-        scale *= config.optimizer.plateau_factor
-        logging.info("Plateau: learning rate scale now %.4g", float(scale[0]))
-        replicated_state.opt_state[-1].hyperparams["step_size"] = scale
-  store.close()
-  if writer:
-    writer.close()
+          for name, value in eval_metrics.items():
+            writer.add_scalar(f"eval/{name}", value, step)
+          writer.flush()
+        logging.info("epoch %d step %d: train loss %.4f, %s %s(%.0f s)", epoch + 1, step,
+                     summary.get("loss", float("nan")),
+                     ", ".join(f"{config.data.eval_split} {k} {v:.4f}"
+                               for k, v in eval_metrics.items()),
+                     "(best) " if improved else "", time.time() - epoch_start)
+        best_step = store.best.best_step()
+        epochs_since_best = epoch + 1 - (best_step or 0) // steps_per_epoch
+        if config.eval.patience and epochs_since_best >= config.eval.patience:
+          logging.info("No %s improvement for %d epochs: stopping early", config.eval.best_metric,
+                       epochs_since_best)
+          break
+        if (config.optimizer.schedule == "plateau" and epochs_since_best > 0
+            and epochs_since_best % config.optimizer.plateau_patience == 0):
+          scale = _plateau_scale(replicated_state.opt_state)
+          scale *= config.optimizer.plateau_factor
+          logging.info("Plateau: learning rate scale now %.4g", float(scale[0]))
+          replicated_state.opt_state[-1].hyperparams["step_size"] = scale
+  finally:
+    store.close()
+    if writer:
+      writer.close()
   return eval_metrics
 
 

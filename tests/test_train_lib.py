@@ -218,8 +218,12 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(shapes_root, shared_f
   monkeypatch.setattr(feature_cache, "cached_features", lambda *a, **k: (
       lambda features, records: (np.full_like(features, np.nan), records))(*original(*a, **k)))
   config.num_epochs = 2
+  writers = []
+  monkeypatch.setattr(train_lib, "_summary_writer",
+                      lambda workdir: writers.append(RecordingWriter({})) or writers[-1])
   with pytest.raises(errors.TrainingError, match=f"at step {good_step + 1}.*{good_step}"):
     train_lib.train_and_evaluate(config, workdir)
+  assert len(writers) == 1 and writers[0].closed  # closed on the way out, not left to atexit
   variables, _, _ = checkpoints.load_for_inference(pathlib.Path(workdir) / checkpoints.LATEST_DIR)
   assert all(np.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(variables))
 
