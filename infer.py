@@ -15,8 +15,9 @@
   --xla_cache DIR                        keep compiled programs here for the next run (default:
                                          ~/.cache/flaxcap/xla; 'none': off)
 
-An unreadable image gets one line on stderr and the others are still captioned; the exit code is 1
-when any image failed.
+An unreadable image gets one line on stderr and the others are still captioned (with --dataset, scored
+without it); the exit code is 1 when any image failed, 2 when nothing could run (a bad flag value, no
+model).
 """
 
 import json
@@ -98,7 +99,10 @@ def caption_files(captioner, paths) -> int:
   failures = 0
   out_dir = pathlib.Path(FLAGS.attention_out) if FLAGS.attention_out else None
   if out_dir:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+      out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+      raise errors.ConfigError(f"{out_dir}: cannot be the --attention_out folder ({e.strerror})")
   used_names = set()
   from flaxcap import inference  # pylint: disable=g-import-not-at-top
   for result in captioner.caption(paths, **_caption_options()):
@@ -115,7 +119,9 @@ def caption_files(captioner, paths) -> int:
   return failures
 
 
-def score_dataset(captioner) -> None:
+def score_dataset(captioner) -> int:
+  """Captions a split and prints its scores, over the images that could be read; returns how many
+  could not."""
   from flaxcap import datasets  # pylint: disable=g-import-not-at-top
   from flaxcap import metrics  # pylint: disable=g-import-not-at-top
   from flaxcap import inference  # pylint: disable=g-import-not-at-top
@@ -126,10 +132,11 @@ def score_dataset(captioner) -> None:
   records = datasets.load_records(data_config, FLAGS.split)
   if not records:
     raise errors.DataError(f"{FLAGS.dataset}: the {FLAGS.split!r} split is empty")
-  candidates = {}
+  candidates, failures = {}, 0
   for record, result in zip(records, captioner.caption([r.image_path for r in records],
-                                                       **_caption_options())):
+                                                       **_caption_options())):  # one each, in order
     if isinstance(result, inference.Failure):
+      failures += 1
       _report_error(result.message)
     else:
       candidates[record.image_id] = result.text
@@ -139,13 +146,16 @@ def score_dataset(captioner) -> None:
   scores = metrics.score(references, candidates, metrics=metric_names)
   neighbours = captioner.default_consensus_neighbours if FLAGS.consensus is None else FLAGS.consensus
   if FLAGS.json:
-    print(json.dumps({"split": FLAGS.split, "images": len(candidates), "beam_size": FLAGS.beam_size,
-                      "consensus": neighbours, "scores": scores}))
-    return
-  print(f"{FLAGS.split}: {len(candidates)} images, beam {FLAGS.beam_size}, "
+    print(json.dumps({"split": FLAGS.split, "images": len(candidates), "failed": failures,
+                      "beam_size": FLAGS.beam_size, "consensus": neighbours, "scores": scores}))
+    return failures
+  print(f"{FLAGS.split}: {len(candidates)} images"
+        + (f" ({failures} could not be read, left out)" if failures else "")
+        + f", beam {FLAGS.beam_size}, "
         + (f"consensus reranking over {neighbours} neighbours" if neighbours else "no reranking"))
   for name, value in scores.items():
     print(f"  {name:8s} {value:.4f}")
+  return failures
 
 
 def main(argv):
@@ -158,12 +168,17 @@ def main(argv):
   try:
     captioner = inference.Captioner.load(FLAGS.checkpoint)
     if FLAGS.dataset:
-      score_dataset(captioner)
-      return
-    paths = list(FLAGS.image)
-    if FLAGS.images:
-      paths += [str(p) for p in inference.find_images(FLAGS.images)]
-    failures = caption_files(captioner, paths)
+      failures = score_dataset(captioner)
+    else:
+      paths, failures = list(FLAGS.image), 0
+      if FLAGS.images:
+        found = inference.find_images(FLAGS.images)
+        if not found:
+          failures += 1
+          _report_error(f"{FLAGS.images}: no image files in this folder or below it (looked for "
+                        f"{', '.join(inference.IMAGE_SUFFIXES)})")
+        paths += [str(p) for p in found]
+      failures += caption_files(captioner, paths)
   except errors.FlaxcapError as e:
     _report_error(str(e))
     sys.exit(2)

@@ -130,6 +130,8 @@ def decode_image(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS, exif_
     with open(name, "rb") as f:
       data = f.read()
   except FileNotFoundError:
+    if os.path.islink(name):
+      raise _problem(name, f"a symbolic link to a missing file ({os.readlink(name)})") from None
     raise _problem(name, "file not found") from None
   except IsADirectoryError:
     raise _problem(name, "is a folder, not an image file") from None
@@ -137,6 +139,63 @@ def decode_image(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS, exif_
     raise _problem(name, f"cannot read file ({e.strerror})") from None
   return decode_image_bytes(data, name=name, max_pixels=max_pixels, exif_transpose=exif_transpose,
                             draft_size=draft_size)
+
+
+def from_array(image, name: str) -> np.ndarray:
+  """An in-memory image as uint8 [height, width, 3], converted as a file's pixels would be.
+
+  Accepts a Pillow image, or an array [height, width] (gray), [height, width, 1], [height, width, 3]
+  or [height, width, 4] (alpha, composited over white): uint8 or other integers in 0..255, uint16 in
+  0..65535 (scaled), bool, or floats in [0, 1] (as the encoders take them).
+
+  Raises:
+    errors.ImageError: another shape, or values outside the dtype's range; the message starts with
+      `name`.
+  """
+  if isinstance(image, Image.Image):
+    return to_rgb(image)
+  try:
+    values = np.asarray(image)
+  except (TypeError, ValueError) as e:
+    raise _problem(name, f"not an image array ({e})") from None
+  if values.ndim == 3 and values.shape[2] == 1:
+    values = values[:, :, 0]
+  if not (values.ndim == 2 or (values.ndim == 3 and values.shape[2] in (3, 4))):
+    raise _problem(name, f"an array of shape {values.shape} is not an image: expected [height, "
+                   "width], [height, width, 1], [height, width, 3] or [height, width, 4]")
+  if values.shape[0] == 0 or values.shape[1] == 0:
+    raise _problem(name, f"image has no pixels ({values.shape[1]}x{values.shape[0]})")
+  values = _array_to_uint8(values, name)
+  if values.ndim == 2:
+    return np.repeat(values[:, :, None], 3, axis=2)
+  if values.shape[2] == 4:
+    return to_rgb(Image.fromarray(values, "RGBA"))
+  return values
+
+
+def _array_to_uint8(values: np.ndarray, name: str) -> np.ndarray:
+  if values.dtype == np.uint8:
+    return values
+  if values.dtype == np.bool_:
+    return values.astype(np.uint8) * 255
+  if np.issubdtype(values.dtype, np.floating):
+    if not np.isfinite(values).all():
+      found = "NaN or infinity"
+    elif values.min() < 0 or values.max() > 1:
+      found = f"{values.min():g}..{values.max():g}"
+    else:
+      return np.round(values * 255).astype(np.uint8)
+    raise _problem(name, f"{values.dtype} values must be finite and in [0, 1] (found {found}); "
+                   "pass uint8 for 0..255")
+  if np.issubdtype(values.dtype, np.integer):
+    top = 65535 if values.dtype == np.uint16 else 255
+    if values.min() < 0 or values.max() > top:
+      raise _problem(name, f"{values.dtype} values must be in 0..{top} (found "
+                     f"{values.min()}..{values.max()})")
+    if top == 65535:
+      return ((values.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8)
+    return values.astype(np.uint8)
+  raise _problem(name, f"an array of {values.dtype} is not an image (expected integers or floats)")
 
 
 def resize(image: np.ndarray, image_size: int) -> np.ndarray:

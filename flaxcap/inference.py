@@ -13,6 +13,7 @@ from typing import Iterable, Iterator
 
 from absl import logging
 import einops
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,10 +114,18 @@ class Captioner:
           f"{path}: no model is shipped in this checkout yet; train one with train.py and pass "
           "--checkpoint runs/<name>")
     variables, config, vocab = checkpoints.load_for_inference(path)
-    encoder, encoder_variables = model_lib.encoder_and_variables(config, variables)
     index_path = path / consensus.INDEX_FILE
     index = consensus.ConsensusIndex.load(index_path) if index_path.is_file() else None
-    return cls(config, vocab, variables["params"]["decoder"], encoder, encoder_variables, index)
+    try:
+      encoder, encoder_variables = model_lib.encoder_and_variables(config, variables)
+      return cls(config, vocab, variables["params"]["decoder"], encoder, encoder_variables, index)
+    except (KeyError, AttributeError) as e:  # a config or params tree without a field the model needs
+      raise errors.CheckpointError(
+          f"{path}: its config or parameters lack {e}; not a model flaxcap wrote") from e
+    except flax.errors.FlaxError as e:  # e.g. params shaped for another vocabulary
+      raise errors.CheckpointError(
+          f"{path}: its parameters do not fit its config and vocabulary ({len(vocab)} words): "
+          f"{str(e).splitlines()[0]}") from e
 
   @functools.lru_cache(maxsize=16)
   def _compiled(self, beam_size: int, max_len: int, length_penalty: float):
@@ -149,13 +158,16 @@ class Captioner:
     """
     if consensus_neighbours is None:
       consensus_neighbours = self.default_consensus_neighbours
-    if consensus_neighbours and self.consensus_index is None:
-      raise errors.ConfigError("consensus reranking: this model has no consensus index "
-                               f"({consensus.INDEX_FILE}); write one with export.py --consensus_data")
-    max_len = max_len or self.config.eval.max_len
+    max_len = self.config.eval.max_len if max_len is None else max_len
     length_penalty = self.config.eval.length_penalty if length_penalty is None else length_penalty
     if min_ending_rate is None:
       min_ending_rate = self.config.eval.get("min_ending_rate", vocab_lib.DEFAULT_MIN_ENDING_RATE)
+    check_options(beam_size=beam_size, max_len=max_len, length_penalty=length_penalty,
+                  min_ending_rate=min_ending_rate, consensus_neighbours=consensus_neighbours,
+                  consensus_beam_weight=consensus_beam_weight)
+    if consensus_neighbours and self.consensus_index is None:
+      raise errors.ConfigError("consensus reranking: this model has no consensus index "
+                               f"({consensus.INDEX_FILE}); write one with export.py --consensus_data")
     search = self._compiled(int(beam_size), int(max_len), float(length_penalty))
     result, pooled = search(self.encoder_variables, self.decoder_params, self.word_gate_table,
                             self._eos_banned_after(float(min_ending_rate)), jnp.asarray(images))
@@ -187,42 +199,87 @@ class Captioner:
               consensus_neighbours: int | None = None,
               consensus_beam_weight: float = consensus.BEAM_SCORE_WEIGHT,
               batch_size: int = 16) -> Iterator[Caption | Failure]:
-    """Captions paths or arrays in streamed batches, in order; unreadable files yield `Failure`s.
+    """Captions paths or images in streamed batches: one result per input, in the inputs' order.
 
-    Batches are padded to `batch_size` (or to 1 for a single image) so each shape compiles once.
-    The search options are `caption_arrays`'.
+    Inputs are paths (str or os.PathLike; a path alone is taken as a list of one) or in-memory images
+    (`images.from_array`: Pillow images, or uint8 or [0, 1] float arrays, gray, RGB or RGBA). One that
+    cannot be read or converted yields a `Failure` in its place, and the others are captioned. Batches
+    are padded to `batch_size` (or to 1 for a single image) so each shape compiles once. The search
+    options are `caption_arrays`'; one out of range raises `errors.ConfigError` before any captioning.
     """
+    if isinstance(images_or_paths, (str, os.PathLike)):
+      images_or_paths = [images_or_paths]
+    _check_count("batch_size", batch_size, minimum=1)
     options = dict(beam_size=beam_size, max_len=max_len, length_penalty=length_penalty,
                    min_ending_rate=min_ending_rate, consensus_neighbours=consensus_neighbours,
                    consensus_beam_weight=consensus_beam_weight)
-    pending: list[tuple[str, np.ndarray]] = []
-    for item in images_or_paths:
-      if isinstance(item, (str, os.PathLike)):
-        try:
-          pending.append((str(item), images_lib.load_image(item, image_size=self.config.image_size)))
-        except errors.ImageError as e:
-          yield Failure(str(item), str(e))
-          continue
-      else:
-        pending.append(("", images_lib.resize(np.asarray(item, np.uint8), self.config.image_size)))
-      if len(pending) == batch_size:
+    check_options(**{name: value for name, value in options.items() if value is not None})
+    pending: list[tuple[str, np.ndarray] | Failure] = []  # in input order, flushed a batch at a time
+    num_loaded = 0
+    for index, item in enumerate(images_or_paths):
+      pending.append(self._load(index, item))
+      num_loaded += not isinstance(pending[-1], Failure)
+      if num_loaded == batch_size:
         yield from self._caption_pending(pending, batch_size, options)
-        pending = []
+        pending, num_loaded = [], 0
     if pending:
       yield from self._caption_pending(pending, batch_size, options)
 
+  def _load(self, index: int, item) -> tuple[str, np.ndarray] | Failure:
+    """(source, uint8 [image_size, image_size, 3]) of one input of `caption`, or its Failure."""
+    if isinstance(item, (str, os.PathLike)):
+      source = os.fspath(item)
+      try:
+        return source, images_lib.load_image(item, image_size=self.config.image_size)
+      except errors.ImageError as e:
+        return Failure(source, str(e))
+    try:
+      image = images_lib.from_array(item, name=f"input {index} ({type(item).__name__})")
+    except errors.ImageError as e:
+      return Failure("", str(e))
+    return "", images_lib.resize(image, self.config.image_size)
+
   def _caption_pending(self, pending, batch_size, options):
-    padded_size = 1 if len(pending) == 1 else batch_size
-    batch = np.zeros((padded_size,) + pending[0][1].shape, np.uint8)
-    batch[:len(pending)] = [image for _, image in pending]
-    for (source, _), result in zip(pending, self.caption_arrays(batch, **options)):
-      result.source = source
-      yield result
+    loaded = [entry for entry in pending if not isinstance(entry, Failure)]
+    captions = iter(())
+    if loaded:
+      padded_size = 1 if len(loaded) == 1 else batch_size
+      batch = np.zeros((padded_size,) + loaded[0][1].shape, np.uint8)
+      batch[:len(loaded)] = [image for _, image in loaded]
+      captions = iter(self.caption_arrays(batch, **options))
+    for entry in pending:
+      if isinstance(entry, Failure):
+        yield entry
+      else:
+        result = next(captions)
+        result.source = entry[0]
+        yield result
+
+
+def _check_count(name: str, value, minimum: int) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    raise errors.ConfigError(f"{name} must be a whole number >= {minimum}, not {value!r}")
+
+
+def check_options(*, beam_size: int = 1, max_len: int = 1, length_penalty: float = 0.0,
+                  min_ending_rate: float = 0.0, consensus_neighbours: int = 0,
+                  consensus_beam_weight: float = 0.0) -> None:
+  """Raises `errors.ConfigError` naming the first search option out of range (`caption_arrays`)."""
+  _check_count("beam_size", beam_size, minimum=1)
+  _check_count("max_len", max_len, minimum=1)
+  _check_count("consensus_neighbours", consensus_neighbours, minimum=0)
+  for name, value in (("length_penalty", length_penalty), ("min_ending_rate", min_ending_rate),
+                      ("consensus_beam_weight", consensus_beam_weight)):
+    if not np.isfinite(value):
+      raise errors.ConfigError(f"{name} must be a finite number, not {value!r}")
+    if name != "length_penalty" and value < 0:
+      raise errors.ConfigError(f"{name} must be >= 0 (0: off), not {value!r}")
 
 
 def find_images(folder: str | os.PathLike) -> list[pathlib.Path]:
-  """Every image file under `folder`, recursively, sorted."""
+  """Every image file under `folder`, recursively, sorted: each path named with an image suffix that
+  is not a folder (broken links too: captioning reports them rather than leaving them out unseen)."""
   folder = pathlib.Path(folder)
   if not folder.is_dir():
     raise errors.ImageError(f"{folder}: not a folder")
-  return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+  return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())

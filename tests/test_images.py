@@ -152,6 +152,39 @@ def test_resize_and_load_image(tmp_path):
   assert loaded.shape == (24, 24, 3) and loaded.dtype == np.uint8
 
 
+def test_from_array_converts_as_a_file_of_those_pixels_would_be(tmp_path):
+  picture = data_fixtures.pixels(2, SIZE)  # uint8 [30, 40, 3]
+  gray = picture[:, :, 0]
+  for array in (picture, picture / 255.0, (picture / 255).astype(np.float16), picture.astype(np.int32),
+                picture.astype(np.uint16) * 257, Image.fromarray(picture)):
+    converted = images.from_array(array, "photo")
+    assert converted.dtype == np.uint8 and converted.shape == picture.shape
+    np.testing.assert_array_equal(converted, picture)
+  for array in (gray, gray[:, :, None]):
+    np.testing.assert_array_equal(images.from_array(array, "photo"), np.stack([gray] * 3, axis=-1))
+  half = np.concatenate([picture, np.full(picture.shape[:2] + (1,), 128, np.uint8)], axis=-1)
+  path = tmp_path / "half.png"
+  Image.fromarray(half, "RGBA").save(path)
+  np.testing.assert_array_equal(images.from_array(half, "photo"), images.decode_image(path))
+  mask = np.eye(30, 40, dtype=bool)
+  assert set(np.unique(images.from_array(mask, "mask"))) == {0, 255}
+
+
+@pytest.mark.parametrize("array, message", [
+    (np.full((4, 4, 3), 2.0), r"photo: float64 values must be finite and in \[0, 1\] \(found 2..2\)"),
+    (np.full((4, 4, 3), np.nan, np.float32), "photo: float32 values must be finite"),
+    (np.full((4, 4, 3), -1, np.int16), r"photo: int16 values must be in 0..255"),
+    (np.zeros((1, 4, 4, 3), np.uint8), r"photo: an array of shape \(1, 4, 4, 3\) is not an image"),
+    (np.zeros((4, 4, 2), np.uint8), r"shape \(4, 4, 2\)"),
+    (np.zeros((0, 4, 3), np.uint8), "photo: image has no pixels"),
+    (np.array([["a"]]), "photo: an array of <U1 is not an image"),
+])
+def test_from_array_refuses_what_is_not_an_image_in_one_line(array, message):
+  with pytest.raises(errors.ImageError, match=message) as raised:
+    images.from_array(array, "photo")
+  assert "\n" not in str(raised.value)
+
+
 def test_images_module_does_not_import_tensorflow():
   code = "import sys, flaxcap.images; assert 'tensorflow' not in sys.modules"
   subprocess.run([sys.executable, "-c", code], check=True, cwd=pathlib.Path(__file__).resolve().parents[1])

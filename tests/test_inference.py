@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -71,6 +72,86 @@ def test_captions_stream_in_order_and_report_failures(captioner, photo_folder):
         [s for _, s in caption.alternatives], reverse=True)
 
 
+def test_results_come_one_per_input_in_the_inputs_order(captioner, shapes_root, photo_folder):
+  good = [str(p) for p in sorted((shapes_root / "Flicker8k_Dataset").glob("*.jpg"))[:3]]
+  bad = [str(photo_folder / "broken" / "truncated.jpg"), str(photo_folder / "gone.jpg")]
+  inputs = [bad[0], good[0], bad[1], good[1], good[2]]
+  one_by_one = {path: next(captioner.caption([path], beam_size=2)).text for path in good}
+  for batch_size in (1, 2, 16):
+    results = list(captioner.caption(inputs, beam_size=2, batch_size=batch_size))
+    assert [r.source for r in results] == inputs, batch_size
+    assert [isinstance(r, inference.Failure) for r in results] == [True, False, True, False, False]
+    assert [r.text for r in results if isinstance(r, inference.Caption)] == [
+        one_by_one[path] for path in good]
+  (only,) = captioner.caption(good[0], beam_size=2)  # a path alone is one input, not its letters
+  assert only.source == good[0] and only.text == one_by_one[good[0]]
+
+
+def test_images_in_memory_in_any_layout_caption_as_their_uint8_rgb(captioner, shapes_root):
+  path = sorted((shapes_root / "Flicker8k_Dataset").glob("*.jpg"))[3]
+  rgb = np.asarray(Image.open(path).convert("RGB"))
+  gray = np.asarray(Image.open(path).convert("L"))
+  opaque = np.concatenate([rgb, np.full(rgb.shape[:2] + (1,), 255, np.uint8)], axis=-1)
+  inputs = [rgb, rgb / 255.0, (rgb / 255.0).astype(np.float32), Image.open(path), opaque,
+            rgb.astype(np.int64), gray, gray[:, :, None], np.repeat(gray[:, :, None], 3, axis=2),
+            rgb.astype(np.float32), rgb[None], rgb[:, :, :2], "not an image".encode()]
+  results = list(captioner.caption(inputs, beam_size=2, batch_size=4))
+  assert len(results) == len(inputs)
+  colour, gray_ones = results[:6], results[6:9]
+  assert all(isinstance(r, inference.Caption) for r in colour + gray_ones)
+  for group, reference in ((colour, colour[0]), (gray_ones, gray_ones[2])):  # same pixels: the same
+    assert [r.text for r in group] == [reference.text] * len(group)     # caption, up to the rounding
+    np.testing.assert_allclose([r.score for r in group], reference.score, atol=1e-4)  # of a batch row
+  failures = results[9:]
+  assert all(isinstance(r, inference.Failure) for r in failures), failures
+  assert "[0, 1]" in failures[0].message and "input 9" in failures[0].message  # floats 0..255
+  assert "shape (1," in failures[1].message and "shape" in failures[2].message
+  assert "input 12 (bytes)" in failures[3].message
+  assert all("\n" not in f.message for f in failures)
+
+
+@pytest.mark.parametrize("option, value", [
+    ("beam_size", 0), ("beam_size", -1), ("max_len", 0), ("batch_size", 0), ("batch_size", 2.5),
+    ("length_penalty", float("nan")), ("min_ending_rate", -0.1), ("consensus_neighbours", -1),
+    ("consensus_beam_weight", float("inf"))])
+def test_search_options_out_of_range_are_config_errors_naming_the_option(
+    captioner, shapes_root, option, value):
+  path = str(sorted((shapes_root / "Flicker8k_Dataset").glob("*.jpg"))[0])
+  with pytest.raises(errors.ConfigError, match=option):
+    next(captioner.caption([path], **{option: value}))
+
+
+def test_find_images_lists_broken_links_for_captioning_to_report(captioner, tmp_path, shapes_root):
+  photo = sorted((shapes_root / "Flicker8k_Dataset").glob("*.jpg"))[0]
+  (tmp_path / "photo.jpg").write_bytes(photo.read_bytes())
+  (tmp_path / "gone.jpg").symlink_to(tmp_path / "missing.jpg")
+  (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")
+  (tmp_path / "folder.jpg").mkdir()
+  (tmp_path / "notes.txt").write_text("not an image")
+  found = inference.find_images(tmp_path)
+  assert [p.name for p in found] == ["gone.jpg", "loop.png", "photo.jpg"]
+  results = {pathlib.Path(r.source).name: r for r in captioner.caption(found, beam_size=1)}
+  assert "symbolic link to a missing file" in results["gone.jpg"].message
+  assert isinstance(results["loop.png"], inference.Failure)
+  assert isinstance(results["photo.jpg"], inference.Caption)
+
+
+def test_a_model_whose_files_do_not_fit_together_is_a_checkpoint_error(tiny_checkpoint, tmp_path):
+  export = checkpoints.export(tiny_checkpoint, tmp_path / "model")
+  words = json.loads((export / "vocab.json").read_text())
+  fewer = tmp_path / "fewer_words"
+  shutil.copytree(export, fewer)
+  (fewer / "vocab.json").write_text(json.dumps(
+      {**words, "words": words["words"][:-3], "ending_rates": words["ending_rates"][:-3]}))
+  with pytest.raises(errors.CheckpointError, match="do not fit its config and vocabulary"):
+    inference.Captioner.load(fewer)
+  no_config = tmp_path / "no_config"
+  shutil.copytree(export, no_config)
+  (no_config / "config.json").write_text("{}")
+  with pytest.raises(errors.CheckpointError, match="no_config: its config or parameters lack"):
+    inference.Captioner.load(no_config)
+
+
 def test_batch_padding_does_not_change_captions(captioner, shapes_root):
   paths = [str(p) for p in sorted((shapes_root / "Flicker8k_Dataset").glob("*.jpg"))[:5]]
   one_by_one = [next(captioner.caption([p], beam_size=3)).text for p in paths]
@@ -135,22 +216,33 @@ def test_infer_cli_scores_a_dataset_split(tiny_checkpoint, shapes_root):
   assert names == ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr"], result.stdout
 
 
-def test_infer_cli_dataset_json_gives_each_caption_and_the_scores_of_those_captions(
-    tiny_checkpoint, shapes_root):
+def test_infer_cli_dataset_json_scores_each_readable_image_against_its_own_references(
+    tiny_checkpoint, shapes_root, tmp_path):
   from flaxcap import datasets  # pylint: disable=g-import-not-at-top
   from flaxcap import metrics  # pylint: disable=g-import-not-at-top
-  result = _infer(f"--checkpoint={tiny_checkpoint}", f"--dataset={shapes_root}", "--split=dev",
+  root = tmp_path / "shapes"
+  shutil.copytree(shapes_root, root)
+  broken = sorted((root / "Flicker8k_Dataset").glob("*.jpg"))[1]  # between two readable images
+  broken.write_bytes(broken.read_bytes()[:300])
+  result = _infer(f"--checkpoint={tiny_checkpoint}", f"--dataset={root}", "--split=dev",
                   "--beam_size=1", "--json", "--metrics=BLEU,ROUGE-L,CIDEr")  # no JVM for METEOR
-  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.returncode == 1, result.stderr[-2000:]  # an image failed
+  assert [l for l in result.stderr.splitlines() if l.startswith("infer.py: error:")] == [
+      l for l in result.stderr.splitlines() if broken.name in l]
   *caption_lines, summary = [json.loads(line) for line in result.stdout.splitlines()]
   _, config, _ = checkpoints.load_for_inference(tiny_checkpoint)
-  config.data.root = str(shapes_root)
+  config.data.root = str(root)
   records = {pathlib.Path(r.image_path).name: r for r in datasets.load_records(config.data, "dev")}
+  del records[broken.name]
   assert sorted(pathlib.Path(line["image"]).name for line in caption_lines) == sorted(records)
   captions = {pathlib.Path(line["image"]).name: line["caption"] for line in caption_lines}
+  captioner = inference.Captioner.load(tiny_checkpoint)  # each caption is its own image's
+  for name, text in captions.items():
+    assert next(captioner.caption([records[name].image_path], beam_size=1)).text == text
   expected = metrics.score({name: list(r.captions) for name, r in records.items()}, captions,
                            metrics=("BLEU", "ROUGE-L", "CIDEr"))
-  assert summary["images"] == len(records) and summary["beam_size"] == 1
+  assert summary["images"] == len(records) and summary["failed"] == 1
+  assert summary["beam_size"] == 1
   assert summary["consensus"] == 0  # no index in this model: the beam's best
   assert "METEOR" not in summary["scores"] and summary["scores"] == pytest.approx(expected)
 
@@ -158,6 +250,25 @@ def test_infer_cli_dataset_json_gives_each_caption_and_the_scores_of_those_capti
 def test_infer_cli_without_inputs_is_a_usage_error():
   result = _infer()
   assert result.returncode != 0 and "--image" in result.stderr
+
+
+def test_infer_cli_bad_values_and_an_empty_folder_are_one_line_errors(tiny_checkpoint, shapes_root,
+                                                                     tmp_path):
+  photo = str(sorted((shapes_root / "Flicker8k_Dataset").glob("*.jpg"))[0])
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "a_file").write_text("")
+  a_file = tmp_path / "a_file"
+  for flag, message in (("--beam_size=0", "beam_size must be a whole number >= 1"),
+                        (f"--attention_out={a_file}", f"{a_file}: cannot be")):
+    result = _infer(f"--checkpoint={tiny_checkpoint}", f"--image={photo}", flag)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"infer.py: error: {message}")
+    assert not result.stdout
+  result = _infer(f"--checkpoint={tiny_checkpoint}", f"--image={photo}",
+                  f"--images={tmp_path / 'empty'}")
+  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+  assert f"infer.py: error: {tmp_path / 'empty'}: no image files" in result.stderr
+  assert result.stdout.startswith(f"{photo}: ")
 
 
 def test_min_ending_rate_bans_rare_last_words(captioner, shapes_root):
