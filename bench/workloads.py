@@ -183,9 +183,9 @@ def flaxcap_train_state(config, model, variables, *, seed: int = 1) -> train_lib
 
 
 def replicate(tree, device):
-  """`train_lib.replicate` onto one device: the pmapped step compiles once (see there)."""
-  from flaxcap import train_lib  # pylint: disable=g-import-not-at-top
-  return train_lib.replicate(tree, [device])
+  """`replication.replicate` onto one device: the pmapped step compiles once (see there)."""
+  from flaxcap import replication  # pylint: disable=g-import-not-at-top
+  return replication.replicate(tree, [device])
 
 
 def decoder_for(sizes: Sizes, dtype: str = "float32", dropout: float = 0.0, **decoder_fields):

@@ -85,6 +85,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 from jax import lax
 import jax.numpy as jnp
+import numpy as np
 
 from flaxcap import step_loop
 from flaxcap import top_k as top_k_lib
@@ -141,11 +142,21 @@ def _penalize(scores: jax.Array, length: jax.Array, alpha) -> jax.Array:
   return scores / _length_penalty(length, alpha)
 
 
-def _check_log_probs(log_probs: jax.Array, rows: int) -> int:
+def _check_static(**counts: int) -> None:
+  """Raises ValueError unless each of these static arguments (max_len, unroll, ...) is an int >= 1."""
+  for name, value in counts.items():
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+      raise ValueError(f"{name} must be an int >= 1; got {value!r}.")
+
+
+def _check_log_probs(log_probs: jax.Array, rows: int, eos_id) -> int:
   if log_probs.ndim != 2 or log_probs.shape[0] != rows:
     raise ValueError(f"step_fn must return log_probs of shape [{rows}, vocab]; "
                      f"got {log_probs.shape}.")
-  return log_probs.shape[1]
+  vocab = log_probs.shape[1]
+  if isinstance(eos_id, (int, np.integer)) and not 0 <= eos_id < vocab:
+    raise ValueError(f"eos_id {eos_id} is not a token of step_fn's vocabulary of {vocab}.")
+  return vocab
 
 
 def beam_search(step_fn: StepFn, init_state: PyTree, *, beam_size: int, max_len: int,
@@ -172,8 +183,7 @@ def beam_search(step_fn: StepFn, init_state: PyTree, *, beam_size: int, max_len:
     BeamSearchResult with tokens [batch, K, max_len], scores [batch, K] best first,
     lengths [batch, K] and aux leaves [batch, K, max_len, ...].
   """
-  if beam_size < 1 or max_len < 1:
-    raise ValueError(f"beam_size and max_len must be >= 1; got {beam_size}, {max_len}.")
+  _check_static(beam_size=beam_size, max_len=max_len, unroll=unroll)
   batch = _batch_size(init_state)
   k = beam_size
   neg_inf = jnp.float32(-jnp.inf)
@@ -182,7 +192,7 @@ def beam_search(step_fn: StepFn, init_state: PyTree, *, beam_size: int, max_len:
   def search_step(carry, step):
     state, last_tokens, live_scores, done_scores, done_steps, done_slots = carry
     log_probs, new_state, aux = step_fn(state, last_tokens)
-    vocab = _check_log_probs(log_probs, batch * k)
+    vocab = _check_log_probs(log_probs, batch * k, eos_id)
     if vocab < 2:
       raise ValueError("beam_search needs a vocabulary of at least 2 tokens.")
     # [batch, K * vocab] candidates; flat index = parent slot * vocab + token.
@@ -295,13 +305,14 @@ def _decode_one_per_row(step_fn, init_state, choose, *, copies, max_len, bos_id,
   `choose(log_probs [rows, vocab], step) -> tokens [rows]`. Scores are the summed model
   log-probabilities of the chosen tokens, divided by the GNMT penalty of the length.
   """
+  _check_static(max_len=max_len, unroll=unroll, num_samples=copies)
   batch = _batch_size(init_state)
   rows = batch * copies
 
   def decode_step(carry, step):
     state, last_tokens, scores, lengths, done = carry
     log_probs, state, aux = step_fn(state, last_tokens)
-    _check_log_probs(log_probs, rows)
+    _check_log_probs(log_probs, rows, eos_id)
     log_probs = log_probs.astype(jnp.float32)
     chosen = choose(log_probs, step).astype(jnp.int32)
     active = ~done

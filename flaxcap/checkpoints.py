@@ -1,9 +1,10 @@
 """Self-describing checkpoint directories (orbax).
 
-A training workdir holds two orbax `CheckpointManager` directories:
+A training workdir holds two orbax `CheckpointManager` directories and a record of evaluations:
 
     <workdir>/checkpoints/<step>/   the latest `keep` states, for resuming
     <workdir>/best/<step>/          the best state by the eval metric, for inference
+    <workdir>/evaluations.json      each evaluation's step, epoch and metrics, for resuming after it
 
 Each step directory holds three items: `state` (params, batch statistics, optimizer state, step, RNG),
 `config` (the `ConfigDict` the run was trained with, as JSON) and `vocab` (the vocabulary's words and ending rates), so
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 
 LATEST_DIR = "checkpoints"
 BEST_DIR = "best"
+EVALUATIONS_FILE = "evaluations.json"  # in the workdir: every evaluation's step, epoch and metrics
 
 
 def _orbax():
@@ -39,6 +41,13 @@ def _orbax():
   model (`infer.py` with the shipped one) does not need it, and importing it takes ~0.35 s."""
   import orbax.checkpoint  # pylint: disable=g-import-not-at-top
   return orbax.checkpoint
+
+
+def quiet_orbax(record) -> bool:
+  """A log filter (`logging.get_absl_handler().addFilter`) that drops orbax's INFO records, a dozen
+  a save, and keeps its warnings and every other library's records."""
+  return (record.levelno > logging.converter.STANDARD_INFO
+          or f"{os.sep}orbax{os.sep}" not in record.pathname)
 
 
 def _manager(directory: pathlib.Path, *, keep: int,
@@ -61,6 +70,7 @@ class CheckpointStore:
 
   def __init__(self, workdir: str | os.PathLike, *, keep: int, best_metric: str):
     workdir = pathlib.Path(workdir)
+    self.evaluations_path = workdir / EVALUATIONS_FILE
     self.best_metric = best_metric
     self.latest = _manager(workdir / LATEST_DIR, keep=keep)
     self.best = _manager(workdir / BEST_DIR, keep=1, best_metric=best_metric)
@@ -97,6 +107,24 @@ class CheckpointStore:
     if metrics is None:
       return None
     return float(metrics[self.best_metric])
+
+  def evaluations(self) -> list[dict]:
+    """Every evaluation of the run so far, oldest first (`record_evaluation`'s entries)."""
+    if not self.evaluations_path.exists():
+      return []
+    try:
+      return json.loads(self.evaluations_path.read_text())
+    except (OSError, ValueError) as e:
+      raise errors.CheckpointError(f"{self.evaluations_path}: cannot be read ({e}); move it away to "
+                                   "resume without the record of past evaluations") from None
+
+  def record_evaluation(self, entry: dict) -> None:
+    """Appends an evaluation (JSON-able: step, epoch, metrics, ...) to `EVALUATIONS_FILE`, written
+    whole to a temporary file and renamed, so a kill leaves the old record or the new one."""
+    entries = self.evaluations() + [entry]
+    temporary = self.evaluations_path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(entries, indent=1) + "\n")
+    os.replace(temporary, self.evaluations_path)
 
   def restore_latest(self, abstract_state) -> Any | None:
     """Returns the newest complete state shaped like `abstract_state`, or None when there is none."""

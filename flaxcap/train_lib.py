@@ -31,10 +31,11 @@ from flaxcap import encoders
 from flaxcap import errors
 from flaxcap import metrics as metrics_lib
 from flaxcap import model as model_lib
+from flaxcap import replication
 from flaxcap import self_critical
 from flaxcap import train_data
 
-AXIS = "batch"
+AXIS = replication.AXIS  # the mesh axis the train step is pmapped over
 
 
 class TrainState(train_state.TrainState):
@@ -84,6 +85,11 @@ def create_optimizer(config, steps_per_epoch: int, param_labels) -> optax.Gradie
 
 def _plateau_scale(opt_state):
   return opt_state[-1].hyperparams["step_size"]
+
+
+def _evaluates_after(config, epoch: int) -> bool:
+  """Whether the dev split is captioned and scored after `epoch` (from 0)."""
+  return (epoch + 1) % config.eval.every_epochs == 0 or epoch + 1 == config.num_epochs
 
 
 def train_step(state: TrainState, batch, feature_table, *, model, alpha_c: float,
@@ -298,9 +304,21 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     state = store.restore_latest(state) or warm_start(state, data)
     step = int(state.step)
     start_epoch, skip_batches = divmod(step, steps_per_epoch)
+    history = store.evaluations()
+    if (history and history[-1]["step"] == step and config.eval.patience
+        and history[-1]["epochs_since_best"] >= config.eval.patience):
+      logging.info("The run stopped early at step %d (config.eval.patience): nothing to do", step)
+      return history[-1]["metrics"]
+    if history and config.optimizer.schedule == "plateau":  # the scale set after the last evaluation
+      state.opt_state[-1].hyperparams["step_size"] = np.float32(history[-1]["plateau_scale"])
+    if (step and not skip_batches and _evaluates_after(config, start_epoch - 1)
+        and step not in {entry["step"] for entry in history}):
+      # Stopped after the epoch's checkpoint, before its evaluation was recorded: evaluate it first.
+      start_epoch, skip_batches = start_epoch - 1, steps_per_epoch
 
-    replicated_table = None if data.feature_table is None else replicate(data.feature_table)
-    replicated_state = replicate(state)
+    replicated_table = (None if data.feature_table is None
+                        else replication.replicate(data.feature_table))
+    replicated_state = replication.replicate(state)
     writer = _summary_writer(workdir) if is_chief else None
     guard = _NaNGuard()
     eval_metrics = {}
@@ -309,8 +327,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       progress = tqdm.tqdm(total=steps_per_epoch, initial=skip_batches, desc=f"epoch {epoch + 1}",
                            unit="step", disable=not is_chief, dynamic_ncols=True)
       window_start, window_steps = time.time(), 0
-      for batch in objective.batches(epoch=epoch, num_devices=num_devices,
-                                     skip_batches=skip_batches):
+      batches = () if skip_batches == steps_per_epoch else objective.batches(
+          epoch=epoch, num_devices=num_devices, skip_batches=skip_batches)
+      for batch in batches:
         replicated_state, sums = objective.step(replicated_state, batch, replicated_table)
         step += 1
         window_steps += 1
@@ -329,77 +348,46 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
             for name, value in logged.items():
               writer.add_scalar(f"train/{name}", value, step)
         if step % config.checkpoint.every_steps == 0:
-          store.save_latest(step, unreplicate(replicated_state), config, data.vocab)
+          store.save_latest(step, replication.unreplicate(replicated_state), config, data.vocab)
       progress.close()
       skip_batches = 0
       epoch_sums.extend(guard.flush(store))
-      state = jax.device_put(unreplicate(replicated_state))  # on device again for the evaluation
+      state = jax.device_put(replication.unreplicate(replicated_state))  # on device for the evaluation
       store.save_latest(step, state, config, data.vocab)
       summary = objective.summarize(_stack(epoch_sums)) if epoch_sums else {}
-      if (epoch + 1) % config.eval.every_epochs == 0 or epoch + 1 == config.num_epochs:
-        eval_metrics = evaluate(config, state.params, data, batch_stats=state.batch_stats)
-        improved = store.offer_best(step, state, config, data.vocab, eval_metrics)
-        if writer:
-          for name, value in eval_metrics.items():
-            writer.add_scalar(f"eval/{name}", value, step)
-          writer.flush()
-        logging.info("epoch %d step %d: train loss %.4f, %s %s(%.0f s)", epoch + 1, step,
-                     summary.get("loss", float("nan")),
-                     ", ".join(f"{config.data.eval_split} {k} {v:.4f}"
-                               for k, v in eval_metrics.items()),
-                     "(best) " if improved else "", time.time() - epoch_start)
-        best_step = store.best.best_step()
-        epochs_since_best = epoch + 1 - (best_step or 0) // steps_per_epoch
-        if config.eval.patience and epochs_since_best >= config.eval.patience:
-          logging.info("No %s improvement for %d epochs: stopping early", config.eval.best_metric,
-                       epochs_since_best)
-          break
-        if (config.optimizer.schedule == "plateau" and epochs_since_best > 0
-            and epochs_since_best % config.optimizer.plateau_patience == 0):
-          scale = _plateau_scale(replicated_state.opt_state)
-          scale *= config.optimizer.plateau_factor
-          logging.info("Plateau: learning rate scale now %.4g", float(scale[0]))
-          replicated_state.opt_state[-1].hyperparams["step_size"] = scale
+      if not _evaluates_after(config, epoch):
+        continue
+      eval_metrics = evaluate(config, state.params, data, batch_stats=state.batch_stats)
+      improved = store.offer_best(step, state, config, data.vocab, eval_metrics)
+      if writer:
+        for name, value in eval_metrics.items():
+          writer.add_scalar(f"eval/{name}", value, step)
+        writer.flush()
+      logging.info("epoch %d step %d: train loss %s, %s %s(%.0f s)", epoch + 1, step,
+                   f"{summary['loss']:.4f}" if "loss" in summary else "- (resumed after it)",
+                   ", ".join(f"{config.data.eval_split} {k} {v:.4f}" for k, v in eval_metrics.items()),
+                   "(best) " if improved else "", time.time() - epoch_start)
+      epochs_since_best = epoch + 1 - (store.best.best_step() or 0) // steps_per_epoch
+      stop = bool(config.eval.patience) and epochs_since_best >= config.eval.patience
+      if (not stop and config.optimizer.schedule == "plateau" and epochs_since_best > 0
+          and epochs_since_best % config.optimizer.plateau_patience == 0):
+        scale = _plateau_scale(replicated_state.opt_state) * config.optimizer.plateau_factor
+        logging.info("Plateau: learning rate scale now %.4g", float(scale[0]))
+        replicated_state.opt_state[-1].hyperparams["step_size"] = scale
+      if is_chief:
+        store.record_evaluation({
+            "step": step, "epoch": epoch + 1, "metrics": eval_metrics,
+            "epochs_since_best": epochs_since_best,
+            "plateau_scale": float(np.asarray(_plateau_scale(replicated_state.opt_state))[0])})
+      if stop:
+        logging.info("No %s improvement for %d epochs: stopping early", config.eval.best_metric,
+                     epochs_since_best)
+        break
   finally:
     store.close()
     if writer:
       writer.close()
   return eval_metrics
-
-
-def replicate(tree, devices=None):
-  """A copy of `tree` on each of `devices` (default: the local devices), leading axis [devices, ...],
-  placed as a step pmapped with `AXIS` places its outputs.
-
-  `flax.jax_utils.replicate`'s arrays carry another mesh axis name ("_device_put_sharded" on jax 0.10),
-  so the step's second call, fed the first call's outputs, saw a new input sharding and compiled the
-  whole train step again.
-  """
-  devices = list(devices or jax.local_devices())
-  sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)),
-                                        jax.sharding.PartitionSpec(AXIS))
-
-  def put(leaf):
-    # Through the host: `leaf[None]` of a device array would compile an op for each leaf shape.
-    leaf = leaf if _is_key(leaf) else np.asarray(leaf)
-    return jax.make_array_from_single_device_arrays(
-        (len(devices),) + leaf.shape, sharding, [jax.device_put(leaf[None], d) for d in devices])
-
-  return jax.tree_util.tree_map(put, tree)
-
-
-def _is_key(leaf) -> bool:
-  return isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
-
-
-def unreplicate(tree):
-  """The first device's copy of a pmapped pytree, as host (numpy) arrays but for PRNG keys.
-
-  `flax.jax_utils.unreplicate` keeps a leading axis when pmap ran on a subset of the local devices;
-  `x[0]` on device compiles an op for each leaf shape. Checkpoints are written from the host anyway.
-  """
-  return jax.tree_util.tree_map(
-      lambda x: x[0] if _is_key(x) else np.asarray(x.addressable_shards[0].data)[0], tree)
 
 
 def _stack(sums_list):

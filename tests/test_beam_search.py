@@ -414,6 +414,31 @@ def test_bad_init_state_is_rejected():
               temperature=0.0)
 
 
+SEARCHES = {
+    "beam": lambda step_fn, state, **kw: bs.beam_search(step_fn, state, beam_size=2, **kw),
+    "greedy": bs.greedy_search,
+    "sample": lambda step_fn, state, **kw: bs.sample(step_fn, state, rng=jax.random.key(0), **kw),
+}
+
+
+@pytest.mark.parametrize("search", sorted(SEARCHES))
+@pytest.mark.parametrize("arguments, message", [
+    (dict(max_len=0), "max_len must be an int >= 1; got 0"),
+    (dict(max_len=2.0), "max_len must be an int >= 1; got 2.0"),
+    (dict(unroll=0), "unroll must be an int >= 1; got 0"),
+    (dict(eos_id=VOCAB), f"eos_id {VOCAB} is not a token of step_fn's vocabulary of {VOCAB}"),
+    (dict(eos_id=-1), "eos_id -1 is not a token"),
+])
+def test_bad_arguments_of_every_search_are_named(search, arguments, message):
+  table, embed = map(jnp.asarray, random_tables(0))
+  arguments = {"max_len": MAX_LEN, "bos_id": BOS, "eos_id": EOS, **arguments}
+  if search == "sample" and "unroll" in arguments:  # sample has no unroll
+    arguments.pop("unroll")
+    arguments["num_samples"], message = 0, "num_samples >= 1; got .* num_samples=0"
+  with pytest.raises(ValueError, match=message):
+    SEARCHES[search](markov_step_fn(table, embed), markov_init_state(table), **arguments)
+
+
 # ----------------------------------------------------------------------------------------------
 # Sampling.
 

@@ -19,6 +19,7 @@ from flaxcap import errors
 from flaxcap import model as model_lib
 from flaxcap import self_critical
 from flaxcap import sentence_scores
+from flaxcap import replication
 from flaxcap import train_lib
 from recording_writer import RecordingWriter
 
@@ -82,8 +83,8 @@ def _update(num_devices, model, state, batch, feature_table):
   split = {name: value.reshape((num_devices, -1) + value.shape[1:]) for name, value in batch.items()}
   new_state, sums = step(jax_utils.replicate(state, devices=devices), split,
                          jax_utils.replicate(feature_table, devices=devices))
-  return jax.device_get(train_lib.unreplicate(new_state).params), jax.device_get(
-      train_lib.unreplicate(sums))
+  return jax.device_get(replication.unreplicate(new_state).params), jax.device_get(
+      replication.unreplicate(sums))
 
 
 def test_policy_gradient_equals_the_gradient_of_the_sampled_log_probabilities():

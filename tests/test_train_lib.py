@@ -22,6 +22,7 @@ from flaxcap import errors
 from flaxcap import feature_cache
 from flaxcap import model as model_lib
 from flaxcap import train_data
+from flaxcap import replication
 from flaxcap import train_lib
 from recording_writer import RecordingWriter
 
@@ -72,13 +73,13 @@ def _run_steps(num_devices, config, feature_table, token_batches):
   state = train_lib.create_train_state(config, model, data, steps_per_epoch=10)
   devices = jax.local_devices()[:num_devices]
   step = _pmapped_step(model, num_devices)
-  state = train_lib.replicate(state, devices)
-  table = train_lib.replicate(feature_table, devices)
+  state = replication.replicate(state, devices)
+  table = replication.replicate(feature_table, devices)
   for image_index, tokens in token_batches:
     batch = {"image_index": image_index.reshape(num_devices, -1),
              "tokens": tokens.reshape(num_devices, -1, tokens.shape[-1])}
     state, _ = step(state, batch, table)
-  return jax.device_get(train_lib.unreplicate(state).params)
+  return jax.device_get(replication.unreplicate(state).params)
 
 
 @functools.lru_cache(maxsize=2)
@@ -153,6 +154,65 @@ def test_kill_and_resume_gives_the_same_losses(shapes_root, shared_features_work
                          final_a, final_b)
 
 
+def test_a_run_stopped_around_an_evaluation_resumes_with_the_same_evaluations(
+    shapes_root, shared_features_workdir, monkeypatch):
+  # Metrics that never improve after the first: the plateau halves the learning rate after every
+  # later evaluation. A fingerprint of the parameters tells which state each evaluation saw.
+  def fake_evaluate(config, params, data, batch_stats=None):
+    return {"CIDEr": 1.0, "fingerprint": float(sum(np.asarray(leaf, np.float64).sum()
+                                                   for leaf in jax.tree_util.tree_leaves(params)))}
+
+  monkeypatch.setattr(train_lib, "evaluate", fake_evaluate)
+  monkeypatch.setattr(train_lib, "_summary_writer", lambda w: RecordingWriter({}))
+  config = _config(shapes_root, batch_size=4, num_epochs=3, eval__every_epochs=1,  # 4 steps an epoch
+                   eval__patience=0, eval__best_metric="CIDEr", checkpoint__every_steps=1000,
+                   optimizer__schedule="plateau", optimizer__plateau_patience=1)
+  workdir_a, workdir_b = shared_features_workdir("a"), shared_features_workdir("b")
+  train_lib.train_and_evaluate(config, workdir_a)
+  expected = checkpoints.CheckpointStore(workdir_a, keep=1, best_metric="CIDEr").evaluations()
+  assert [(e["step"], e["plateau_scale"]) for e in expected] == [(4, 1.0), (8, 0.5), (12, 0.25)]
+
+  # Killed while saving the first best state (its epoch's checkpoint already written), then right
+  # after recording the second evaluation (the halved scale not yet in any checkpoint).
+  original_offer, original_record = (checkpoints.CheckpointStore.offer_best,
+                                     checkpoints.CheckpointStore.record_evaluation)
+
+  def die_in_offer(self, step, *args):
+    if step == 4:
+      raise _Killed()
+    return original_offer(self, step, *args)
+
+  def die_after_record(self, entry):
+    original_record(self, entry)
+    if entry["step"] == 8:
+      raise _Killed()
+
+  monkeypatch.setattr(checkpoints.CheckpointStore, "offer_best", die_in_offer)
+  with pytest.raises(_Killed):
+    train_lib.train_and_evaluate(config, workdir_b)
+  monkeypatch.setattr(checkpoints.CheckpointStore, "offer_best", original_offer)
+  monkeypatch.setattr(checkpoints.CheckpointStore, "record_evaluation", die_after_record)
+  with pytest.raises(_Killed):
+    train_lib.train_and_evaluate(config, workdir_b)
+  monkeypatch.setattr(checkpoints.CheckpointStore, "record_evaluation", original_record)
+  train_lib.train_and_evaluate(config, workdir_b)
+
+  resumed = checkpoints.CheckpointStore(workdir_b, keep=1, best_metric="CIDEr").evaluations()
+  assert [(e["step"], e["plateau_scale"]) for e in resumed] == [(4, 1.0), (8, 0.5), (12, 0.25)]
+  np.testing.assert_allclose([e["metrics"]["fingerprint"] for e in resumed],
+                             [e["metrics"]["fingerprint"] for e in expected], rtol=1e-6)
+  assert sorted(p.name for p in (pathlib.Path(workdir_b) / checkpoints.BEST_DIR).iterdir()) == ["4"]
+
+  # Stopped early by patience: the same command again trains nothing more.
+  config.num_epochs, config.eval.patience = 5, 1
+  workdir_c = shared_features_workdir("c")
+  train_lib.train_and_evaluate(config, workdir_c)
+  latest = pathlib.Path(workdir_c) / checkpoints.LATEST_DIR
+  assert max(int(p.name) for p in latest.iterdir() if p.name.isdigit()) == 8
+  assert train_lib.train_and_evaluate(config, workdir_c)["CIDEr"] == 1.0
+  assert max(int(p.name) for p in latest.iterdir() if p.name.isdigit()) == 8
+
+
 def _train_cli(*args, **kwargs):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", XLA_FLAGS="")
   return subprocess.Popen([sys.executable, str(REPO_ROOT / "train.py"),
@@ -198,6 +258,24 @@ def test_cli_bad_config_is_one_line(override, message, shapes_root, tmp_path):
   lines = [line for line in stderr.splitlines() if line.startswith("train.py: error:")]
   assert len(lines) == 1 and message in lines[0], stderr[-2000:]
   assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--config=configs/nope.py"], "--config configs/nope.py: no such file"),
+    (["--config.no_such_field=3"], "a --config.<field> override names a field the config does not "
+                                   "have ('no_such_field')"),
+    (["--config.data.nope=3"], "('nope')"),
+    (["--config={syntax_error}"], "syntax_error.py: cannot be loaded (SyntaxError: "),
+])
+def test_cli_config_that_cannot_be_read_is_one_line(arguments, message, tmp_path):
+  (tmp_path / "syntax_error.py").write_text("def get_config(:\n")
+  arguments = [a.format(syntax_error=tmp_path / "syntax_error.py") for a in arguments]
+  process = _train_cli(f"--workdir={tmp_path / 'run'}", *arguments)
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == 2 and "Traceback" not in stderr, stderr[-2000:]
+  assert stderr.strip().splitlines() == [stderr.strip().splitlines()[-1]]
+  assert stderr.startswith("train.py: error: ") and message in stderr, stderr
+  assert not (tmp_path / "run").exists()
 
 
 def test_empty_split_is_an_error(shapes_root, tmp_path):
@@ -339,7 +417,7 @@ def test_a_run_starts_from_init_checkpoint(shapes_root, tiny_checkpoint, shared_
 
 @pytest.mark.parametrize("num_devices", [1, 4])
 def test_replicate_places_arrays_so_a_pmapped_step_compiles_once(num_devices):
-  """`train_lib.replicate`: a copy per device, placed as the step's outputs, so feeding a step its own
+  """`replication.replicate`: a copy per device, placed as the step's outputs, so feeding a step its own
   outputs does not trace and compile it again (with flax's `jax_utils.replicate` it did, on step 2)."""
   devices = jax.local_devices()[:num_devices]
   assert len(devices) == num_devices  # the suite runs with 4 host devices (tests/conftest.py)
@@ -351,8 +429,8 @@ def test_replicate_places_arrays_so_a_pmapped_step_compiles_once(num_devices):
 
   p_step = jax.pmap(step, axis_name=train_lib.AXIS, donate_argnums=(0,), devices=devices)
   weights = np.random.default_rng(0).normal(size=(4, 4)).astype(np.float32)
-  state = train_lib.replicate({"w": weights, "step": np.int32(0)}, devices)
-  batch = train_lib.replicate(np.ones((4,), np.float32), devices)
+  state = replication.replicate({"w": weights, "step": np.int32(0)}, devices)
+  batch = replication.replicate(np.ones((4,), np.float32), devices)
   for _ in range(3):
     state, _ = p_step(state, batch)
   assert len(traces) == 1
@@ -395,7 +473,7 @@ def test_train_state_creation_replication_and_fetching_lower_no_op_per_parameter
   assert len(lowered) <= 6 < len(parameter_shapes), lowered
 
   with _programs_lowered() as lowered:
-    fetched = train_lib.unreplicate(train_lib.replicate(state))
+    fetched = replication.unreplicate(replication.replicate(state))
   assert len(lowered) <= 3, lowered  # the PRNG key: its copy (1) and its fetch (2)
   for original, copy in zip(jax.tree_util.tree_leaves((state.params, state.opt_state)),
                             jax.tree_util.tree_leaves((fetched.params, fetched.opt_state))):
