@@ -14,6 +14,9 @@ training captions under DIR, for models trained before vocabularies kept them.
 `infer.py --consensus K` reranks the beam with (consensus.npz, `flaxcap.consensus`).
 """
 
+import os
+import pathlib
+import shutil
 import sys
 
 from absl import app
@@ -32,17 +35,30 @@ flags.DEFINE_string("consensus_data", None, "Also index the training images unde
                     "for consensus reranking (infer.py --consensus).")
 
 
+def _exit_with_error(message: str) -> None:
+  print(f"export.py: error: {message}", file=sys.stderr)
+  sys.exit(1)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  for flag in ("data_root", "consensus_data"):
+    folder = flags.FLAGS[flag].value
+    if folder is not None and not os.path.isdir(folder):
+      _exit_with_error(f"--{flag} {folder}: no such folder")
+  out = pathlib.Path(flags.FLAGS.out)
+  if out.exists() and not out.is_dir():
+    _exit_with_error(f"--out {out}: a file is there; name a folder")
+  new_folder = not out.exists()
   try:
-    out = checkpoints.export(flags.FLAGS.checkpoint, flags.FLAGS.out,
-                             data_root=flags.FLAGS.data_root)
+    checkpoints.export(flags.FLAGS.checkpoint, out, data_root=flags.FLAGS.data_root)
     if flags.FLAGS.consensus_data:
       consensus.write_index(out, flags.FLAGS.consensus_data)
   except errors.FlaxcapError as e:
-    print(f"export.py: error: {e}", file=sys.stderr)
-    sys.exit(1)
+    if new_folder:  # no half-written model left behind
+      shutil.rmtree(out, ignore_errors=True)
+    _exit_with_error(str(e))
   print(out)
 
 

@@ -164,6 +164,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not (FLAGS.image or FLAGS.images or FLAGS.dataset):
     raise app.UsageError("give --image PHOTO.jpg, --images DIR or --dataset DIR")
+  if FLAGS.dataset and not os.path.isdir(FLAGS.dataset):
+    _report_error(f"--dataset {FLAGS.dataset}: no such folder")
+    sys.exit(2)
   compilation_cache.enable(FLAGS.xla_cache)
   try:
     captioner = inference.Captioner.load(FLAGS.checkpoint)

@@ -278,7 +278,10 @@ def export(sources: str | os.PathLike | Sequence[str | os.PathLike],
   if data_root is not None:
     vocab = vocabulary_with_ending_rates(config, vocab, data_root, source=paths[0])
   out_dir = pathlib.Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
+  try:
+    out_dir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise errors.CheckpointError(f"{out_dir}: cannot hold the exported model ({e.strerror})") from None
   compact = jax.tree_util.tree_map(
       lambda x: np.asarray(x, np.float16) if np.issubdtype(np.asarray(x).dtype, np.floating) else x,
       variables)

@@ -119,6 +119,26 @@ def test_export_cli_averages_repeated_checkpoints(tiny_checkpoint, tmp_path):
       f"export.py: error: {tmp_path / 'missing'}: checkpoint directory does not exist")
 
 
+def test_export_cli_errors_are_one_line_and_leave_no_half_written_model(tiny_checkpoint, tmp_path):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", XLA_FLAGS="")
+  (tmp_path / "no_images").mkdir()
+  (tmp_path / "a_file").write_text("")
+  for arguments, message in (
+      ([f"--out={tmp_path / 'a_file'}"], f"--out {tmp_path / 'a_file'}: a file is there"),
+      ([f"--out={tmp_path / 'model'}", f"--consensus_data={tmp_path / 'gone'}"],
+       f"--consensus_data {tmp_path / 'gone'}: no such folder"),
+      ([f"--out={tmp_path / 'model'}", f"--consensus_data={tmp_path / 'no_images'}"],
+       f"{tmp_path / 'no_images'}: no image folder found")):
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "export.py"), f"--checkpoint={tiny_checkpoint}", *arguments],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"export.py: error: {message}")
+    assert not (tmp_path / "model").exists()  # the index failed: the export is removed with it
+  with pytest.raises(errors.CheckpointError, match="a_file: cannot hold the exported model"):
+    checkpoints.export(tiny_checkpoint, tmp_path / "a_file")
+
+
 def test_checkpoints_keep_the_vocabulary_ending_rates(tiny_checkpoint):
   _, _, vocab = checkpoints.load_for_inference(tiny_checkpoint)
   assert vocab.ending_rates is not None and vocab.ending_rates.max() > 0
