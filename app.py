@@ -150,7 +150,7 @@ def _upload_name(raw: str | None) -> str:
 def _beam_size(raw: str | None) -> int:
   if raw is None:
     return DEFAULT_BEAM_SIZE
-  if not raw.strip().isdigit() or not 1 <= int(raw) <= MAX_BEAM_SIZE:
+  if not (raw.strip().isascii() and raw.strip().isdigit()) or not 1 <= int(raw) <= MAX_BEAM_SIZE:
     raise ValueError(f"beam_size must be a whole number from 1 to {MAX_BEAM_SIZE}, not {raw!r}")
   return int(raw)
 

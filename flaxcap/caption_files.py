@@ -19,6 +19,7 @@ from typing import Iterator
 from absl import logging
 
 from flaxcap import errors
+from flaxcap import vocab as vocab_lib
 
 DATA_HINT = "see the README section 'Data' for the expected layouts"
 
@@ -149,40 +150,16 @@ def _parse_caption_lines(path, unused_mtime, unused_size, images_dir, unused_fol
   skips = SkipLog(path)
   captions = collections.OrderedDict()
   lines_by_name = collections.defaultdict(list)
-  seen_keys = set()
+  lines = []  # (number, text) of the decodable lines
   for number, line in text_lines(path):
-    where = f"line {number}"
     if line is None:
-      skips.add(where, "lines not valid UTF-8")
-      continue
-    if not line.strip():
-      continue
-    if csv_format:
-      try:
-        fields = next(csv.reader([line]))
-      except csv.Error:
-        fields = []
-      if number == 1 and [f.strip().lower() for f in fields] == ["image", "caption"]:
-        continue
-      if len(fields) < 2 or not fields[0].strip():
-        skips.add(where, "malformed lines (expected 'image,caption')")
-        continue
-      name, caption = fields[0].strip(), ",".join(fields[1:]).strip()
+      skips.add(f"line {number}", "lines not valid UTF-8")
     else:
-      key, tab, caption = line.partition("\t")
-      if not tab:
-        key, _, caption = line.strip().partition(" ")
-      name, hash_sign, caption_number = key.strip().rpartition("#")
-      if not hash_sign or not name or not caption_number.isdigit():
-        skips.add(where, "malformed lines (expected '<image>#<n><TAB><caption>')")
-        continue
-      if (name, caption_number) in seen_keys:
-        skips.add(where, f"repeated caption ids ({key.strip()})")
-        continue
-      seen_keys.add((name, caption_number))
-      caption = caption.strip()
-    if not caption:
-      skips.add(where, "empty captions")
+      lines.append((number, line))
+  rows = _csv_rows(lines, skips) if csv_format else _token_rows(lines, skips)
+  for number, name, caption in rows:
+    if not vocab_lib.tokenize(caption):  # nothing but spaces and punctuation
+      skips.add(f"line {number}", "empty captions")
       continue
     captions.setdefault(name, []).append(caption)
     lines_by_name[name].append(number)
@@ -197,6 +174,67 @@ def _parse_caption_lines(path, unused_mtime, unused_size, images_dir, unused_fol
   if not captions:
     raise errors.DataError(f"{path}: no usable captions (every line was skipped; see the warning above)")
   return {name: tuple(texts) for name, texts in captions.items()}
+
+
+def _token_rows(lines, skips):
+  """(line number, image name, caption) of Flickr8k.token.txt lines "<name>#<n><TAB><caption>"."""
+  seen_keys = set()
+  for number, line in lines:
+    if not line.strip():
+      continue
+    where = f"line {number}"
+    key, tab, caption = line.partition("\t")
+    if not tab:
+      key, _, caption = line.strip().partition(" ")
+    name, hash_sign, caption_number = key.strip().rpartition("#")
+    if not hash_sign or not name or not caption_number.isdigit():
+      skips.add(where, "malformed lines (expected '<image>#<n><TAB><caption>')")
+      continue
+    if (name, caption_number) in seen_keys:
+      skips.add(where, f"repeated caption ids ({key.strip()})")
+      continue
+    seen_keys.add((name, caption_number))
+    yield number, name, caption.strip()
+
+
+MAX_LINES_PER_CSV_ROW = 4  # a quoted caption may hold line breaks; a quote open longer is a stray one
+
+
+def _csv_rows(lines, skips):
+  """(first line number, image name, caption) of the rows of a Kaggle captions.txt ("image,caption").
+
+  A quoted caption may span lines (as pandas and Python's csv write captions with line breaks): it is
+  read whole, its line breaks as spaces. A quote still open after `MAX_LINES_PER_CSV_ROW` lines makes
+  its first line malformed, and reading goes on at the next line.
+  """
+  start = 0
+  while start < len(lines):
+    reader = csv.reader(text + "\n" for _, text in lines[start:])
+    consumed = 0  # lines of lines[start:] read into earlier rows
+    while True:
+      try:
+        fields = next(reader)
+      except StopIteration:
+        return
+      except csv.Error:  # e.g. a NUL byte: this row's first line is malformed; resume after it
+        fields = None
+      span = reader.line_num - consumed
+      number = lines[start + consumed][0]
+      if fields is None or span > MAX_LINES_PER_CSV_ROW:
+        reason = ("malformed lines (a quote that does not close)" if fields is not None
+                  else "malformed lines (not CSV)")
+        skips.add(f"line {number}", reason)
+        start += consumed + 1
+        break
+      consumed = reader.line_num
+      if not "".join(fields).strip():
+        continue
+      if number == 1 and [f.strip().lower() for f in fields] == ["image", "caption"]:
+        continue
+      if len(fields) < 2 or not fields[0].strip():
+        skips.add(f"line {number}", "malformed lines (expected 'image,caption')")
+        continue
+      yield number, fields[0].strip(), " ".join(",".join(fields[1:]).split())
 
 
 def read_split_list(path: pathlib.Path, captions_by_name) -> list[str] | None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import os
 import pathlib
@@ -28,6 +29,7 @@ from absl import logging
 
 from flaxcap import caption_files
 from flaxcap import errors
+from flaxcap import vocab as vocab_lib
 
 SPLITS = ("train", "dev", "test")
 LAYOUTS = ("flickr8k", "kaggle", "karpathy", "coco", "tfds")
@@ -89,6 +91,9 @@ def read_flickr8k(root, split: str, *, images_dir: str = "", captions_file: str 
       caption_files.resolve(root, captions_file, "Flickr8k_text/Flickr8k.token.txt"),
       "Flickr8k caption file", "--config.data.captions_file")
   captions = caption_files.read_caption_lines(token_file, images, csv_format=False)
+  if split_dir:
+    caption_files.require_dir(caption_files.resolve(root, split_dir, ""), "split file",
+                              "--config.data.split_file")
   split_path = caption_files.resolve(root, split_dir, "Flickr8k_text") / f"Flickr_8k.{split}Images.txt"
   names = caption_files.read_split_list(split_path, captions)
   if names is None:
@@ -105,18 +110,38 @@ def hash_split(image_id: str, dev_fraction: float, test_fraction: float) -> str:
   return "test" if position < dev_fraction + test_fraction else "train"
 
 
-def _karpathy_splits(json_path: pathlib.Path, restval_to_train: bool) -> dict[str, str]:
-  """{image file name: split} from a Karpathy JSON."""
+def _karpathy_split(entry, restval_to_train: bool) -> str | None:
+  """A Karpathy JSON entry's split ("val" -> "dev", "restval" -> "train" if asked), or None when the
+  entry is malformed (not a dict, or its filename, split or filepath of the wrong type)."""
+  if (not isinstance(entry, dict) or not isinstance(entry.get("filename"), str)
+      or not isinstance(entry.get("split"), str) or entry["split"] not in _KARPATHY_SPLITS
+      or not isinstance(entry.get("filepath", ""), str)):
+    return None
+  split = _KARPATHY_SPLITS[entry["split"]]
+  return "train" if split == "restval" and restval_to_train else split
+
+
+@functools.lru_cache(maxsize=4)
+def _kaggle_splits(json_path: pathlib.Path, unused_mtime: int, restval_to_train: bool,
+                   captioned_names: tuple[str, ...]) -> dict[str, str]:
+  """{image file name: split} of the captioned images from a Karpathy JSON; what it leaves out
+  (malformed entries, captioned images it does not list) is counted in one warning per JSON."""
   payload = caption_files.load_json(json_path, "Karpathy split JSON", "--config.data.split_file")
   entries = payload.get("images") if isinstance(payload, dict) else None
   if not isinstance(entries, list):
     raise errors.DataError(f"{json_path}: not a Karpathy JSON (no \"images\" list)")
-  splits = {}
-  for entry in entries:
-    if isinstance(entry, dict) and entry.get("split") in _KARPATHY_SPLITS and "filename" in entry:
-      split = _KARPATHY_SPLITS[entry["split"]]
-      splits[entry["filename"]] = "train" if split == "restval" and restval_to_train else split
-  return splits
+  skips, splits = caption_files.SkipLog(json_path), {}
+  for index, entry in enumerate(entries):
+    split = _karpathy_split(entry, restval_to_train)
+    if split is None:
+      skips.add(f"images[{index}]", "malformed entries (need filename, split)")
+    else:
+      splits[entry["filename"]] = split
+  for name in captioned_names:
+    if name not in splits:
+      skips.add(name, "captioned images it does not list (in no split)")
+  skips.warn()
+  return {name: splits[name] for name in captioned_names if name in splits}
 
 
 def read_kaggle(root, split: str, *, images_dir: str = "", captions_file: str = "", split_file: str = "",
@@ -154,9 +179,12 @@ def read_kaggle(root, split: str, *, images_dir: str = "", captions_file: str = 
         logging.info("%s not found: the %s split is empty", split_path / f"Flickr_8k.{split}Images.txt",
                      split)
         return []
-    elif split_path.suffix == ".json":
-      splits = _karpathy_splits(split_path, restval_to_train)
+    elif split_path.suffix == ".json" and split_path.is_file():
+      splits = _kaggle_splits(split_path, split_path.stat().st_mtime_ns, restval_to_train,
+                              tuple(captions))
       names = [name for name in captions if splits.get(name) == split]
+    elif not split_path.exists():
+      caption_files.require_file(split_path, "split file", "--config.data.split_file")
     else:
       raise errors.DataError(
           f"{split_path}: --config.data.split_file must be a folder of Flickr_8k.*Images.txt files or a "
@@ -186,15 +214,13 @@ def read_karpathy(json_path, images_root, split: str, *, restval_to_train: bool 
     raise errors.DataError(f"{json_path}: not a Karpathy JSON (no \"images\" list at the top)")
   images_root = pathlib.Path(images_root)
   skips, files, records = caption_files.SkipLog(json_path), caption_files.FileIndex(), []
+  seen_paths = set()
   for index, entry in enumerate(entries):
     where = f"images[{index}]"
-    if (not isinstance(entry, dict) or not isinstance(entry.get("filename"), str)
-        or entry.get("split") not in _KARPATHY_SPLITS or not isinstance(entry.get("sentences"), list)):
+    entry_split = _karpathy_split(entry, restval_to_train)
+    if entry_split is None or not isinstance(entry.get("sentences"), list):
       skips.add(where, "malformed entries (need filename, split, sentences)")
       continue
-    entry_split = _KARPATHY_SPLITS[entry["split"]]
-    if entry_split == "restval" and restval_to_train:
-      entry_split = "train"
     if entry_split != split:
       continue
     captions = []
@@ -202,16 +228,19 @@ def read_karpathy(json_path, images_root, split: str, *, restval_to_train: bool 
       raw = sentence.get("raw") if isinstance(sentence, dict) else None
       if raw is None and isinstance(sentence, dict) and isinstance(sentence.get("tokens"), list):
         raw = " ".join(sentence["tokens"])
-      if isinstance(raw, str) and raw.strip():
+      if isinstance(raw, str) and vocab_lib.tokenize(raw):
         captions.append(raw.strip())
       else:
         skips.add(f"{where}: {entry['filename']}", "empty or malformed sentences")
     path = images_root / entry.get("filepath", "") / entry["filename"]
     if not captions:
       skips.add(f"{where}: {entry['filename']}", "images with no captions")
+    elif path in seen_paths:
+      skips.add(f"{where}: {path}", "repeated images (the first entry is kept)")
     elif not files.exists(path):
       skips.add(f"{where}: {path}", "images with no image file")
     else:
+      seen_paths.add(path)
       image_id = str(entry["cocoid"]) if "cocoid" in entry else _image_id(entry["filename"])
       records.append(CaptionRecord(image_id, str(path), tuple(captions), split))
   skips.warn()
@@ -239,18 +268,22 @@ def read_coco(captions_file, images_dir, split: str) -> list[CaptionRecord]:
   skips = caption_files.SkipLog(captions_file)
   captions = collections.defaultdict(list)
   for index, annotation in enumerate(payload["annotations"]):
-    if not isinstance(annotation, dict) or "image_id" not in annotation or not isinstance(
+    if not isinstance(annotation, dict) or not _is_coco_id(annotation.get("image_id")) or not isinstance(
         annotation.get("caption"), str):
       skips.add(f"annotations[{index}]", "malformed annotations (need image_id, caption)")
-    elif not annotation["caption"].strip():
+    elif not vocab_lib.tokenize(annotation["caption"]):
       skips.add(f"annotations[{index}]", "empty captions")
     else:
       captions[annotation["image_id"]].append(annotation["caption"].strip())
   files, records, known_ids = caption_files.FileIndex(), [], set()
   for index, image in enumerate(payload["images"]):
     where = f"images[{index}]"
-    if not isinstance(image, dict) or "id" not in image or not isinstance(image.get("file_name"), str):
+    if not isinstance(image, dict) or not _is_coco_id(image.get("id")) or not isinstance(
+        image.get("file_name"), str):
       skips.add(where, "malformed images (need id, file_name)")
+      continue
+    if image["id"] in known_ids:
+      skips.add(f"{where}: id {image['id']}", "repeated image ids (the first entry is kept)")
       continue
     known_ids.add(image["id"])
     path = images_dir / image["file_name"]
@@ -265,6 +298,10 @@ def read_coco(captions_file, images_dir, split: str) -> list[CaptionRecord]:
     skips.add(f"image_id {image_id}", "captions of ids missing from \"images\"")
   skips.warn()
   return records
+
+
+def _is_coco_id(value) -> bool:
+  return isinstance(value, (int, str)) and not isinstance(value, bool)
 
 
 def _default_karpathy_json(root: pathlib.Path) -> pathlib.Path:

@@ -67,8 +67,13 @@ def examples_per_epoch(table: CaptionTable, captions_per_epoch: str) -> int:
 
 
 def steps_per_epoch(table: CaptionTable, captions_per_epoch: str, global_batch_size: int) -> int:
-  """Full global batches per epoch (the remainder is dropped; it differs every epoch)."""
-  return examples_per_epoch(table, captions_per_epoch) // global_batch_size
+  """Full global batches per epoch (the remainder is dropped; it differs every epoch); at least one,
+  else `errors.ConfigError`."""
+  num_examples = examples_per_epoch(table, captions_per_epoch)
+  if num_examples < global_batch_size:
+    raise errors.ConfigError(f"config.batch_size={global_batch_size} is larger than the {num_examples} "
+                             "training examples of one epoch; lower it")
+  return num_examples // global_batch_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,10 +114,7 @@ def plan_epoch(table: CaptionTable, *, captions_per_epoch: str, global_batch_siz
   if global_batch_size % process_count:
     raise errors.ConfigError(f"config.batch_size={global_batch_size} is not divisible by the "
                              f"{process_count} hosts")
-  steps = num_examples // global_batch_size
-  if steps == 0:
-    raise errors.ConfigError(f"config.batch_size={global_batch_size} is larger than the {num_examples} "
-                             "training examples of one epoch; lower it")
+  steps = steps_per_epoch(table, captions_per_epoch, global_batch_size)
   rng = np.random.default_rng([seed, epoch])
   if captions_per_epoch == "one":
     counts = np.bincount(table.record_index, minlength=table.num_records)

@@ -152,7 +152,7 @@ def check_config(config) -> None:
   if not pathlib.Path(config.init_checkpoint).exists():
     raise errors.ConfigError(f"{config.init_checkpoint}: config.init_checkpoint does not exist; "
                              "train the cross-entropy run first")
-  advantages(np.zeros((1, int(config.self_critical.num_samples))))  # num_samples >= 2
+  advantages(np.zeros((1, max(int(config.self_critical.num_samples), 0))))  # num_samples >= 2
 
 
 @functools.lru_cache(maxsize=4)

@@ -194,8 +194,16 @@ def prepare(config, workdir) -> TrainData:
     if not records:
       raise errors.DataError(f"{config.data.root}: the {split!r} split is empty "
                              f"(layout {config.data.layout!r}); check config.data")
+  shared = {r.image_id for r in train_records} & {r.image_id for r in eval_records}
+  if shared:
+    logging.warning("%d of the %d %s images are also in %s (e.g. %s): its scores are not those of "
+                    "unseen images", len(shared), len(eval_records), config.data.eval_split,
+                    config.data.train_split, sorted(shared)[0])
   vocab = vocab_lib.Vocabulary.build((c for r in train_records for c in r.captions),
                                      min_count=config.vocab.min_count, max_size=config.vocab.max_size)
+  if len(vocab) == len(vocab_lib.SPECIAL_TOKENS):
+    raise errors.ConfigError(f"config.vocab.min_count={config.vocab.min_count}: no word of the "
+                             f"{config.data.train_split!r} captions occurs that often; lower it")
   logging.info("%d train and %d %s images; vocabulary of %d words", len(train_records),
                len(eval_records), config.data.eval_split, len(vocab))
   init_variables = _load_init_checkpoint(config, vocab)
@@ -221,6 +229,11 @@ def prepare(config, workdir) -> TrainData:
     data.eval_features, data.eval_records = feature_cache.cached_features(
         workdir, config, "eval", eval_records, encode, feature_stage=head_stage,
         weights_id=weights_id)
+    for split, kept in ((config.data.train_split, data.train_records),
+                        (config.data.eval_split, data.eval_records)):
+      if not kept:
+        raise errors.DataError(f"{config.data.root}: not one image of the {split!r} split could be "
+                               "read (see the warnings above)")
   if tail_start:
     data.encoder = model_lib.create_encoder(config, start_stage=tail_start)
     grid = encoders.feature_shape(config.encoder.name, config.image_size, tail_start - 1)

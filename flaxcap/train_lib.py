@@ -32,6 +32,7 @@ from flaxcap import errors
 from flaxcap import metrics as metrics_lib
 from flaxcap import model as model_lib
 from flaxcap import replication
+from flaxcap import run_config
 from flaxcap import self_critical
 from flaxcap import train_data
 
@@ -281,6 +282,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   """Trains, evaluates each epoch, checkpoints, and resumes from `workdir` when it holds a run."""
   if config.distributed:
     jax.distributed.initialize()
+  run_config.check(config)
   if config.self_critical.num_samples:
     self_critical.check_config(config)
   workdir = pathlib.Path(workdir)

@@ -157,7 +157,7 @@ def test_bad_uploads_get_one_line_and_the_server_keeps_serving(stand_in, kind, e
   assert status == 200 and body["caption"] == "a square"
 
 
-@pytest.mark.parametrize("beam_size", ["0", "9", "three", "-1"])
+@pytest.mark.parametrize("beam_size", ["0", "9", "three", "-1", "%C2%B2"])  # the last: a superscript 2
 def test_bad_beam_size_is_refused(stand_in, beam_size):
   _, url = stand_in
   status, body = _post(url + f"/api/caption?beam_size={beam_size}",

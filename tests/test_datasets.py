@@ -1,6 +1,7 @@
 """Tests for flaxcap.datasets: every layout on tiny fixtures written here, bad input, and real Flickr8k."""
 
 import importlib
+import json
 import logging
 import pathlib
 import subprocess
@@ -176,6 +177,49 @@ def test_kaggle_bad_split_file_setting(kaggle_dir):
   (kaggle_dir / "split.txt").write_text("x")
   with pytest.raises(errors.DataError, match="must be a folder"):
     datasets.load_records(_data_config(kaggle_dir, "kaggle", split_file="split.txt"), "train")
+  for missing in ("Flickr8k_text", "dataset_flickr8k.json"):  # a typo: not found, and the field
+    with pytest.raises(errors.DataError, match=f"{missing}: split file not found.*split_file"):
+      datasets.load_records(_data_config(kaggle_dir, "kaggle", split_file=missing), "train")
+
+
+def test_kaggle_quoted_captions_may_span_lines_and_a_stray_quote_costs_one_line(tmp_path, caplog):
+  root = tmp_path / "kaggle"
+  names = [f"{index}.jpg" for index in range(5)]
+  for index, name in enumerate(names):
+    data_fixtures.write_image(root / "Images" / name, "rgb_jpeg", seed=index)
+  (root / "captions.txt").write_text(
+      "image,caption\n"
+      f'{names[0]},"A bird flying\nover the sea ."\n'          # lines 2-3: one caption (pandas' quoting)
+      f"{names[1]},A dog .\n"                                    # line 4
+      f'{names[2]},"A quote that never closes\n'                 # line 5: stray quote
+      + "".join(f"{names[3]},Caption {k} .\n" for k in range(5))  # lines 6-10, read again after it
+      + f"{names[4]},...\n{names[4]},?!\n{names[4]},A cat .\n")  # lines 11-12: no words
+  records = {r.image_id: r.captions for r in datasets.load_records(
+      _data_config(root, "kaggle", hash_dev_fraction=0.0, hash_test_fraction=0.0), "train")}
+  assert records == {"0": ("A bird flying over the sea .",), "1": ("A dog .",),
+                     "3": tuple(f"Caption {k} ." for k in range(5)), "4": ("A cat .",)}
+  message, = _warnings(caplog, "captions.txt")
+  assert "1 malformed lines (a quote that does not close) (line 5)" in message
+  assert "2 empty captions (line 11, line 12)" in message  # no word once punctuation is removed
+
+
+def test_kaggle_split_by_karpathy_json_reports_what_it_leaves_out(kaggle_dir, caplog):
+  entries = [(n, "train", ["x"]) for n in TRAIN[:2]] + [(DEV[0], "val", ["x"])]
+  payload = data_fixtures.karpathy_json(entries).replace(
+      '"images": [', '"images": [{"filename": "x.jpg", "split": ["train"]}, ')
+  (kaggle_dir / "split.json").write_text(payload)
+  config = _data_config(kaggle_dir, "kaggle", split_file="split.json")
+  assert len(datasets.load_records(config, "train")) == 2
+  assert len(datasets.load_records(config, "dev")) == 1
+  message, = _warnings(caplog, "split.json")  # once for both splits
+  assert "1 malformed entries (need filename, split) (images[0])" in message
+  assert f"3 captioned images it does not list (in no split) ({TRAIN[2]}, {TRAIN[3]}, {DEV[1]})" in (
+      message)
+
+
+def test_flickr8k_split_folder_set_but_missing_names_the_field(flickr8k_dir):
+  with pytest.raises(errors.DataError, match="Flickr8k_txt: split file folder not found.*split_file"):
+    datasets.load_records(_data_config(flickr8k_dir, "flickr8k", split_file="Flickr8k_txt"), "train")
 
 
 def test_karpathy_layout(tmp_path, caplog):
@@ -213,6 +257,42 @@ def test_karpathy_coco_style_filepath_and_cocoid(tmp_path):
   records = datasets.load_records(_data_config(root, "karpathy"), "train")
   assert [r.image_id for r in records] == ["42", "7"]
   assert records[0].image_path == str(root / "val2014" / "COCO_val2014_000000000042.jpg")
+
+
+def test_karpathy_and_coco_entries_of_the_wrong_type_or_repeated_are_counted(tmp_path, caplog):
+  root = tmp_path / "karpathy"
+  for index, name in enumerate(TRAIN):
+    data_fixtures.write_image(root / "Images" / name, "rgb_jpeg", seed=index)
+  entries = [(TRAIN[0], "train", ["a dog ."]), (TRAIN[0], "train", ["a cat ."]),
+             (TRAIN[1], "train", ["a bird ."], {"filepath": None}),
+             (TRAIN[2], "train", ["...", "a fish ."])]
+  payload = data_fixtures.karpathy_json(entries).replace(
+      '"images": [', '"images": [{"filename": "x.jpg", "split": ["train"], "sentences": []}, ')
+  (root / "dataset_flickr8k.json").write_text(payload)
+  train = datasets.load_records(_data_config(root, "karpathy"), "train")
+  assert [(r.image_id, r.captions) for r in train] == [("1000_abc", ("a dog .",)),
+                                                       ("1002_abc", ("a fish .",))]
+  message, = _warnings(caplog, "dataset_flickr8k.json")
+  assert "2 malformed entries (need filename, split, sentences) (images[0], images[3])" in message
+  assert "repeated images (the first entry is kept) (images[2]" in message
+  assert "empty or malformed sentences (images[4]" in message
+
+  coco = tmp_path / "coco"
+  data_fixtures.write_image(coco / "train2014" / "a.jpg", "rgb_jpeg")
+  data_fixtures.write_image(coco / "train2014" / "b.jpg", "rgb_jpeg")
+  (coco / "annotations").mkdir()
+  payload = json.loads(data_fixtures.coco_json(
+      [(1, "a.jpg"), (1, "b.jpg"), (2, "b.jpg")], [(1, "A dog ."), (2, "A cat ."), (2, "!!")]))
+  payload["images"].append({"id": [5], "file_name": "b.jpg"})
+  payload["annotations"].append({"image_id": [5], "caption": "A list id ."})
+  (coco / "annotations" / "captions_train2014.json").write_text(json.dumps(payload))
+  records = datasets.load_records(_data_config(coco, "coco"), "train")
+  assert [(r.image_id, r.captions) for r in records] == [("1", ("A dog .",)), ("2", ("A cat .",))]
+  message, = _warnings(caplog, "captions_train2014.json")
+  assert "repeated image ids (the first entry is kept) (images[1]: id 1)" in message
+  assert "malformed images (need id, file_name) (images[3])" in message
+  assert "malformed annotations (need image_id, caption) (annotations[3])" in message
+  assert "empty captions (annotations[2])" in message
 
 
 def test_karpathy_bad_json_names_file_and_line(tmp_path):

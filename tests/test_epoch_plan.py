@@ -94,6 +94,8 @@ def test_bad_settings():
     _plan(table, captions_per_epoch="some")
   with pytest.raises(errors.ConfigError, match="larger than the 20"):
     _plan(table, global_batch_size=32)
+  with pytest.raises(errors.ConfigError, match="config.batch_size=32 is larger than the 20"):
+    epoch_plan.steps_per_epoch(table, "one", 32)  # what a run asks first: not 0 steps
 
 
 def test_epoch_plan_module_does_not_import_tensorflow():

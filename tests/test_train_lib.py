@@ -4,6 +4,7 @@ import contextlib
 import functools
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -276,6 +277,25 @@ def test_cli_config_that_cannot_be_read_is_one_line(arguments, message, tmp_path
   assert stderr.strip().splitlines() == [stderr.strip().splitlines()[-1]]
   assert stderr.startswith("train.py: error: ") and message in stderr, stderr
   assert not (tmp_path / "run").exists()
+
+
+def test_data_a_run_cannot_learn_from_is_one_error_before_training(shapes_root, tmp_path, caplog):
+  with pytest.raises(errors.ConfigError, match="config.vocab.min_count=100000: no word of the 'train'"):
+    train_lib.train_and_evaluate(_config(shapes_root, vocab__min_count=100000), str(tmp_path / "a"))
+  # The shapes set lists every image in train and dev: said, since dev scores are then not held out.
+  assert any("16 of the 16 dev images are also in train" in r.getMessage() for r in caplog.records)
+  root = tmp_path / "broken_dev"
+  shutil.copytree(shapes_root, root)
+  text = root / "Flickr8k_text"
+  broken = [f"broken{k}.jpg" for k in range(2)]
+  for name in broken:
+    (root / "Flicker8k_Dataset" / name).write_bytes(b"\xff\xd8\xff\xe0 not the rest of a JPEG")
+  with open(text / "Flickr8k.token.txt", "a") as f:
+    f.writelines(f"{name}#0\ta broken image\n" for name in broken)
+  (text / "Flickr_8k.devImages.txt").write_text("\n".join(broken) + "\n")
+  with pytest.raises(errors.DataError, match="not one image of the 'dev' split could be read"):
+    train_lib.train_and_evaluate(_config(root), str(tmp_path / "b"))
+  assert not (tmp_path / "b" / checkpoints.LATEST_DIR).exists()  # stopped before any training
 
 
 def test_empty_split_is_an_error(shapes_root, tmp_path):
