@@ -94,15 +94,25 @@ def _caption_options() -> dict:
   return options
 
 
+def _check_flags() -> None:
+  """Raises ConfigError for a flag value that cannot work, before the model is loaded."""
+  from flaxcap import inference  # pylint: disable=g-import-not-at-top
+  inference.check_options(**{name: value for name, value in _caption_options().items()
+                             if value is not None})
+  if FLAGS.dataset and not os.path.isdir(FLAGS.dataset):
+    raise errors.ConfigError(f"--dataset {FLAGS.dataset}: no such folder")
+  if FLAGS.attention_out:
+    try:
+      pathlib.Path(FLAGS.attention_out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+      raise errors.ConfigError(
+          f"{FLAGS.attention_out}: cannot be the --attention_out folder ({e.strerror})") from None
+
+
 def caption_files(captioner, paths) -> int:
   """Prints a caption per path; returns the number of failures."""
   failures = 0
   out_dir = pathlib.Path(FLAGS.attention_out) if FLAGS.attention_out else None
-  if out_dir:
-    try:
-      out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-      raise errors.ConfigError(f"{out_dir}: cannot be the --attention_out folder ({e.strerror})")
   used_names = set()
   from flaxcap import inference  # pylint: disable=g-import-not-at-top
   for result in captioner.caption(paths, **_caption_options()):
@@ -164,11 +174,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not (FLAGS.image or FLAGS.images or FLAGS.dataset):
     raise app.UsageError("give --image PHOTO.jpg, --images DIR or --dataset DIR")
-  if FLAGS.dataset and not os.path.isdir(FLAGS.dataset):
-    _report_error(f"--dataset {FLAGS.dataset}: no such folder")
-    sys.exit(2)
-  compilation_cache.enable(FLAGS.xla_cache)
   try:
+    _check_flags()
+    compilation_cache.enable(FLAGS.xla_cache)
     captioner = inference.Captioner.load(FLAGS.checkpoint)
     if FLAGS.dataset:
       failures = score_dataset(captioner)

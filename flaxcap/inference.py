@@ -209,11 +209,11 @@ class Captioner:
     """
     if isinstance(images_or_paths, (str, os.PathLike)):
       images_or_paths = [images_or_paths]
-    _check_count("batch_size", batch_size, minimum=1)
     options = dict(beam_size=beam_size, max_len=max_len, length_penalty=length_penalty,
                    min_ending_rate=min_ending_rate, consensus_neighbours=consensus_neighbours,
                    consensus_beam_weight=consensus_beam_weight)
-    check_options(**{name: value for name, value in options.items() if value is not None})
+    check_options(batch_size=batch_size,
+                  **{name: value for name, value in options.items() if value is not None})
     pending: list[tuple[str, np.ndarray] | Failure] = []  # in input order, flushed a batch at a time
     num_loaded = 0
     for index, item in enumerate(images_or_paths):
@@ -263,8 +263,9 @@ def _check_count(name: str, value, minimum: int) -> None:
 
 def check_options(*, beam_size: int = 1, max_len: int = 1, length_penalty: float = 0.0,
                   min_ending_rate: float = 0.0, consensus_neighbours: int = 0,
-                  consensus_beam_weight: float = 0.0) -> None:
-  """Raises `errors.ConfigError` naming the first search option out of range (`caption_arrays`)."""
+                  consensus_beam_weight: float = 0.0, batch_size: int = 1) -> None:
+  """Raises `errors.ConfigError` naming the first option of `caption` out of range."""
+  _check_count("batch_size", batch_size, minimum=1)
   _check_count("beam_size", beam_size, minimum=1)
   _check_count("max_len", max_len, minimum=1)
   _check_count("consensus_neighbours", consensus_neighbours, minimum=0)
