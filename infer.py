@@ -30,6 +30,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
 
 from flaxcap import errors  # noqa: E402
 
@@ -174,6 +175,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not (FLAGS.image or FLAGS.images or FLAGS.dataset):
     raise app.UsageError("give --image PHOTO.jpg, --images DIR or --dataset DIR")
+  if not FLAGS["verbosity"].present:  # captions and errors only; -v 0 shows the INFO log
+    logging.set_verbosity(logging.WARNING)
   try:
     _check_flags()
     compilation_cache.enable(FLAGS.xla_cache)

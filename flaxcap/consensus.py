@@ -22,6 +22,8 @@ import json
 import os
 import pathlib
 from typing import Sequence
+import zipfile
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -80,21 +82,40 @@ class ConsensusIndex:
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> "ConsensusIndex":
+    """Reads an index `save` wrote; anything else (truncated, corrupt, of other shapes or types) is
+    an `errors.CheckpointError` naming the file."""
     try:
       with np.load(path) as stored:
         index = cls(stored["embeddings"], stored["center"],
                     json.loads(stored["captions"].tobytes().decode("utf-8")))
         if "tokenized" in stored:  # indexes written before session 17: tokenized on first use
           index.tokenized = stored["tokenized"].tobytes().decode("utf-8").split("\n")
-    except (OSError, ValueError, KeyError, EOFError) as e:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
       raise errors.CheckpointError(f"{path}: not a consensus index ({type(e).__name__}: {e})")
-    if index.embeddings.shape != (len(index.captions), len(index.center)):
-      raise errors.CheckpointError(f"{path}: {index.embeddings.shape} embeddings for "
-                                   f"{len(index.captions)} images of {len(index.center)} channels")
-    if index.tokenized is not None and len(index.tokenized) != sum(map(len, index.captions)):
-      raise errors.CheckpointError(f"{path}: {len(index.tokenized)} tokenized captions for "
-                                   f"{sum(map(len, index.captions))} captions")
+    problem = index._problem()
+    if problem:
+      raise errors.CheckpointError(f"{path}: not a usable consensus index: {problem}")
     return index
+
+  def _problem(self) -> str | None:
+    """What makes this index unusable, or None."""
+    embeddings, center = self.embeddings, self.center
+    if embeddings.ndim != 2 or center.ndim != 1 or not (
+        np.issubdtype(embeddings.dtype, np.floating) and np.issubdtype(center.dtype, np.floating)):
+      return (f"embeddings {embeddings.dtype}{list(embeddings.shape)} and center "
+              f"{center.dtype}{list(center.shape)}, not float [images, channels] and [channels]")
+    if not isinstance(self.captions, list) or not all(
+        isinstance(texts, list) and texts and all(isinstance(t, str) for t in texts)
+        for texts in self.captions):
+      return "its captions are not a list of non-empty lists of strings, one per image"
+    if embeddings.shape != (len(self.captions), len(center)):
+      return (f"{embeddings.shape} embeddings for {len(self.captions)} images of {len(center)} "
+              "channels")
+    if not (np.isfinite(embeddings).all() and np.isfinite(center).all()):
+      return "its embeddings or center hold NaN or infinity"
+    if self.tokenized is not None and len(self.tokenized) != sum(map(len, self.captions)):
+      return f"{len(self.tokenized)} tokenized captions for {sum(map(len, self.captions))} captions"
+    return None
 
   @property
   def _tokenized(self) -> list[str]:

@@ -43,11 +43,14 @@ CIDER_SIGMA = 6.0
 
 
 def check_metric_names(metrics: str | Sequence[str]) -> tuple[str, ...]:
-  """`metrics` as a tuple of names; ConfigError names the unknown ones."""
+  """`metrics` as a tuple of names; ConfigError names the unknown ones, or says there are none."""
+  if metrics is None:
+    return METRICS
   metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
   unknown = [name for name in metrics if name not in METRICS]
-  if unknown:
-    raise errors.ConfigError(f"unknown caption metric(s) {unknown}; choose from {list(METRICS)}")
+  if unknown or not metrics:
+    raise errors.ConfigError(f"unknown caption metric(s) {unknown}; choose from {list(METRICS)}"
+                             if unknown else f"no caption metric asked for; choose from {list(METRICS)}")
   return metrics
 
 
@@ -58,7 +61,8 @@ def score(references: Mapping[Hashable, Sequence[str]], candidates: Mapping[Hash
   Args:
     references: image key -> raw reference captions (at least one per image).
     candidates: image key -> one raw candidate caption; the same keys as `references`.
-    metrics: any of "BLEU", "METEOR", "ROUGE-L", "CIDEr" (or one of them as a string).
+    metrics: any of "BLEU", "METEOR", "ROUGE-L", "CIDEr" (or one of them as a string; None:
+      all).
     per_image: also return every image's scores, for error analysis.
 
   Returns:

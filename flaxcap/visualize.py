@@ -10,6 +10,8 @@ from matplotlib import pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from flaxcap import errors  # noqa: E402
+
 
 def upsample_attention(attention: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   """Bilinear upsampling of one word's attention [h, w] to the photo's [height, width], scaled to [0, 1]."""
@@ -53,19 +55,33 @@ def save_attention_overlay(image: np.ndarray, words: list[str], attention: np.nd
     image: uint8 [height, width, 3].
     words: the caption's words (the panels' titles), `<eos>` last if it was generated.
     attention: [len(words), h, w] attention weights over the feature grid.
+
+  Raises:
+    errors.ConfigError: the arrays do not have those shapes, or the file cannot be written.
   """
+  image, attention = np.asarray(image), np.asarray(attention)
+  if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+    raise errors.ConfigError(f"{path}: the photo must be uint8 [height, width, 3], not "
+                             f"{image.dtype} {list(image.shape)}")
+  if attention.ndim != 3 or len(attention) != len(words):
+    raise errors.ConfigError(f"{path}: attention {list(attention.shape)} for {len(words)} words; "
+                             "expected [words, h, w]")
   panels = len(words) + 1
   rows = math.ceil(panels / columns)
   figure, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.6 * rows), squeeze=False)
-  for axis in axes.flat:
-    axis.axis("off")
-  axes.flat[0].imshow(image)
-  axes.flat[0].set_title(title or "photo", fontsize=9)
-  for axis, word, word_attention in zip(axes.flat[1:], words, attention):
-    axis.imshow(image)
-    axis.imshow(upsample_attention(word_attention, image.shape[:2]), cmap="jet", alpha=0.5,
-                vmin=0.0, vmax=1.0)
-    axis.set_title(word, fontsize=11)
-  figure.tight_layout()
-  figure.savefig(path, dpi=80)
-  plt.close(figure)
+  try:
+    for axis in axes.flat:
+      axis.axis("off")
+    axes.flat[0].imshow(image)
+    axes.flat[0].set_title(title or "photo", fontsize=9)
+    for axis, word, word_attention in zip(axes.flat[1:], words, attention):
+      axis.imshow(image)
+      axis.imshow(upsample_attention(word_attention, image.shape[:2]), cmap="jet", alpha=0.5,
+                  vmin=0.0, vmax=1.0)
+      axis.set_title(word, fontsize=11)
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+  except OSError as e:
+    raise errors.ConfigError(f"{path}: cannot write the overlay ({e.strerror or e})") from None
+  finally:
+    plt.close(figure)

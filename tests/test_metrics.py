@@ -321,6 +321,9 @@ def test_bad_inputs_raise():
     metrics.score({"a": ["a dog"]}, {"a": ["a dog"]})
   with pytest.raises(errors.ConfigError, match="SPICE"):
     metrics.score({"a": ["a dog"]}, {"a": "a dog"}, metrics=("BLEU", "SPICE"))
+  with pytest.raises(errors.ConfigError, match="no caption metric asked for"):
+    metrics.score({"a": ["a dog"]}, {"a": "a dog"}, metrics=[])
+  assert set(metrics.score({"a": ["a dog"]}, {"a": "a dog"}, metrics=None)) >= {"BLEU-4", "CIDEr"}
 
 
 def test_meteor_left_out_without_java(monkeypatch, caplog):

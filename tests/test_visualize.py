@@ -6,6 +6,7 @@ import matplotlib
 from matplotlib import pyplot as plt
 import numpy as np
 from PIL import Image
+import pytest
 
 from flaxcap import visualize
 
@@ -64,3 +65,21 @@ def test_encode_image_png_is_lossless_and_jpeg_is_close():
   assert jpeg.startswith(b"\xff\xd8")
   decoded = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")).astype(int)
   assert np.abs(decoded - photo).mean() < 3
+
+
+def test_save_attention_overlay_checks_its_inputs_and_closes_its_figure(tmp_path):
+  from flaxcap import errors  # pylint: disable=g-import-not-at-top
+  photo = np.zeros((40, 60, 3), np.uint8)
+  maps = np.random.default_rng(0).random((2, 7, 7)).astype(np.float32)
+  visualize.save_attention_overlay(photo, ["a", "dog"], maps, tmp_path / "ok.png")
+  assert Image.open(tmp_path / "ok.png").size[0] > 100
+  for image, words, attention, message in (
+      (photo, ["a", "dog", "runs"], maps, r"attention \[2, 7, 7\] for 3 words"),
+      (photo, ["a"], maps, r"attention \[2, 7, 7\] for 1 words"),
+      (photo, ["a", "dog"], maps[0], r"attention \[7, 7\] for 2 words"),
+      (photo.astype(np.float32), ["a", "dog"], maps, r"uint8 \[height, width, 3\], not float32")):
+    with pytest.raises(errors.ConfigError, match=message):
+      visualize.save_attention_overlay(image, words, attention, tmp_path / "bad.png")
+  with pytest.raises(errors.ConfigError, match="no_folder/x.png: cannot write the overlay"):
+    visualize.save_attention_overlay(photo, ["a", "dog"], maps, tmp_path / "no_folder" / "x.png")
+  assert not (tmp_path / "bad.png").exists() and not plt.get_fignums()
