@@ -46,10 +46,12 @@ class _References:
 
   def candidates(self, texts: Sequence[str], ended: Sequence[bool] | None):
     """The candidates' n-grams and lengths (`ngrams.Corpus.count`), the end word after the ended."""
+    if isinstance(texts, str):
+      raise errors.DataError("candidates: a list of captions, not one string")
     if self.end_words:
       ended = [True] * len(texts) if ended is None else list(ended)
       if len(ended) != len(texts):
-        raise ValueError(f"{len(ended)} ended flags for {len(texts)} candidates")
+        raise errors.DataError(f"{len(ended)} ended flags for {len(texts)} candidates")
       texts = [f"{text} {self.end_words[0]}" if done else text for text, done in zip(texts, ended)]
     return self.corpus.count(texts)
 
@@ -57,10 +59,10 @@ class _References:
     """(candidate, reference) of every pair a call compares: each candidate with its image's refs."""
     images = np.asarray(image_indices, dtype=np.int64).reshape(-1)
     if len(images) != num_candidates:
-      raise ValueError(f"{num_candidates} candidates for {len(images)} image indices")
+      raise errors.DataError(f"{num_candidates} candidates for {len(images)} image indices")
     if len(images) and (images.min() < 0 or images.max() >= self.num_images):
-      raise IndexError(f"image indices must be in [0, {self.num_images}), got {images.min()}-"
-                       f"{images.max()}")
+      raise errors.DataError(f"image indices must be in [0, {self.num_images}), got {images.min()}-"
+                             f"{images.max()}")
     return ngrams.ranges(self.image_refs[images], self.image_refs[images + 1])
 
   def pair_grams(self, n: int, pair_ref: np.ndarray):
@@ -118,6 +120,8 @@ class CiderD:
     `ended[i]` (default: all True) says whether candidate i reached its end token; it matters only
     with `end_token`.
     """
+    if isinstance(candidates, str):
+      raise errors.DataError("candidates: a list of captions, not one string")
     return self.score_tokenized(image_indices, tokenize_captions(candidates), ended)
 
   def score_tokenized(self, image_indices: Sequence[int], texts: Sequence[str],
@@ -161,6 +165,8 @@ class SentenceBleu:
 
   def __call__(self, image_indices: Sequence[int], candidates: Sequence[str]) -> np.ndarray:
     """BLEU-4 of `candidates[i]` (raw text) against the references of image `image_indices[i]`."""
+    if isinstance(candidates, str):
+      raise errors.DataError("candidates: a list of captions, not one string")
     return self.score_tokenized(image_indices, tokenize_captions(candidates))
 
   def score_tokenized(self, image_indices: Sequence[int], texts: Sequence[str]) -> np.ndarray:

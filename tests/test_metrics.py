@@ -373,10 +373,12 @@ def test_cider_d_reward_matches_pycocoevalcap_per_image(pycoco, corpus):
     sentence_scores.CiderD([["a caption"], []])
   with pytest.raises(errors.DataError, match="CiderD: 1 tokenized references for 2 captions"):
     sentence_scores.CiderD([["a caption", "another"]], tokenized=["a caption"])
-  with pytest.raises(ValueError, match="3 candidates for 2 image indices"):
+  with pytest.raises(errors.DataError, match="3 candidates for 2 image indices"):
     reward([0, 1], ["a dog", "a cat", "a cow"])
-  with pytest.raises(IndexError, match=r"image indices must be in \[0, "):
+  with pytest.raises(errors.DataError, match=r"image indices must be in \[0, "):
     reward([len(keys)], ["a dog"])
+  with pytest.raises(errors.DataError, match="a list of captions, not one string"):
+    reward([0], "a dog")
 
 
 def test_cider_d_document_frequency_counts_images_not_captions(pycoco, corpus):
@@ -436,7 +438,7 @@ def test_cider_d_end_token_is_pycocoevalcap_with_the_token_appended(pycoco, corp
                                      caption for key in keys for caption in references[key]))
   np.testing.assert_allclose(given(range(len(keys)), [candidates[key] for key in keys], ended),
                              expected, rtol=0, atol=TOLERANCE)
-  with pytest.raises(ValueError, match="ended flags"):
+  with pytest.raises(errors.DataError, match="ended flags"):
     reward([0, 1], ["a dog", "a cat"], [True])
 
 
