@@ -106,7 +106,7 @@ def test_policy_gradient_equals_the_gradient_of_the_sampled_log_probabilities():
     scores = _samples(model, params, feature_table, image_index).scores  # same key: same tokens
     return -jnp.sum(advantage * scores) / lengths.sum()
 
-  reference_grads = jax.grad(reference_loss)(params)
+  reference_grads = jax.jit(jax.grad(reference_loss))(params)
   expected = jax.tree_util.tree_map(lambda p, g: p - g, params, reference_grads)
   new_params, sums = _update(1, model, _state(model, params), batch, feature_table)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
