@@ -39,3 +39,19 @@ def write_flickr8k_layout(root: pathlib.Path, *, size: int = 64, num_images: int
   (text_dir / "Flickr_8k.trainImages.txt").write_text(names)
   (text_dir / "Flickr_8k.devImages.txt").write_text(names)
   return captions
+
+
+def tiny_config(data_root=None, **overrides):
+  """configs/tiny.py's config, reading `data_root` (when given), with fields overridden by name:
+  `tiny_config(root, batch_size=4, eval__patience=0)` sets config.batch_size and config.eval.patience."""
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  if data_root is not None:
+    config.data.root = str(data_root)
+  for dotted, value in overrides.items():
+    *parents, leaf = dotted.split("__")
+    target = config
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = value
+  return config

@@ -3,20 +3,15 @@
 import pytest
 
 from configs import tiny
+import shapes_data
 from flaxcap import errors
 from flaxcap import run_config
 from flaxcap import train_lib
 
 
 def _config(**overrides):
-  config = tiny.get_config()
-  for dotted, value in overrides.items():
-    *parents, leaf = dotted.split(".")
-    target = config
-    for parent in parents:
-      target = target[parent]
-    target[leaf] = value
-  return config
+  """tiny.py's config with `overrides` by dotted name ("eval.patience")."""
+  return shapes_data.tiny_config(**{name.replace(".", "__"): value for name, value in overrides.items()})
 
 
 def test_the_shipped_configs_pass():

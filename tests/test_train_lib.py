@@ -26,20 +26,13 @@ from flaxcap import train_data
 from flaxcap import replication
 from flaxcap import train_lib
 from recording_writer import RecordingWriter
+import shapes_data
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _config(shapes_root, **overrides):
-  config = tiny.get_config()
-  config.data.root = str(shapes_root)
-  for dotted, value in overrides.items():
-    target = config
-    *parents, leaf = dotted.split("__")
-    for parent in parents:
-      target = target[parent]
-    target[leaf] = value
-  return config
+  return shapes_data.tiny_config(shapes_root, **overrides)
 
 
 def test_overfits_shapes_and_greedy_decodes_training_captions(shapes_root, shared_features_workdir,
