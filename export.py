@@ -21,6 +21,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from flaxcap import checkpoints
 from flaxcap import consensus
@@ -43,6 +44,7 @@ def _exit_with_error(message: str) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.get_absl_handler().addFilter(checkpoints.quiet_orbax)
   for flag in ("data_root", "consensus_data"):
     folder = flags.FLAGS[flag].value
     if folder is not None and not os.path.isdir(folder):

@@ -177,6 +177,8 @@ def main(argv):
     raise app.UsageError("give --image PHOTO.jpg, --images DIR or --dataset DIR")
   if not FLAGS["verbosity"].present:  # captions and errors only; -v 0 shows the INFO log
     logging.set_verbosity(logging.WARNING)
+  from flaxcap import checkpoints  # pylint: disable=g-import-not-at-top
+  logging.get_absl_handler().addFilter(checkpoints.quiet_orbax)  # reading a training workdir
   try:
     _check_flags()
     compilation_cache.enable(FLAGS.xla_cache)

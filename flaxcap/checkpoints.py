@@ -45,9 +45,15 @@ def _orbax():
 
 def quiet_orbax(record) -> bool:
   """A log filter (`logging.get_absl_handler().addFilter`) that drops orbax's INFO records, a dozen
-  a save, and keeps its warnings and every other library's records."""
+  a save, and its warnings that a manager opened to read is read-only (as flaxcap opens them); keeps
+  its other warnings and every other library's records."""
+  if f"{os.sep}orbax{os.sep}" not in record.pathname:
+    return True
+  if record.levelno > logging.converter.STANDARD_WARNING:
+    return True
+  message = record.getMessage()
   return (record.levelno > logging.converter.STANDARD_INFO
-          or f"{os.sep}orbax{os.sep}" not in record.pathname)
+          and "read_only=True" not in message and "is read only" not in message)
 
 
 def _manager(directory: pathlib.Path, *, keep: int,
@@ -144,14 +150,61 @@ class CheckpointStore:
       return
     args = _orbax().args
     saved = self.latest.restore(step, args=args.Composite(vocab=args.JsonRestore()))
-    if list(saved["vocab"]["words"]) != list(vocab.words):
+    words = list(saved["vocab"]["words"])
+    if words != list(vocab.words):
+      how = ("the same words in another order" if sorted(words) == sorted(vocab.words) else
+             f"{len(words)} words against {len(vocab)}")
       raise errors.CheckpointError(
-          f"{self.latest.directory}/{step}: its vocabulary ({len(saved['vocab']['words'])} words) does "
-          f"not match the one built from the data ({len(vocab)} words); use a new --workdir")
+          f"{self.latest.directory}/{step}: its vocabulary does not match the one built from the "
+          f"data ({how}: the training captions changed); use a new --workdir")
 
   def close(self) -> None:
     self.latest.close()
     self.best.close()
+
+
+# What a resumed run must share with the checkpoint it resumes: the model's shapes and inputs, and
+# what fixes the batches of an epoch (so that the step count still says where the run stands).
+# (Speed and regularization options, the learning rate and num_epochs may change.)
+RESUME_FIELDS = ("image_size", "batch_size", "encoder.name", "encoder.weights", "encoder.feature_stage",
+                 "encoder.trainable_stages", "decoder.embed_dim", "decoder.hidden_dim",
+                 "decoder.attention_dim", "decoder.gate", "decoder.prev2out", "decoder.ctx2out",
+                 "decoder.attention_activation", "data.max_len", "data.captions_per_epoch",
+                 "vocab.min_count", "vocab.max_size", "self_critical.num_samples")
+
+
+def check_resume_config(workdir: str | os.PathLike, config) -> None:
+  """Raises CheckpointError naming the first of `RESUME_FIELDS` in which `config` differs from the
+  config of the latest checkpoint in `workdir` (nothing to resume: no check). Read before any image
+  is encoded."""
+  directory = pathlib.Path(workdir) / LATEST_DIR
+  if not directory.is_dir():
+    return
+  manager = _manager(directory, keep=1, read_only=True)
+  try:
+    step = manager.latest_step()
+    if step is None:
+      return
+    args = _orbax().args
+    saved = ml_collections.ConfigDict(
+        manager.restore(step, args=args.Composite(config=args.JsonRestore()))["config"])
+  finally:
+    manager.close()
+  current = ml_collections.ConfigDict(json.loads(config.to_json()))  # tuples as JSON lists too
+  for field in RESUME_FIELDS:
+    was, now = _field(saved, field), _field(current, field)
+    if was != now:
+      raise errors.CheckpointError(
+          f"{directory}/{step}: this run was trained with config.{field} = {was!r}, the config now "
+          f"says {now!r}; resume with the same setting or use a new --workdir")
+
+
+def _field(config, dotted: str):
+  for name in dotted.split("."):
+    if name not in config:
+      return None
+    config = config[name]
+  return config
 
 
 def _step_dir(path: pathlib.Path) -> tuple[pathlib.Path, int]:

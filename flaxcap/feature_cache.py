@@ -1,11 +1,12 @@
 """Frozen-encoder feature cache: encode every image once, then train the decoder from memory.
 
 The cache lives under `<workdir>/features/` as one float16 `.npy` per split plus a JSON file naming the
-encoder, stage, image size and the image ids in row order. A cache whose description differs from the
-current config is rebuilt. This path imports no TensorFlow: images are decoded with Pillow in threads.
+encoder, stage, image size, the image ids in row order and a hash of the image files' sizes and
+modification times. A cache whose description differs from the current config and files is rebuilt. This path imports no TensorFlow: images are decoded with Pillow in threads.
 """
 
 import concurrent.futures
+import hashlib
 import json
 import os
 import pathlib
@@ -20,8 +21,7 @@ from flaxcap import errors
 from flaxcap import images as images_lib
 
 
-def _describe(config, split: str, image_ids: Sequence[str], feature_stage: int,
-              weights_id: str) -> dict:
+def _describe(config, split: str, records, feature_stage: int, weights_id: str) -> dict:
   weights = {"weights_id": weights_id} if weights_id else {}
   return weights | {
       "encoder": config.encoder.name,
@@ -29,8 +29,22 @@ def _describe(config, split: str, image_ids: Sequence[str], feature_stage: int,
       "feature_stage": feature_stage,
       "image_size": config.image_size,
       "split": split,
-      "image_ids": list(image_ids),
+      "image_ids": [r.image_id for r in records],
+      "files": _files_digest(r.image_path for r in records),
   }
+
+
+def _files_digest(paths) -> str:
+  """A hash of each image file's path, size and modification time: an image replaced or repaired
+  under the same name (or one that became readable) makes the cache stale."""
+  digest = hashlib.sha1()
+  for path in paths:
+    try:
+      stat = os.stat(path)
+      digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    except OSError:
+      digest.update(f"{path}\0missing\n".encode())
+  return digest.hexdigest()
 
 
 def _load_batch(paths: Sequence[str], image_size: int, pool) -> tuple[np.ndarray, np.ndarray]:
@@ -98,7 +112,7 @@ def cached_features(workdir: str | os.PathLike, config, split: str, records,
   meta_path = cache_dir / f"{split}.json"
   if feature_stage is None:
     feature_stage = config.encoder.feature_stage
-  description = _describe(config, split, [r.image_id for r in records], feature_stage, weights_id)
+  description = _describe(config, split, records, feature_stage, weights_id)
   if features_path.exists() and meta_path.exists():
     meta = json.loads(meta_path.read_text())
     if meta["description"] == description:

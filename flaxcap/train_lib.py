@@ -281,11 +281,17 @@ class _NaNGuard:
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   """Trains, evaluates each epoch, checkpoints, and resumes from `workdir` when it holds a run."""
   if config.distributed:
-    jax.distributed.initialize()
+    try:
+      jax.distributed.initialize()
+    except (ValueError, RuntimeError) as e:  # no coordinator given or found
+      raise errors.ConfigError(
+          f"config.distributed=True: jax.distributed.initialize() failed ({str(e).splitlines()[0]}); "
+          "set the coordinator address, process count and id, or leave it False on one host") from None
   run_config.check(config)
   if config.self_critical.num_samples:
     self_critical.check_config(config)
   workdir = pathlib.Path(workdir)
+  checkpoints.check_resume_config(workdir, config)
   workdir.mkdir(parents=True, exist_ok=True)
   is_chief = jax.process_index() == 0
   data = train_data.prepare(config, workdir)
@@ -307,6 +313,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     step = int(state.step)
     start_epoch, skip_batches = divmod(step, steps_per_epoch)
     history = store.evaluations()
+    if history and history[-1]["step"] != history[-1]["epoch"] * steps_per_epoch:
+      raise errors.CheckpointError(
+          f"{store.evaluations_path}: epoch {history[-1]['epoch']} ended at step "
+          f"{history[-1]['step']}, an epoch is now {steps_per_epoch} steps (the training split "
+          "changed); use a new --workdir")
     if (history and history[-1]["step"] == step and config.eval.patience
         and history[-1]["epochs_since_best"] >= config.eval.patience):
       logging.info("The run stopped early at step %d (config.eval.patience): nothing to do", step)
@@ -403,4 +414,6 @@ def _summary_writer(workdir: pathlib.Path):
   except ImportError:
     logging.warning("tensorboardX is not installed: no TensorBoard event files are written")
     return None
-  return tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
+  # Its thread writes events to disk every flush_secs (default 120 s): scalars of a run killed
+  # sooner were lost, `flush()` writing only what the thread had already taken from its queue.
+  return tensorboardX.SummaryWriter(str(workdir / "tensorboard"), flush_secs=2)

@@ -167,11 +167,13 @@ def test_export_rebuilds_ending_rates_of_an_old_vocabulary(tiny_checkpoint, shap
 def test_quiet_orbax_drops_orbax_info_and_keeps_its_warnings_and_other_libraries():
   import logging  # pylint: disable=g-import-not-at-top
 
-  def record(level, path):
-    return logging.LogRecord("absl", level, path, 1, "message", (), None)
+  def record(level, path, message="message"):
+    return logging.LogRecord("absl", level, path, 1, message, (), None)
 
   orbax_file = "/site-packages/orbax/checkpoint/checkpoint_manager.py"
   assert not checkpoints.quiet_orbax(record(logging.INFO, orbax_file))
   assert not checkpoints.quiet_orbax(record(logging.DEBUG, orbax_file))
   assert checkpoints.quiet_orbax(record(logging.WARNING, orbax_file))
   assert checkpoints.quiet_orbax(record(logging.INFO, "/work/flaxcap/train_lib.py"))
+  assert not checkpoints.quiet_orbax(record(logging.WARNING, orbax_file, "Given directory is read only=x"))
+  assert checkpoints.quiet_orbax(record(logging.ERROR, orbax_file, "read_only=True"))

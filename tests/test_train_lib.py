@@ -2,6 +2,7 @@
 
 import contextlib
 import functools
+import json
 import os
 import pathlib
 import shutil
@@ -270,6 +271,29 @@ def test_cli_config_that_cannot_be_read_is_one_line(arguments, message, tmp_path
   assert stderr.strip().splitlines() == [stderr.strip().splitlines()[-1]]
   assert stderr.startswith("train.py: error: ") and message in stderr, stderr
   assert not (tmp_path / "run").exists()
+
+
+def test_resuming_with_another_model_or_epoch_is_one_error_before_any_encoding(
+    shapes_root, shared_features_workdir):
+  workdir = pathlib.Path(shared_features_workdir())
+  train_lib.train_and_evaluate(_config(shapes_root, num_epochs=1), str(workdir))
+  cache = workdir / "features" / "train.json"
+  stamp = cache.stat().st_mtime_ns
+  for field, value, shown in (("encoder__feature_stage", -2, "-1"), ("image_size", 96, "64"),
+                              ("batch_size", 4, "8"), ("decoder__attention_dim", 16, None)):
+    name = field.replace("__", ".")
+    with pytest.raises(errors.CheckpointError, match=f"trained with config.{name} = "
+                       + (shown or "") + ".*use a new --workdir"):
+      train_lib.train_and_evaluate(_config(shapes_root, num_epochs=2, **{field: value}), str(workdir))
+  assert cache.stat().st_mtime_ns == stamp  # refused before the features were looked at
+  # Epochs of another length (the training split changed): the step count no longer says where the
+  # run stands.
+  record = workdir / checkpoints.EVALUATIONS_FILE
+  entries = json.loads(record.read_text())
+  entries[-1]["step"] += 1
+  record.write_text(json.dumps(entries))
+  with pytest.raises(errors.CheckpointError, match="an epoch is now 2 steps .*use a new --workdir"):
+    train_lib.train_and_evaluate(_config(shapes_root, num_epochs=2), str(workdir))
 
 
 def test_data_a_run_cannot_learn_from_is_one_error_before_training(shapes_root, tmp_path, caplog):
