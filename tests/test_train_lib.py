@@ -343,11 +343,20 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(shapes_root, shared_f
   assert all(np.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(variables))
 
 
-def test_vocabulary_mismatch_with_checkpoint_is_an_error(shapes_root, shared_features_workdir):
-  workdir = shared_features_workdir()
-  train_lib.train_and_evaluate(_config(shapes_root, num_epochs=1), workdir)
-  with pytest.raises(errors.CheckpointError, match="vocabulary"):
-    train_lib.train_and_evaluate(_config(shapes_root, num_epochs=2, vocab__min_count=30), workdir)
+def test_vocabulary_mismatch_with_checkpoint_is_an_error(shapes_root, tmp_path):
+  root = tmp_path / "shapes"
+  shutil.copytree(shapes_root, root)
+  workdir = str(tmp_path / "run")
+  train_lib.train_and_evaluate(_config(root, num_epochs=1), workdir)
+  with pytest.raises(errors.CheckpointError, match=r"trained with config\.vocab\.min_count = \d+, "
+                     "the config now says 30"):
+    train_lib.train_and_evaluate(_config(root, num_epochs=2, vocab__min_count=30), workdir)
+  # The same config, other training captions: the words change.
+  token_file = root / "Flickr8k_text" / "Flickr8k.token.txt"
+  token_file.write_text(token_file.read_text().replace("square", "box"))
+  with pytest.raises(errors.CheckpointError, match="its vocabulary does not match the one built from "
+                     "the data .*the training captions changed"):
+    train_lib.train_and_evaluate(_config(root, num_epochs=2), workdir)
 
 
 def test_cached_feature_training_and_inference_never_import_tensorflow():
