@@ -225,7 +225,7 @@ def train_dataset(records: Sequence, vocab, config, *, seed: int, num_devices: i
   def to_example(example):
     image, ok = preprocess(example["path"], image_size, seed=example["seed"], augment=augment,
                            hflip=hflip)
-    return {"images": image, "tokens": example["tokens"], "ok": ok}
+    return {"images": image, "tokens": example["tokens"], "ok": ok, "index": example["index"]}
 
   current = epoch
   while num_epochs is None or current < epoch + num_epochs:
@@ -237,15 +237,34 @@ def train_dataset(records: Sequence, vocab, config, *, seed: int, num_devices: i
         "path": paths[plan.record_index.reshape(-1)].astype(str),
         "tokens": table.tokens[plan.caption_index.reshape(-1)],
         "seed": np.stack([np.full_like(flat_seeds, seed % (2**31 - 1)), flat_seeds], axis=1),
+        "index": np.arange(len(flat_seeds), dtype=np.int64),
     })
     batches = (examples.map(to_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
                .ignore_errors(log_warning=True)
                .filter(lambda example: example["ok"])
-               .map(lambda example: {"images": example["images"], "tokens": example["tokens"]})
+               .map(lambda example: {"images": example["images"], "tokens": example["tokens"],
+                                     "index": example["index"]})
                .batch(per_host).prefetch(tf.data.AUTOTUNE).with_options(_options()))
-    yield from _full_batches(batches.as_numpy_iterator(), plan.steps, per_host, num_devices, per_device,
-                             current)
+    named = _name_dropped(batches.as_numpy_iterator(), paths[plan.record_index.reshape(-1)])
+    yield from _full_batches(named, plan.steps, per_host, num_devices, per_device, current)
     current += 1
+
+
+def _name_dropped(batches, example_paths: np.ndarray):
+  """Passes the batches on without their "index"; names each example that never came out, the ones
+  TF's decoder failed on (`ignore_errors` drops them, logging only to TF's silenced C++ log). Once the
+  batches run out, or when they are left early, for the examples before the last one seen."""
+  seen, last, finished = np.zeros(len(example_paths), bool), -1, False
+  try:
+    for batch in batches:
+      seen[batch["index"]] = True
+      last = max(last, int(batch["index"].max(initial=-1)))
+      yield {key: value for key, value in batch.items() if key != "index"}
+    finished = True
+  finally:
+    for dropped in np.flatnonzero(~seen[:len(seen) if finished else last + 1]):
+      path = str(example_paths[dropped])
+      FAILURES.record(path, f"{path}: TensorFlow could not decode it")
 
 
 def _full_batches(batches, steps: int, per_host: int, num_devices: int, per_device: int, epoch: int):
