@@ -55,6 +55,8 @@ def get_config():
   config.encoder.learning_rate = 1e-4  # for the trainable stages
   config.encoder.frozen_batch_norm = False  # True: the trainable stages normalize with their running
   #   statistics while training too, and keep them (weights, scales and offsets still train)
+  config.encoder.sync_batch_norm = True  # their batch statistics are the global batch's on every
+  #   device (N devices train as 1 does); False: each device's own share (no cross-device reduction)
   config.encoder.dtype = "float32"  # float32 | bfloat16
 
   # Decoder: attention LSTM of "Show, Attend and Tell".

@@ -77,7 +77,9 @@ each stride-2 step maps n to ceil(n / 2), VGG's max-pools to floor(n / 2)):
 
 BatchNorm uses its running statistics unless `train=True`; then the stages in `trainable_stages`
 (all stages when it is None) normalize with batch statistics and update `batch_stats`, which the
-caller must make mutable (`apply(..., train=True, mutable=["batch_stats"])`). Dropout and drop-connect
+caller must make mutable (`apply(..., train=True, mutable=["batch_stats"])`). With
+`batch_norm_axis` set (under `jax.pmap(..., axis_name=...)`), those statistics are the whole global
+batch's, the same on every device, so N devices train as one does. Dropout and drop-connect
 of the ImageNet training recipes are not applied. `dtype=jnp.bfloat16` computes in bfloat16 while
 parameters stay float32; features come out in `dtype`, logits in float32.
 """
@@ -262,6 +264,7 @@ class _StagedEncoder(nn.Module):
   start_stage: int = 0  # > 0: the input is stage `start_stage - 1`'s output, not images
   num_classes: int = 1000
   dtype: Any = jnp.float32
+  batch_norm_axis: str | None = None  # a pmap/shard_map axis: batch statistics over all its devices
 
   def _plan(self, count: int, return_logits: bool) -> tuple[int, int]:
     """(index of the feature stage, index of the last stage to run)."""
@@ -286,7 +289,7 @@ class _StagedEncoder(nn.Module):
 
   def _batch_norm(self, use_running_average: bool, momentum: float, epsilon: float, name: str):
     return nn.BatchNorm(use_running_average=use_running_average, momentum=momentum,
-                        epsilon=epsilon, dtype=self.dtype, name=name)
+                        epsilon=epsilon, dtype=self.dtype, axis_name=self.batch_norm_axis, name=name)
 
 
 def _grouped_convolution_is_fast() -> bool:
@@ -335,6 +338,7 @@ class MBConvBlock(nn.Module):
   stride: int
   out_channels: int
   dtype: Any = jnp.float32
+  batch_norm_axis: str | None = None
 
   @nn.compact
   def __call__(self, inputs: jax.Array, use_running_average: bool) -> jax.Array:
@@ -343,7 +347,8 @@ class MBConvBlock(nn.Module):
     # half first, which is what the reference's Conv2d{Static,Dynamic}SamePadding compute.
     conv = functools.partial(nn.Conv, use_bias=False, padding="SAME", dtype=self.dtype)
     batch_norm = functools.partial(nn.BatchNorm, use_running_average=use_running_average,
-                                   momentum=0.99, epsilon=1e-3, dtype=self.dtype)
+                                   momentum=0.99, epsilon=1e-3, dtype=self.dtype,
+                                   axis_name=self.batch_norm_axis)
     in_channels = inputs.shape[-1]
     hidden = inputs
     if self.expand_ratio != 1:
@@ -382,6 +387,7 @@ class EfficientNetLite(_StagedEncoder):
         repeats, kernel, stride, expand, out = lite_stages[stage - 1]
         for block in range(repeats):
           hidden = MBConvBlock(expand, kernel, stride if block == 0 else 1, out, dtype=self.dtype,
+                               batch_norm_axis=self.batch_norm_axis,
                                name=f"stage{stage}_block{block}")(hidden, running)
       if stage in (0, count - 1):
         hidden = self._batch_norm(running, 0.99, 1e-3, f"stage{stage}_bn")(hidden)
@@ -442,13 +448,15 @@ class Bottleneck(nn.Module):
   width: int
   stride: int
   dtype: Any = jnp.float32
+  batch_norm_axis: str | None = None
 
   @nn.compact
   def __call__(self, inputs: jax.Array, use_running_average: bool) -> jax.Array:
     """[batch, h, w, in] -> [batch, ceil(h / stride), ceil(w / stride), 4 * width]."""
     conv = functools.partial(nn.Conv, use_bias=False, padding="VALID", dtype=self.dtype)
     batch_norm = functools.partial(nn.BatchNorm, use_running_average=use_running_average,
-                                   momentum=0.9, epsilon=1e-5, dtype=self.dtype)
+                                   momentum=0.9, epsilon=1e-5, dtype=self.dtype,
+                                   axis_name=self.batch_norm_axis)
     out_channels = 4 * self.width
     hidden = nn.relu(batch_norm(name="bn1")(conv(self.width, (1, 1), name="conv1")(inputs)))
     hidden = conv(self.width, (3, 3), strides=self.stride, padding=((1, 1), (1, 1)),
@@ -484,6 +492,7 @@ class ResNet(_StagedEncoder):
         for block in range(self.blocks_per_stage[stage - 1]):
           stride = 2 if block == 0 and stage > 1 else 1
           hidden = Bottleneck(64 * 2**(stage - 1), stride, dtype=self.dtype,
+                              batch_norm_axis=self.batch_norm_axis,
                               name=f"stage{stage}_block{block}")(hidden, running)
       if stage == feature_stage:
         features = hidden

@@ -194,6 +194,17 @@ def param_labels(params, config):
   return labels
 
 
+def training_model(config, vocab_size: int, encoder) -> model_lib.Captioner:
+  """The model the train step applies: `encoder` (the data's) with a decoder for `vocab_size` words.
+
+  With `config.encoder.sync_batch_norm` the encoder's BatchNorm layers that follow the batch take
+  their statistics over the `AXIS` devices, so fine-tuning on N devices gives the parameters of one.
+  """
+  if config.encoder.get("sync_batch_norm", True):
+    encoder = encoder.clone(batch_norm_axis=AXIS)
+  return model_lib.create_model(config, vocab_size, encoder=encoder)
+
+
 def create_train_state(config, model, data: train_data.TrainData, steps_per_epoch: int) -> TrainState:
   """Initializes the decoder (and the pretrained encoder when it is fine-tuned) and the optimizer."""
   init_rng, state_rng = jax.random.split(jax.random.key(config.seed))
@@ -295,7 +306,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   workdir.mkdir(parents=True, exist_ok=True)
   is_chief = jax.process_index() == 0
   data = train_data.prepare(config, workdir)
-  model = model_lib.create_model(config, len(data.vocab), encoder=data.encoder)
+  model = training_model(config, len(data.vocab), data.encoder)
   if config.self_critical.num_samples:
     objective = self_critical.SelfCritical(config, model, data, axis_name=AXIS)
   else:

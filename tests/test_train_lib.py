@@ -60,11 +60,18 @@ def test_overfits_shapes_and_greedy_decodes_training_captions(shapes_root, share
   assert [r.text for r in results] == [expected[name] for name in sorted(expected)]
 
 
-def _run_steps(num_devices, config, feature_table, token_batches):
-  """Runs `train_step` pmapped over the first `num_devices` devices on the same global batches."""
-  model = model_lib.create_model(config, vocab_size=20)
-  data = type("Data", (), {"feature_table": feature_table, "encoder_variables": None,
-                           "encoder_from_checkpoint": False})()
+def _run_steps(num_devices, config, feature_table, token_batches, encoder=None, encoder_variables=None):
+  """Runs `train_step` pmapped over the first `num_devices` devices on the same global batches.
+
+  `encoder`: a trainable encoder tail over the rows of `feature_table` (fine-tuning), with its
+  `encoder_variables`; None: the table holds a frozen encoder's features. Returns the variables.
+  """
+  if encoder is None:
+    model = model_lib.create_model(config, vocab_size=20)
+  else:
+    model = train_lib.training_model(config, 20, encoder)
+  data = types.SimpleNamespace(feature_table=feature_table, encoder=encoder,
+                               encoder_variables=encoder_variables, encoder_from_checkpoint=False)
   state = train_lib.create_train_state(config, model, data, steps_per_epoch=10)
   devices = jax.local_devices()[:num_devices]
   step = _pmapped_step(model, num_devices)
@@ -74,10 +81,11 @@ def _run_steps(num_devices, config, feature_table, token_batches):
     batch = {"image_index": image_index.reshape(num_devices, -1),
              "tokens": tokens.reshape(num_devices, -1, tokens.shape[-1])}
     state, _ = step(state, batch, table)
-  return jax.device_get(replication.unreplicate(state).params)
+  state = jax.device_get(replication.unreplicate(state))
+  return {"params": state.params, "batch_stats": state.batch_stats}
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=4)
 def _pmapped_step(model, num_devices):
   return jax.pmap(functools.partial(train_step_fn, model=model), axis_name=train_lib.AXIS,
                   devices=jax.local_devices()[:num_devices])
@@ -87,28 +95,64 @@ def train_step_fn(state, batch, table, *, model):
   return train_lib.train_step(state, batch, table, model=model, alpha_c=1.0, label_smoothing=0.1)
 
 
+def _random_batches(rng, config, num_images, count=3):
+  """`count` global batches of 8: (image_index int32 [8], tokens int32 [8, max_len]), of uneven
+  lengths so that devices hold different token counts."""
+  batches = []
+  for _ in range(count):
+    tokens = rng.integers(4, 20, size=(8, config.data.max_len)).astype(np.int32)
+    tokens[:, 0] = 1
+    lengths = rng.integers(3, config.data.max_len, size=8)
+    for row, length in enumerate(lengths):
+      tokens[row, length] = 2
+      tokens[row, length + 1:] = 0
+    batches.append((rng.integers(0, num_images, size=8).astype(np.int32), tokens))
+  return batches
+
+
+def _max_difference(tree, other):
+  return max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+      lambda a, b: float(np.abs(np.asarray(a, np.float32) - b).max()), tree, other)))
+
+
 def test_four_devices_match_one_device():
   assert jax.local_device_count() >= 4, "conftest forces 4 host devices"
   config = tiny.get_config()
   rng = np.random.default_rng(0)
   feature_table = rng.normal(size=(32, 4, 16)).astype(np.float32)
-  batches = []
-  for _ in range(3):
-    tokens = rng.integers(4, 20, size=(8, config.data.max_len)).astype(np.int32)
-    tokens[:, 0] = 1
-    lengths = rng.integers(3, config.data.max_len, size=8)  # uneven: devices hold different counts
-    for row, length in enumerate(lengths):
-      tokens[row, length] = 2
-      tokens[row, length + 1:] = 0
-    batches.append((rng.integers(0, 32, size=8).astype(np.int32), tokens))
+  batches = _random_batches(rng, config, 32)
   one = _run_steps(1, config, feature_table, batches)
   four = _run_steps(4, config, feature_table, batches)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6),
                          one, four)
-  moved = jax.tree_util.tree_leaves(jax.tree_util.tree_map(
-      lambda a, b: float(np.abs(a - b).max()), one,
-      _run_steps(1, config, feature_table, batches[:1])))
-  assert max(moved) > 0  # the steps did change the parameters
+  assert _max_difference(one, _run_steps(1, config, feature_table, batches[:1])) > 0  # steps moved
+
+
+def test_fine_tuning_on_four_devices_matches_one_device_with_synchronized_batch_norm():
+  """Lite0's stage 0 (3x3 conv + BatchNorm) trained on 16x16 images, with stage 0's output as the
+  feature grid: with the BatchNorm statistics reduced across devices (the default), 4 devices give
+  1 device's parameters and running statistics; each device's own statistics (2 images) give others."""
+  config = tiny.get_config()
+  config.encoder.feature_stage = 0
+  config.encoder.trainable_stages = (0,)
+  config.encoder.learning_rate = 1e-2
+  encoder = model_lib.create_encoder(config)
+  rng = np.random.default_rng(1)
+  images = rng.integers(0, 256, size=(32, 16, 16, 3), dtype=np.uint8)
+  # Variables moved off their initial values (unit variance, zero mean) so that the statistics count.
+  variables = jax.jit(encoder.init)(jax.random.key(0), images[:1])
+  variables = jax.tree_util.tree_map(
+      lambda leaf: leaf + rng.uniform(0.1, 0.5, leaf.shape).astype(np.float32), variables)
+  batches = _random_batches(rng, config, 32, count=2)
+  one = _run_steps(1, config, images, batches, encoder, variables)
+  assert _max_difference(one["params"]["encoder"], variables["params"]) > 1e-3  # the stage trained
+  assert _max_difference(one["batch_stats"]["encoder"], variables["batch_stats"]) > 1e-3
+  four = _run_steps(4, config, images, batches, encoder, variables)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                         one, four)
+  config.encoder.sync_batch_norm = False
+  per_device = _run_steps(4, config, images, batches, encoder, variables)
+  assert _max_difference(one, per_device) > 1e-3
 
 
 class _Killed(Exception):
