@@ -344,6 +344,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                         else replication.replicate(data.feature_table))
     replicated_state = replication.replicate(state)
     writer = _summary_writer(workdir) if is_chief else None
+    learning_rate = create_learning_rate_fn(config, steps_per_epoch, config.optimizer.learning_rate)
     guard = _NaNGuard()
     eval_metrics = {}
     for epoch in range(start_epoch, config.num_epochs):
@@ -365,6 +366,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
           logged = objective.summarize(_stack(fetched))
           seconds = time.time() - window_start
           logged["images_per_second"] = window_steps * config.batch_size / seconds
+          logged["learning_rate"] = (float(learning_rate(step - 1))  # the last update's
+                                     * float(_plateau_scale(replicated_state.opt_state)[0]))
           window_start, window_steps = time.time(), 0
           progress.set_postfix(loss=f"{logged['loss']:.3f}",
                                img_s=f"{logged['images_per_second']:.0f}")
@@ -379,6 +382,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       state = jax.device_put(replication.unreplicate(replicated_state))  # on device for the evaluation
       store.save_latest(step, state, config, data.vocab)
       summary = objective.summarize(_stack(epoch_sums)) if epoch_sums else {}
+      if writer:  # the means over the epoch's steps (those run since a resume, in a resumed epoch)
+        for name, value in summary.items():
+          writer.add_scalar(f"epoch/{name}", value, step)
+        writer.add_scalar("epoch/seconds", time.time() - epoch_start, step)
       if not _evaluates_after(config, epoch):
         continue
       eval_metrics = evaluate(config, state.params, data, batch_stats=state.batch_stats)

@@ -48,6 +48,11 @@ def test_overfits_shapes_and_greedy_decodes_training_captions(shapes_root, share
   final = train_lib.train_and_evaluate(config, workdir)
   losses = scalars["train/loss"]
   assert losses[max(losses)] < 0.02 < losses[min(losses)]
+  assert list(scalars["train/learning_rate"].values()) == pytest.approx([3e-3] * 30)  # constant
+  epoch_losses = scalars["epoch/loss"]  # each epoch's mean, at its last step
+  assert sorted(epoch_losses) == list(range(10, 301, 10))
+  assert epoch_losses[300] < 0.02 < epoch_losses[10]
+  assert epoch_losses[10] == pytest.approx(losses[10])  # the same 10 steps: one logging window
   assert final["BLEU-4"] > 0.99
 
   from flaxcap import inference  # pylint: disable=g-import-not-at-top
@@ -183,6 +188,13 @@ def test_kill_and_resume_gives_the_same_losses(shapes_root, shared_features_work
   monkeypatch.setattr(train_lib, "_summary_writer", lambda w: RecordingWriter(resumed))
   train_lib.train_and_evaluate(config, workdir_b)
 
+  # Cosine decay over the 12 steps: the rate of the update that made each logged step.
+  base = config.optimizer.learning_rate
+  for step, rate in uninterrupted["train/learning_rate"].items():
+    assert rate == pytest.approx(base * 0.5 * (1 + np.cos(np.pi * (step - 1) / 12)), rel=1e-5)
+  assert sorted(uninterrupted["epoch/loss"]) == [4, 8, 12]
+  assert sorted(resumed["epoch/loss"]) == [8, 12]  # epoch 2 from its step 7 on, then epoch 3
+  assert resumed["epoch/loss"][12] == pytest.approx(uninterrupted["epoch/loss"][12], rel=1e-5)
   after = {step: loss for step, loss in uninterrupted["train/loss"].items() if step > kill_at}
   assert sorted(resumed["train/loss"]) == sorted(after)
   np.testing.assert_allclose([resumed["train/loss"][s] for s in sorted(after)],
