@@ -374,6 +374,19 @@ def _filter_logits(logits: jax.Array, *, top_k: int, top_p: float) -> jax.Array:
   return logits
 
 
+def _row_keys(rng: jax.Array, batch: int, copies: int) -> jax.Array | None:
+  """None for one key; for keys [batch] (typed, or raw uint32 [batch, 2]) a key per row
+  [batch * copies]: sample n of image b draws with fold_in(keys[b], n)."""
+  rng = jnp.asarray(rng)
+  key_ndim = 0 if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else 1
+  if rng.ndim == key_ndim:
+    return None
+  if rng.ndim != key_ndim + 1 or rng.shape[0] != batch:
+    raise ValueError(f"rng: one key or a key per image [{batch}]; got shape {rng.shape}")
+  copy_index = jnp.tile(jnp.arange(copies), batch)
+  return jax.vmap(jax.random.fold_in)(jnp.repeat(rng, copies, axis=0), copy_index)
+
+
 def sample(step_fn: StepFn, init_state: PyTree, *, rng: jax.Array, max_len: int, bos_id: int,
            eos_id: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
            num_samples: int = 1, early_stop: bool | str | None = None) -> BeamSearchResult:
@@ -382,7 +395,9 @@ def sample(step_fn: StepFn, init_state: PyTree, *, rng: jax.Array, max_len: int,
   Args:
     step_fn, init_state, max_len, bos_id, eos_id: as in `beam_search`; step_fn sees
       [batch * num_samples] rows (row b * num_samples + n is sample n of image b).
-    rng: a `jax.random` key; the same key gives the same samples.
+    rng: a `jax.random` key; the same key gives the same samples. Or keys [batch], one per image:
+      image b's samples then depend on its key alone, not on the other images of the batch (a
+      batch split over devices samples what it samples whole).
     temperature: > 0; divides the log-probabilities before the filters.
     top_k: keep the k most probable tokens (0: all; static).
     top_p: keep the smallest set of most probable tokens with probability >= top_p (1: all).
@@ -399,9 +414,14 @@ def sample(step_fn: StepFn, init_state: PyTree, *, rng: jax.Array, max_len: int,
     raise ValueError(f"need top_k >= 0, 0 < top_p <= 1 and num_samples >= 1; got top_k={top_k}, "
                      f"top_p={top_p}, num_samples={num_samples}.")
 
+  row_keys = _row_keys(rng, _batch_size(init_state), num_samples)
+
   def choose(log_probs, step):
     logits = _filter_logits(log_probs / temperature, top_k=top_k, top_p=top_p)
-    return jax.random.categorical(jax.random.fold_in(rng, step), logits, axis=-1)
+    if row_keys is None:
+      return jax.random.categorical(jax.random.fold_in(rng, step), logits, axis=-1)
+    draw = lambda key, row_logits: jax.random.categorical(jax.random.fold_in(key, step), row_logits)
+    return jax.vmap(draw)(row_keys, logits)
 
   return _decode_one_per_row(step_fn, init_state, choose, copies=num_samples, max_len=max_len,
                              bos_id=bos_id, eos_id=eos_id, early_stop=early_stop)

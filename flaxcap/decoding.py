@@ -94,7 +94,7 @@ def sample(decoder: decoder_lib.Decoder, decoder_params, features, *, rng: jax.A
 
   Args:
     decoder, decoder_params, features: as in `search`.
-    rng: a `jax.random` key.
+    rng: a `jax.random` key, or keys [batch], one per image (`beam_search.sample`).
   Returns:
     `BeamSearchResult` with tokens [batch, num_samples, max_len] (zeros after <eos>), scores (each
     sample's log-probability) and lengths [batch, num_samples] (tokens up to and including <eos>).

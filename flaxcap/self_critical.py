@@ -88,15 +88,18 @@ def sample_step(params, image_index, feature_table, rng, *, decoder, num_samples
   Args:
     params: the model's params ({"decoder": ...}).
     image_index: int32 [per_device], rows of `feature_table` [num_images, P, C].
-    rng: the step's key, the same on every device (folded with the device index here).
+    rng: the step's key, the same on every device. Each image samples with it folded with the
+      image's position in the global batch, so the samples do not depend on the device count.
   Returns:
     tokens int32 [per_device, num_samples, max_len] (zeros after <eos>) and lengths int32
     [per_device, num_samples] (tokens up to and including <eos>).
   """
-  rng = jax.random.fold_in(rng, lax.axis_index(axis_name))
+  per_device = image_index.shape[0]
+  position = lax.axis_index(axis_name) * per_device + jnp.arange(per_device)
+  image_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, position)
   features = feature_table[image_index].astype(jnp.float32)
-  result = decoding.sample(decoder, params["decoder"], features, rng=rng, num_samples=num_samples,
-                           max_len=max_len)
+  result = decoding.sample(decoder, params["decoder"], features, rng=image_keys,
+                           num_samples=num_samples, max_len=max_len)
   return result.tokens, result.lengths
 
 

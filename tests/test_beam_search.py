@@ -494,14 +494,17 @@ def test_sample_draws_only_allowed_tokens(temperature, top_k, top_p):
         np.testing.assert_allclose(result.aux["hash"][row, n, :length], hashes, rtol=1e-5)
 
 
-def test_sample_is_deterministic_for_a_key_and_follows_the_distribution():
+@pytest.mark.parametrize("keys", ["one key", "a key per image"])
+def test_sample_is_deterministic_for_a_key_and_follows_the_distribution(keys):
   table, embed = random_tables(0)
   temperature, num_samples = 2.0, 4000
-  first = to_numpy(jax_sample(table, embed, jax.random.key(7), temperature=temperature,
+  key = (lambda seed: jax.random.key(seed)) if keys == "one key" else (
+      lambda seed: jax.random.split(jax.random.key(seed), BATCH))
+  first = to_numpy(jax_sample(table, embed, key(7), temperature=temperature,
                               num_samples=num_samples, max_len=2))
-  again = to_numpy(jax_sample(table, embed, jax.random.key(7), temperature=temperature,
+  again = to_numpy(jax_sample(table, embed, key(7), temperature=temperature,
                               num_samples=num_samples, max_len=2))
-  other = to_numpy(jax_sample(table, embed, jax.random.key(8), temperature=temperature,
+  other = to_numpy(jax_sample(table, embed, key(8), temperature=temperature,
                               num_samples=num_samples, max_len=2))
   np.testing.assert_array_equal(first.tokens, again.tokens)
   assert not np.array_equal(first.tokens, other.tokens)
@@ -510,3 +513,21 @@ def test_sample_is_deterministic_for_a_key_and_follows_the_distribution():
     tempered /= tempered.sum()
     frequencies = np.bincount(first.tokens[row, :, 0], minlength=VOCAB) / num_samples
     np.testing.assert_allclose(frequencies, tempered, atol=0.04)  # > 5 standard errors
+
+
+def test_sample_with_a_key_per_image_draws_each_image_as_it_would_alone():
+  table, embed = random_tables(1)
+  keys = jax.random.split(jax.random.key(3), BATCH)
+  whole = to_numpy(jax_sample(table, embed, keys, num_samples=5, temperature=1.5))
+  assert len({tuple(row) for row in whole.tokens.reshape(-1, MAX_LEN)}) > BATCH  # varied samples
+  for row in (0, 2):
+    alone = to_numpy(jax_sample(table[row:row + 1], embed, keys[row:row + 1], num_samples=5,
+                                temperature=1.5))
+    np.testing.assert_array_equal(alone.tokens[0], whole.tokens[row])
+    np.testing.assert_allclose(alone.scores[0], whole.scores[row], rtol=1e-6)
+  raw_keys = jax.vmap(jax.random.key_data)(keys)  # uint32 [batch, 2]: the same keys
+  np.testing.assert_array_equal(
+      to_numpy(jax_sample(table, embed, raw_keys, num_samples=5, temperature=1.5)).tokens,
+      whole.tokens)
+  with pytest.raises(ValueError, match="a key per image"):
+    jax_sample(table, embed, keys[:2], num_samples=5)

@@ -20,7 +20,9 @@ from flaxcap import model as model_lib
 from flaxcap import self_critical
 from flaxcap import sentence_scores
 from flaxcap import replication
+from flaxcap import train_data
 from flaxcap import train_lib
+from flaxcap import vocab as vocab_lib
 from recording_writer import RecordingWriter
 
 NUM_IMAGES, GRID, CHANNELS, VOCAB, SAMPLES, MAX_LEN = 6, 4, 16, 20, 3, 7
@@ -121,13 +123,41 @@ def test_policy_gradient_equals_the_gradient_of_the_sampled_log_probabilities():
   np.testing.assert_allclose(four_sums["policy_loss"], sums["policy_loss"], rtol=1e-5)
 
 
+def test_samples_do_not_depend_on_the_device_count():
+  """The sampling step draws each image's captions with the step's key folded with the image's
+  position in the global batch: 4 devices sample what 1 device samples, and a key per image is
+  what `decoding.sample` is given."""
+  model, feature_table, params = _setup()
+  image_index = np.array([0, 3, 5, 1, 2, 4, 0, 3], np.int32)  # image 0 twice: positions differ
+  rng = jax.random.key(11)
+  samples = {}
+  for num_devices in (1, 4):
+    devices = jax.local_devices()[:num_devices]
+    step = jax.pmap(functools.partial(self_critical.sample_step, decoder=model.decoder,
+                                      num_samples=SAMPLES, max_len=MAX_LEN, axis_name="batch"),
+                    axis_name="batch", devices=devices)
+    tokens, lengths = step(jax_utils.replicate(params, devices=devices),
+                           image_index.reshape(num_devices, -1),
+                           jax_utils.replicate(feature_table, devices=devices),
+                           jax_utils.replicate(rng, devices=devices))
+    samples[num_devices] = (np.asarray(tokens).reshape(len(image_index), SAMPLES, MAX_LEN),
+                            np.asarray(lengths).reshape(len(image_index), SAMPLES))
+  np.testing.assert_array_equal(samples[1][0], samples[4][0])
+  np.testing.assert_array_equal(samples[1][1], samples[4][1])
+  assert not np.array_equal(samples[1][0][0], samples[1][0][6])  # same image, another position
+  keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, np.arange(len(image_index)))
+  direct = decoding.sample(model.decoder, params["decoder"], jnp.asarray(feature_table[image_index]),
+                           rng=keys, num_samples=SAMPLES, max_len=MAX_LEN)
+  np.testing.assert_array_equal(np.asarray(direct.tokens), samples[1][0])
+
+
 def _scst_config(shapes_root, init_checkpoint, **overrides):
   config = tiny.get_config()
   config.data.root = str(shapes_root)
   config.self_critical.num_samples = 4
   config.init_checkpoint = str(init_checkpoint)
   config.batch_size = 4
-  config.optimizer.learning_rate = 1e-2
+  config.optimizer.learning_rate = 1e-3  # 1e-2 raised the reward in some seeds and lowered it in one
   config.num_epochs = 10
   config.optimizer.schedule = "constant"
   config.eval.patience = 0
@@ -137,6 +167,19 @@ def _scst_config(shapes_root, init_checkpoint, **overrides):
   for name, value in overrides.items():
     config[name] = value
   return config
+
+
+def _expected_reward(config, data, params, num_samples=32):
+  """The mean reward of `num_samples` captions sampled for each training image (a fixed key)."""
+  model = model_lib.create_model(config, len(data.vocab))
+  result = decoding.sample(model.decoder, params["decoder"], jnp.asarray(data.feature_table, jnp.float32),
+                           rng=jax.random.key(0), num_samples=num_samples, max_len=config.eval.max_len)
+  tokens = np.asarray(result.tokens).reshape(-1, config.eval.max_len)
+  reward = self_critical.CaptionReward([record.captions for record in data.train_records],
+                                       reward_end=True, bleu_weight=0.0)
+  image_index = np.repeat(np.arange(len(data.train_records)), num_samples)
+  ended = (tokens == vocab_lib.EOS).any(axis=-1)
+  return float(np.mean(reward(image_index, [data.vocab.decode(row) for row in tokens], ended)))
 
 
 class _Killed(Exception):
@@ -151,11 +194,15 @@ def test_self_critical_run_raises_the_reward_and_resumes(shapes_root, tiny_check
   config = _scst_config(shapes_root, tiny_checkpoint)  # 4 steps of 4 images an epoch
   workdir_a, workdir_b = shared_features_workdir("a"), shared_features_workdir("b")
   train_lib.train_and_evaluate(config, workdir_a)
-  rewards = [scalars["train/reward"][step] for step in sorted(scalars["train/reward"])]
-  assert len(rewards) == config.num_epochs
-  # CIDEr-D (0..10, with the end token): about 0.54 over the first three epochs, 0.80 over the last.
-  assert np.mean(rewards[-3:]) > 1.3 * np.mean(rewards[:3]), rewards
+  assert len(scalars["train/reward"]) == config.num_epochs  # logged every 4 steps: once an epoch
   trained, saved_config, _ = checkpoints.load_for_inference(pathlib.Path(workdir_a) / checkpoints.LATEST_DIR)
+  # The objective itself, measured with 32 samples of each training image under one key: CIDEr-D
+  # (0..10, with the end token) rose from 0.52 to 0.79-0.88 over seeds 0-3 (the epoch means of the
+  # training samples, 4 an image, are too noisy to compare).
+  data = train_data.prepare(config, pathlib.Path(workdir_a))
+  before = _expected_reward(config, data, start["params"])
+  after = _expected_reward(config, data, trained["params"])
+  assert after > 1.3 * before, (before, after)
   assert saved_config.self_critical.num_samples == 4
   moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(a - b).max()),
                                  start["params"]["decoder"], trained["params"]["decoder"])
