@@ -223,7 +223,7 @@ def make_decoder(sizes, dtype: str, *, dropout: float, **options) -> decoder_lib
 
 
 def optimizer_config():
-  """The fields of `workloads.config_for`'s config that `train_lib.create_optimizer` reads."""
+  """The fields of `workloads.config_for`'s config that `optimizer.create_optimizer` reads."""
   ns = types.SimpleNamespace
   return ns(num_epochs=20, encoder=ns(learning_rate=1e-4),
             optimizer=ns(name="adam", learning_rate=4e-4, weight_decay=0.0, grad_clip_norm=5.0,

@@ -9,7 +9,7 @@ Parts (--parts):
 Frameworks (--frameworks), all on the same batch in this process:
   flaxcap    `flaxcap.train_lib.train_step` under `jax.pmap` on one device, as train.py runs it: dropout,
              `caption_loss_sums` (cross-entropy + doubly stochastic attention), global-norm clipping and
-             Adam from `train_lib.create_optimizer`; bfloat16 = `config.half_precision`
+             Adam from `optimizer.create_optimizer`; bfloat16 = `config.half_precision`
   torch      bench/torch_reference.py: eager PyTorch, a Python loop over time with the shrinking batch,
              Adam + clipping; bfloat16 through `torch.autocast`
   jax_naive  (decoder part) the textbook cell under `nn.scan` (features re-projected every step,

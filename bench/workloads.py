@@ -22,7 +22,7 @@ import dataclasses
 import math
 import pathlib
 import sys
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,9 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from flaxcap import model as model_lib  # noqa: E402
 from flaxcap import vocab as vocab_lib  # noqa: E402
+
+if TYPE_CHECKING:  # imported where used: it needs the optimizer's packages
+  from flaxcap import train_lib  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,11 +175,11 @@ def end_captions_near(params: dict[str, Any], *, length: int, eos_id: int = voca
 
 def flaxcap_train_state(config, model, variables, *, seed: int = 1) -> train_lib.TrainState:
   """A `train_lib.TrainState` for `variables` (params, and batch_stats when the encoder trains), with
-  train_lib's optimizer (clipping, Adam per parameter group) — what `create_train_state` builds from
+  flaxcap's optimizer (clipping, Adam per parameter group) — what `create_train_state` builds from
   data."""
-  from flaxcap import train_lib  # pylint: disable=g-import-not-at-top
+  from flaxcap import optimizer, train_lib  # pylint: disable=g-import-not-at-top
   params = dict(variables["params"])
-  tx = train_lib.create_optimizer(config, 1000, train_lib.param_labels(params, config))
+  tx = optimizer.create_optimizer(config, 1000, optimizer.param_labels(params, config))
   return train_lib.TrainState.create(apply_fn=model.apply, params=params, tx=tx,
                                      batch_stats=dict(variables.get("batch_stats", {})),
                                      rng=jax.random.key(seed))

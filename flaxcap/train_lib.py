@@ -23,14 +23,13 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import tqdm
 
 from flaxcap import checkpoints
-from flaxcap import encoders
 from flaxcap import errors
 from flaxcap import metrics as metrics_lib
 from flaxcap import model as model_lib
+from flaxcap import optimizer
 from flaxcap import replication
 from flaxcap import run_config
 from flaxcap import self_critical
@@ -42,50 +41,6 @@ AXIS = replication.AXIS  # the mesh axis the train step is pmapped over
 class TrainState(train_state.TrainState):
   batch_stats: Any
   rng: jax.Array
-
-
-def create_learning_rate_fn(config, steps_per_epoch: int, base_learning_rate: float) -> optax.Schedule:
-  """Linear warm-up, then cosine decay to zero at the last step (or constant for plateau decay)."""
-  warmup_steps = config.optimizer.warmup_steps
-  total_steps = max(config.num_epochs * steps_per_epoch, warmup_steps + 1)
-  if config.optimizer.schedule == "cosine":
-    decay = optax.cosine_decay_schedule(base_learning_rate, total_steps - warmup_steps)
-  elif config.optimizer.schedule in ("constant", "plateau"):
-    decay = optax.constant_schedule(base_learning_rate)
-  else:
-    raise errors.ConfigError(f"config.optimizer.schedule={config.optimizer.schedule!r}: "
-                             "use cosine, constant or plateau")
-  if warmup_steps == 0:
-    return decay
-  warmup = optax.linear_schedule(0.0, base_learning_rate, warmup_steps)
-  return optax.join_schedules([warmup, decay], [warmup_steps])
-
-
-def create_optimizer(config, steps_per_epoch: int, param_labels) -> optax.GradientTransformation:
-  """Global-norm clipping, Adam/AdamW per parameter group, and a host-set scale for plateau decay.
-
-  `param_labels` maps every parameter to "decoder", "encoder_trainable" or "frozen"; the trainable
-  encoder stages get `config.encoder.learning_rate`, frozen parameters get no update at all.
-  """
-  def adam(learning_rate):
-    lr_fn = create_learning_rate_fn(config, steps_per_epoch, learning_rate)
-    if config.optimizer.name == "adam":
-      return optax.adam(lr_fn)
-    if config.optimizer.name == "adamw":
-      return optax.adamw(lr_fn, weight_decay=config.optimizer.weight_decay)
-    raise errors.ConfigError(f"config.optimizer.name={config.optimizer.name!r}: use adam or adamw")
-
-  transforms = {"decoder": adam(config.optimizer.learning_rate),
-                "encoder_trainable": adam(config.encoder.learning_rate),
-                "frozen": optax.set_to_zero()}
-  return optax.chain(
-      optax.clip_by_global_norm(config.optimizer.grad_clip_norm),
-      optax.multi_transform(transforms, param_labels),
-      optax.inject_hyperparams(optax.scale)(step_size=1.0))
-
-
-def _plateau_scale(opt_state):
-  return opt_state[-1].hyperparams["step_size"]
 
 
 def _evaluates_after(config, epoch: int) -> bool:
@@ -185,15 +140,6 @@ class CrossEntropy:
     return summarize(sums, self.config.loss.alpha_c)
 
 
-def param_labels(params, config):
-  """Labels for `create_optimizer`: the decoder, and the encoder's trainable or frozen stages."""
-  labels = {"decoder": jax.tree_util.tree_map(lambda _: "decoder", params["decoder"])}
-  if "encoder" in params:
-    labels["encoder"] = encoders.trainable_param_labels(
-        config.encoder.name, params["encoder"], config.encoder.trainable_stages)
-  return labels
-
-
 def training_model(config, vocab_size: int, encoder) -> model_lib.Captioner:
   """The model the train step applies: `encoder` (the data's) with a decoder for `vocab_size` words.
 
@@ -230,7 +176,7 @@ def create_train_state(config, model, data: train_data.TrainData, steps_per_epoc
   if model.encoder_trainable or data.encoder_from_checkpoint:
     params["encoder"] = data.encoder_variables["params"]
     batch_stats = {"encoder": data.encoder_variables.get("batch_stats", {})}
-  tx = create_optimizer(config, steps_per_epoch, param_labels(params, config))
+  tx = optimizer.create_optimizer(config, steps_per_epoch, optimizer.param_labels(params, config))
   return TrainState(step=0, apply_fn=model.apply, params=params, tx=tx,
                     opt_state=jax.jit(tx.init)(params), batch_stats=batch_stats, rng=state_rng)
 
@@ -344,7 +290,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                         else replication.replicate(data.feature_table))
     replicated_state = replication.replicate(state)
     writer = _summary_writer(workdir) if is_chief else None
-    learning_rate = create_learning_rate_fn(config, steps_per_epoch, config.optimizer.learning_rate)
+    learning_rate = optimizer.create_learning_rate_fn(config, steps_per_epoch, config.optimizer.learning_rate)
     guard = _NaNGuard()
     eval_metrics = {}
     for epoch in range(start_epoch, config.num_epochs):
@@ -367,7 +313,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
           seconds = time.time() - window_start
           logged["images_per_second"] = window_steps * config.batch_size / seconds
           logged["learning_rate"] = (float(learning_rate(step - 1))  # the last update's
-                                     * float(_plateau_scale(replicated_state.opt_state)[0]))
+                                     * float(optimizer.plateau_scale(replicated_state.opt_state)[0]))
           window_start, window_steps = time.time(), 0
           progress.set_postfix(loss=f"{logged['loss']:.3f}",
                                img_s=f"{logged['images_per_second']:.0f}")
@@ -402,14 +348,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       stop = bool(config.eval.patience) and epochs_since_best >= config.eval.patience
       if (not stop and config.optimizer.schedule == "plateau" and epochs_since_best > 0
           and epochs_since_best % config.optimizer.plateau_patience == 0):
-        scale = _plateau_scale(replicated_state.opt_state) * config.optimizer.plateau_factor
+        scale = optimizer.plateau_scale(replicated_state.opt_state) * config.optimizer.plateau_factor
         logging.info("Plateau: learning rate scale now %.4g", float(scale[0]))
         replicated_state.opt_state[-1].hyperparams["step_size"] = scale
       if is_chief:
         store.record_evaluation({
             "step": step, "epoch": epoch + 1, "metrics": eval_metrics,
             "epochs_since_best": epochs_since_best,
-            "plateau_scale": float(np.asarray(_plateau_scale(replicated_state.opt_state))[0])})
+            "plateau_scale": float(np.asarray(optimizer.plateau_scale(replicated_state.opt_state))[0])})
       if stop:
         logging.info("No %s improvement for %d epochs: stopping early", config.eval.best_metric,
                      epochs_since_best)
