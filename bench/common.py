@@ -124,6 +124,8 @@ def configure_torch() -> None:
   threads = TORCH_THREADS.value if flags.FLAGS.is_parsed() else None
   if torch_device().type == "cpu":
     torch.set_num_threads(threads or 1)
+  else:  # XLA runs float32 matmuls as TF32 on the GPU (jax's default precision): the same for torch
+    torch.backends.cuda.matmul.allow_tf32 = True
 
 
 def peak_device_memory_bytes() -> int | None:

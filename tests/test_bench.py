@@ -36,3 +36,21 @@ def test_default_image_needs_neither_jax_nor_torch(tmp_path, monkeypatch):
   with Image.open(path) as image:
     assert image.size == (500, 375)
   assert common.default_image() == path  # written once
+
+
+def test_gpu_call_keeps_a_variant_only_when_it_beats_main_by_more_than_mains_drift():
+  from bench import choose_gpu9  # pylint: disable=g-import-not-at-top
+
+  def rows(part, **vs_main):
+    return [{"part": part, "variant": name, "rate": 100.0 * ratio, "vs_main": ratio}
+            for name, ratio in dict(main=1.0, **vs_main).items()]
+
+  beam = rows("beam256", main_again=0.97, kernel=1.05, stop_while=1.02)  # drift 3%
+  assert choose_gpu9.choose(beam, "beam256") == "--candidate_top_k=kernel"
+  assert choose_gpu9.choose(rows("beam256", main_again=0.97, kernel=1.02), "beam256") == ""
+  assert choose_gpu9.choose(rows("beam1", kernel_w4=2.0), "beam1") == ""  # no flag can ask for it
+  both = rows("train_bf16", main_again=1.01, recompute=1.10, pad8=1.08)
+  assert choose_gpu9.choose(both, "train_bf16") == "--recompute_attention --pad_columns_to=8"
+  one = rows("train_fp32", main_again=1.01, recompute=1.10, pad8=1.0)
+  assert choose_gpu9.choose(one, "train_fp32") == "--recompute_attention"
+  assert choose_gpu9.choose(beam, "train_fp32") == ""  # the part was skipped: the defaults

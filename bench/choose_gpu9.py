@@ -1,0 +1,43 @@
+"""Flags for bench/beam_search.py and bench/training.py from a probe_gpu9 JSON (the fastest variant
+that the bench scripts can express, if it beats main by more than main's own drift).
+
+    python3 bench/choose_gpu9.py $OUT/probe_gpu9.json beam256   # -> e.g. --candidate_top_k=kernel ...
+"""
+import json
+import sys
+
+BEAM = {"main": "", "kernel": "--candidate_top_k=kernel", "rounds": "--candidate_top_k=rounds",
+        "chunks_barrier": "--candidate_top_k=chunks_barrier", "stop_cond": "--early_stop=off,cond",
+        "stop_while": "--early_stop=off,while", "stop_while4": "--early_stop=off,while --unroll=4",
+        "stop_while+kernel": "--candidate_top_k=kernel --early_stop=off,while",
+        "stop_while4+kernel": "--candidate_top_k=kernel --early_stop=off,while --unroll=4",
+        "stop_while+chunks_barrier": "--candidate_top_k=chunks_barrier --early_stop=off,while",
+        "pad8": "--pad_columns_to=8", "pad128": "--pad_columns_to=128",
+        "stop_while+kernel+pad8": "--candidate_top_k=kernel --early_stop=off,while --pad_columns_to=8"}
+TRAIN = {"main": "", "recompute": "--recompute_attention", "pad8": "--pad_columns_to=8",
+         "bf16_features": "--feature_dtype=bfloat16",
+         "bf16_features+recompute": "--feature_dtype=bfloat16 --recompute_attention"}
+
+
+def choose(rows, part):
+  rows = [r for r in rows if r["part"] == part and r.get("rate")]
+  main = next((r for r in rows if r["variant"] == "main"), None)
+  if not main:
+    return ""
+  again = next((r for r in rows if r["variant"] == "main_again"), None)
+  noise = abs(1 - again["vs_main"]) if again else 0.02
+  table = BEAM if part.startswith("beam") else TRAIN
+  best = max((r for r in rows if r["variant"] in table), key=lambda r: r["rate"])
+  if part.startswith("train") and best["variant"] != "main":  # both winners together if both won
+    won = [r["variant"] for r in rows if r["variant"] in ("recompute", "pad8")
+           and r.get("vs_main", 0) > 1 + noise]
+    if best["variant"] in won and len(won) == 2:
+      return "--recompute_attention --pad_columns_to=8"
+  return table[best["variant"]] if best.get("vs_main", 1.0) > 1 + noise else ""
+
+
+if __name__ == "__main__":
+  try:
+    print(choose(json.load(open(sys.argv[1]))["rows"], sys.argv[2]))
+  except Exception as e:  # pylint: disable=broad-except  (no probe JSON: the library's defaults)
+    print(f"choose_gpu9: {e!r}", file=sys.stderr)

@@ -1,0 +1,43 @@
+#!/bin/bash
+# The next GPU session in ONE device call (one machine start): bench/probe_gpu9.py, then the winners
+# (bench/choose_gpu9.py) as official rows with the torch reference of the same run.
+#   run(command="bash bench/gpu9_call.sh", carry=[".whl"], timeout_s=600); then give_back.
+# .whl holds ml_collections (configs/default.py and flaxcap/checkpoints.py import it; the device has none):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl ml_collections==1.1.0
+# Comes back: $OUT/call.log, $OUT/probe_gpu9.json, $OUT/results.tgz (every JSON and profile): 3 files.
+set -u
+T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
+O=$OUT; P=${GPU9_DIR:-/tmp/gpu9}; mkdir -p $P; LOG=$O/call.log
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target ${SITE:=/tmp/site} .whl/*.whl \
+    && export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 -c "import ml_collections" 2>/dev/null || echo "WARNING: no ml_collections: beam_search.py/training.py fail (carry .whl)" | tee -a $LOG
+export PYTHONUNBUFFERED=1
+collect() { tar czf $O/results.tgz -C $P . 2>/dev/null; cp $P/probe_gpu9.json $O/ 2>/dev/null; }
+run() {  # run LIMIT_S script args...: never past ${BUDGET:-575} s in all
+  local limit=$1; shift
+  local left=$(( ${BUDGET:-575} - $(el) )); [ "$limit" -gt "$left" ] && limit=$left
+  if [ "$limit" -lt 20 ]; then echo "=== skipped (no time): $*" | tee -a $LOG; return; fi
+  echo "=== [$(el)s] $* (limit ${limit}s)" | tee -a $LOG
+  timeout "$limit" python3 "$@" 2>&1 | grep --line-buffered -v -E '^[IW][0-9]{4} |UserWarning|warnings.warn' >> $LOG
+  echo "=== [$(el)s] rc=${PIPESTATUS[0]}" | tee -a $LOG; collect
+}
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv 2>&1 | tee -a $LOG
+OUT=$P run ${PROBE_LIMIT:-330} bench/probe_gpu9.py ${PROBE_ARGS:-}
+sed -n '/^probe_gpu9: train/,$p' $LOG | cut -c1-170
+c() { python3 bench/choose_gpu9.py $P/probe_gpu9.json $1; }
+B256=$(c beam256); B1=$(c beam1); T512=$(c train_bf16); T128=$(c train_fp32)
+echo "chosen: b256 [$B256] b1 [$B1] train512 [$T512] train128 [$T128]" | tee -a $LOG
+B="bench/beam_search.py --beam_sizes=5 --dtypes=bfloat16 ${BEAM_ARGS:-}"
+if [ "$B256" = "$B1" ]; then
+  run 70 $B --batch_sizes=1,${BIG:-256} $B256 --output=$P/beam_search_gpu9.json
+else
+  run 45 $B --batch_sizes=${BIG:-256} $B256 --output=$P/beam_search_gpu9_b${BIG:-256}.json
+  run 40 $B --batch_sizes=1 $B1 --output=$P/beam_search_gpu9_b1.json
+fi
+R="bench/training.py --parts=decoder --sizes=${SIZES:-tutorial} ${TRAIN_ARGS:-}"
+run 75 $R --batch_sizes=${TB:-512} --dtypes=bfloat16 $T512 --output=$P/training_gpu9_bf16.json
+run 60 $R --batch_sizes=${TS:-128} --dtypes=float32 $T128 --output=$P/training_gpu9_fp32.json
+grep -h -A30 -E '^(beam search from|train step \(fwd)' $LOG | grep -v '^--$' | cut -c1-170
+echo "done [$(el)s]"
