@@ -91,9 +91,9 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
+from flaxcap import conv_blocks
 from flaxcap import errors
 
 # The reference's preprocessing (torchvision's Normalize). TF's original EfficientNet-Lite training
@@ -292,78 +292,6 @@ class _StagedEncoder(nn.Module):
                         epsilon=epsilon, dtype=self.dtype, axis_name=self.batch_norm_axis, name=name)
 
 
-def _grouped_convolution_is_fast() -> bool:
-  """XLA:CPU runs grouped (depthwise) convolutions several times slower than shifted sums."""
-  return jax.default_backend() != "cpu"
-
-
-class DepthwiseConv(nn.Module):
-  """Depthwise k x k convolution, TF "same" padding, no bias; kernel [k, k, 1, channels] as nn.Conv.
-
-  On accelerators it is one grouped convolution; on CPU, where XLA's grouped convolutions are slow,
-  the sum over the k * k taps of strided input slices times per-channel weights (accumulated in
-  float32), which computes the same thing 3-4x faster there.
-  """
-  kernel_size: int
-  stride: int
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, inputs: jax.Array) -> jax.Array:
-    """[batch, h, w, c] -> [batch, ceil(h / stride), ceil(w / stride), c]."""
-    size, stride, channels = self.kernel_size, self.stride, inputs.shape[-1]
-    kernel = self.param("kernel", nn.initializers.lecun_normal(), (size, size, 1, channels),
-                        jnp.float32)
-    if _grouped_convolution_is_fast():
-      return jax.lax.conv_general_dilated(
-          inputs.astype(self.dtype), kernel.astype(self.dtype), (stride, stride), "SAME",
-          dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
-    out_height, out_width = -(-inputs.shape[1] // stride), -(-inputs.shape[2] // stride)
-    pads = [max((out - 1) * stride + size - n, 0)
-            for out, n in ((out_height, inputs.shape[1]), (out_width, inputs.shape[2]))]
-    padded = jnp.pad(inputs, ((0, 0),) + tuple((p // 2, p - p // 2) for p in pads) + ((0, 0),))
-    total = jnp.zeros((inputs.shape[0], out_height, out_width, channels), jnp.float32)
-    for row in range(size):
-      for col in range(size):
-        taps = padded[:, row:row + stride * (out_height - 1) + 1:stride,
-                      col:col + stride * (out_width - 1) + 1:stride]
-        total = total + taps.astype(jnp.float32) * kernel[row, col, 0]
-    return total.astype(self.dtype)
-
-
-class MBConvBlock(nn.Module):
-  """EfficientNet-Lite inverted bottleneck: 1x1 expand, depthwise kxk, 1x1 project (no SE)."""
-  expand_ratio: int
-  kernel_size: int
-  stride: int
-  out_channels: int
-  dtype: Any = jnp.float32
-  batch_norm_axis: str | None = None
-
-  @nn.compact
-  def __call__(self, inputs: jax.Array, use_running_average: bool) -> jax.Array:
-    """[batch, h, w, in] -> [batch, ceil(h / stride), ceil(w / stride), out_channels]."""
-    # Flax's "SAME" padding is TF's: pad_total = max((ceil(n/s) - 1) * s + k - n, 0), the smaller
-    # half first, which is what the reference's Conv2d{Static,Dynamic}SamePadding compute.
-    conv = functools.partial(nn.Conv, use_bias=False, padding="SAME", dtype=self.dtype)
-    batch_norm = functools.partial(nn.BatchNorm, use_running_average=use_running_average,
-                                   momentum=0.99, epsilon=1e-3, dtype=self.dtype,
-                                   axis_name=self.batch_norm_axis)
-    in_channels = inputs.shape[-1]
-    hidden = inputs
-    if self.expand_ratio != 1:
-      hidden = conv(in_channels * self.expand_ratio, (1, 1), name="expand_conv")(hidden)
-      hidden = jax.nn.relu6(batch_norm(name="expand_bn")(hidden))
-    hidden = DepthwiseConv(self.kernel_size, self.stride, dtype=self.dtype,
-                           name="depthwise_conv")(hidden)
-    hidden = jax.nn.relu6(batch_norm(name="depthwise_bn")(hidden))
-    hidden = conv(self.out_channels, (1, 1), name="project_conv")(hidden)
-    hidden = batch_norm(name="project_bn")(hidden)
-    if self.stride == 1 and in_channels == self.out_channels:
-      hidden = hidden + inputs
-    return hidden
-
-
 class EfficientNetLite(_StagedEncoder):
   """EfficientNet-Lite0/1/2 (`variant` picks the width/depth scaling)."""
   variant: str = "efficientnet_lite0"
@@ -386,7 +314,7 @@ class EfficientNetLite(_StagedEncoder):
       else:
         repeats, kernel, stride, expand, out = lite_stages[stage - 1]
         for block in range(repeats):
-          hidden = MBConvBlock(expand, kernel, stride if block == 0 else 1, out, dtype=self.dtype,
+          hidden = conv_blocks.MBConvBlock(expand, kernel, stride if block == 0 else 1, out, dtype=self.dtype,
                                batch_norm_axis=self.batch_norm_axis,
                                name=f"stage{stage}_block{block}")(hidden, running)
       if stage in (0, count - 1):
@@ -398,19 +326,6 @@ class EfficientNetLite(_StagedEncoder):
       return features
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(hidden.mean((1, 2)))
     return features, logits.astype(jnp.float32)
-
-
-def adaptive_avg_pool(inputs: jax.Array, output_size: tuple[int, int]) -> jax.Array:
-  """torch's `AdaptiveAvgPool2d` on NHWC: [batch, h, w, c] -> [batch, *output_size, c]."""
-  def pooling_matrix(size_in, size_out):
-    matrix = np.zeros((size_out, size_in), np.float32)
-    for index in range(size_out):
-      start, end = index * size_in // size_out, -(-(index + 1) * size_in // size_out)
-      matrix[index, start:end] = 1.0 / (end - start)
-    return jnp.asarray(matrix, inputs.dtype)
-  rows = pooling_matrix(inputs.shape[1], output_size[0])
-  cols = pooling_matrix(inputs.shape[2], output_size[1])
-  return jnp.einsum("oh,bhwc,pw->bopc", rows, inputs, cols)
 
 
 class VGG16(_StagedEncoder):
@@ -435,39 +350,12 @@ class VGG16(_StagedEncoder):
         features = hidden
     if not return_logits:
       return features
-    hidden = adaptive_avg_pool(nn.max_pool(hidden, (2, 2), strides=(2, 2)), (7, 7))
+    hidden = conv_blocks.adaptive_avg_pool(nn.max_pool(hidden, (2, 2), strides=(2, 2)), (7, 7))
     hidden = hidden.transpose(0, 3, 1, 2).reshape(hidden.shape[0], -1)  # torch's NCHW flatten.
     for index, width in enumerate((self.hidden_dim, self.hidden_dim, self.num_classes)):
       hidden = nn.Dense(width, dtype=self.dtype, name=f"classifier_{index}")(hidden)
       hidden = nn.relu(hidden) if index < 2 else hidden
     return features, hidden.astype(jnp.float32)
-
-
-class Bottleneck(nn.Module):
-  """torchvision's ResNet bottleneck (v1.5: the stride sits on the 3x3 conv)."""
-  width: int
-  stride: int
-  dtype: Any = jnp.float32
-  batch_norm_axis: str | None = None
-
-  @nn.compact
-  def __call__(self, inputs: jax.Array, use_running_average: bool) -> jax.Array:
-    """[batch, h, w, in] -> [batch, ceil(h / stride), ceil(w / stride), 4 * width]."""
-    conv = functools.partial(nn.Conv, use_bias=False, padding="VALID", dtype=self.dtype)
-    batch_norm = functools.partial(nn.BatchNorm, use_running_average=use_running_average,
-                                   momentum=0.9, epsilon=1e-5, dtype=self.dtype,
-                                   axis_name=self.batch_norm_axis)
-    out_channels = 4 * self.width
-    hidden = nn.relu(batch_norm(name="bn1")(conv(self.width, (1, 1), name="conv1")(inputs)))
-    hidden = conv(self.width, (3, 3), strides=self.stride, padding=((1, 1), (1, 1)),
-                  name="conv2")(hidden)
-    hidden = nn.relu(batch_norm(name="bn2")(hidden))
-    hidden = batch_norm(name="bn3")(conv(out_channels, (1, 1), name="conv3")(hidden))
-    shortcut = inputs
-    if self.stride != 1 or inputs.shape[-1] != out_channels:
-      shortcut = conv(out_channels, (1, 1), strides=self.stride, name="downsample_conv")(inputs)
-      shortcut = batch_norm(name="downsample_bn")(shortcut)
-    return nn.relu(hidden + shortcut)
 
 
 class ResNet(_StagedEncoder):
@@ -491,7 +379,7 @@ class ResNet(_StagedEncoder):
       else:
         for block in range(self.blocks_per_stage[stage - 1]):
           stride = 2 if block == 0 and stage > 1 else 1
-          hidden = Bottleneck(64 * 2**(stage - 1), stride, dtype=self.dtype,
+          hidden = conv_blocks.Bottleneck(64 * 2**(stage - 1), stride, dtype=self.dtype,
                               batch_norm_axis=self.batch_norm_axis,
                               name=f"stage{stage}_block{block}")(hidden, running)
       if stage == feature_stage:

@@ -132,22 +132,6 @@ def test_uint8_and_unit_float_images_normalize_alike():
   np.testing.assert_allclose(from_uint8, expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("kernel_size, stride, size", [(3, 1, 9), (3, 2, 10), (5, 2, 11), (5, 1, 8)])
-def test_depthwise_conv_cpu_path_matches_grouped_convolution(monkeypatch, kernel_size, stride, size):
-  inputs = jnp.asarray(np.random.default_rng(0).normal(size=(2, size, size + 3, 6)), jnp.float32)
-  layer = encoders.DepthwiseConv(kernel_size, stride)
-  variables = layer.init(jax.random.key(0), inputs)
-  assert variables["params"]["kernel"].shape == (kernel_size, kernel_size, 1, 6)
-  shifted_sums = layer.apply(variables, inputs)
-  monkeypatch.setattr(encoders, "_grouped_convolution_is_fast", lambda: True)
-  grouped = layer.apply(variables, inputs)
-  reference = nn.Conv(6, (kernel_size, kernel_size), strides=stride, padding="SAME",
-                      feature_group_count=6, use_bias=False).apply(variables, inputs)
-  assert shifted_sums.shape == (2, -(-size // stride), -(-(size + 3) // stride), 6)
-  np.testing.assert_allclose(shifted_sums, grouped, atol=1e-5)
-  np.testing.assert_allclose(grouped, reference, atol=1e-6)
-
-
 # ---------------------------------------------------------------- fine-tuning and bfloat16
 
 
