@@ -48,6 +48,12 @@ def _evaluates_after(config, epoch: int) -> bool:
   return (epoch + 1) % config.eval.every_epochs == 0 or epoch + 1 == config.num_epochs
 
 
+def dropout_key(rng: jax.Array, step) -> jax.Array:
+  """This device's dropout key at `step` (under `jax.pmap` over `AXIS`): a function of the run's key
+  and the step, different on every device (the same masks everywhere would drop the same units)."""
+  return jax.random.fold_in(jax.random.fold_in(rng, step), lax.axis_index(AXIS))
+
+
 def train_step(state: TrainState, batch, feature_table, *, model, alpha_c: float,
                label_smoothing: float):
   """One optimizer step on this device's share of the global batch (run under `jax.pmap`).
@@ -64,7 +70,7 @@ def train_step(state: TrainState, batch, feature_table, *, model, alpha_c: float
   Returns:
     The new state, and metric sums over the global batch.
   """
-  rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), lax.axis_index(AXIS))
+  rng = dropout_key(state.rng, state.step)
   input_tokens, target_tokens = model_lib.teacher_forcing_tokens(batch["tokens"])
 
   def loss_fn(params):

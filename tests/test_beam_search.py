@@ -531,3 +531,62 @@ def test_sample_with_a_key_per_image_draws_each_image_as_it_would_alone():
       whole.tokens)
   with pytest.raises(ValueError, match="a key per image"):
     jax_sample(table, embed, keys[:2], num_samples=5)
+
+
+def test_sample_with_top_p_follows_the_tempered_nucleus():
+  """Frequencies of the first token = tempered probabilities renormalised over the nucleus of the
+  *tempered* distribution (a lower bound the 'only allowed tokens' test lacks)."""
+  table, embed = random_tables(0)
+  temperature, top_p, n = 2.0, 0.7, 4000
+  result = to_numpy(jax_sample(table, embed, jax.random.key(7), temperature=temperature,
+                               top_p=top_p, num_samples=n, max_len=2))
+  for row in range(BATCH):
+    log_probs = table[row, 0, BOS].astype(np.float64)
+    nucleus = sorted(allowed_tokens(log_probs, temperature=temperature, top_k=0, top_p=top_p,
+                                    slack=0.0))
+    expected = np.zeros(VOCAB)
+    expected[nucleus] = np.exp(log_probs[nucleus] / temperature)
+    expected /= expected.sum()
+    frequencies = np.bincount(result.tokens[row, :, 0], minlength=VOCAB) / n
+    np.testing.assert_allclose(frequencies, expected, atol=0.04)
+
+
+def test_filter_logits_keeps_exactly_the_nucleus():
+  rng = np.random.default_rng(5)
+  for top_k, top_p in [(3, 1.0), (0, 0.6), (4, 0.7), (0, 0.9), (0, 0.3)]:
+    logits = (rng.normal(size=(32, VOCAB)) * 1.5).astype(np.float32)
+    filtered = np.asarray(bs._filter_logits(jnp.asarray(logits), top_k=top_k, top_p=top_p))
+    for row in range(len(logits)):
+      kept = set(np.flatnonzero(np.isfinite(filtered[row])).tolist())
+      assert kept == allowed_tokens(logits[row], temperature=1.0, top_k=top_k, top_p=top_p,
+                                    slack=0.0), (top_k, top_p, row)
+
+
+def test_greedy_length_penalty_divides_the_score_by_the_gnmt_penalty():
+  table, embed = random_tables(1)
+  step_fn = markov_step_fn(jnp.asarray(table), jnp.asarray(embed))
+  plain, penalised = (to_numpy(bs.greedy_search(step_fn, markov_init_state(table), max_len=6,
+                                                bos_id=BOS, eos_id=EOS, length_penalty=alpha))
+                      for alpha in (0.0, 0.6))
+  np.testing.assert_array_equal(plain.tokens, penalised.tokens)
+  expected = plain.scores / ((5.0 + plain.lengths) / 6.0) ** 0.6
+  np.testing.assert_allclose(penalised.scores, expected, rtol=1e-6)
+
+
+def test_equal_finished_scores_keep_the_earlier_hypothesis_first():
+  """'<eos>' (step 0) and 'w <eos>' (step 1) both score exactly -1: the earlier-finished one stays
+  first, as in the reference's stable sort and lax.top_k's ties-to-lower-index."""
+  vocab, max_len, w = 4, 3, 3
+  table = np.full((1, max_len, vocab, vocab), -8.0, np.float32)
+  table[0, 0, BOS] = [-3.0, -np.inf, -1.0, -0.5]   # <eos> -1.0, w -0.5
+  table[0, 1, w, EOS] = -0.5                      # 'w <eos>' = -1.0 exactly
+  step_fn = markov_step_fn(jnp.asarray(table), jnp.zeros((vocab, 3)))
+  init = {"row": jnp.zeros((1,), jnp.int32), "hash": jnp.zeros((1, 3)), "position": jnp.int32(0)}
+  result = to_numpy(bs.beam_search(step_fn, init, beam_size=2, max_len=max_len, bos_id=BOS,
+                                   eos_id=EOS, length_penalty=0.0))
+  reference = reference_beam_search(lambda p: table[0, len(p), p[-1] if p else BOS], beam_size=2,
+                                    max_len=max_len, eos_id=EOS, alpha=0.0)
+  assert [tokens for _, tokens in reference] == [(EOS,), (w, EOS)]
+  np.testing.assert_array_equal(result.scores[0], [-1.0, -1.0])
+  np.testing.assert_array_equal(result.tokens[0, 0], [EOS, 0, 0])
+  np.testing.assert_array_equal(result.tokens[0, 1], [w, EOS, 0])

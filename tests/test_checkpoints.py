@@ -12,9 +12,11 @@ from flax import traverse_util
 import numpy as np
 import pytest
 
+from configs import tiny
 from flaxcap import checkpoints
 from flaxcap import errors
 from flaxcap import inference
+from flaxcap import vocab as vocab_lib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -177,3 +179,19 @@ def test_quiet_orbax_drops_orbax_info_and_keeps_its_warnings_and_other_libraries
   assert checkpoints.quiet_orbax(record(logging.INFO, "/work/flaxcap/train_lib.py"))
   assert not checkpoints.quiet_orbax(record(logging.WARNING, orbax_file, "Given directory is read only=x"))
   assert checkpoints.quiet_orbax(record(logging.ERROR, orbax_file, "read_only=True"))
+
+
+def test_offer_best_keeps_the_highest_metric(tmp_path):
+  store = checkpoints.CheckpointStore(tmp_path, keep=2, best_metric="CIDEr")
+  config, vocab = tiny.get_config(), vocab_lib.Vocabulary(list(vocab_lib.SPECIAL_TOKENS) + ["a"])
+  state = lambda value: {"w": np.full(3, value, np.float32)}
+  try:
+    assert store.offer_best(4, state(1), config, vocab, {"CIDEr": 1.0})
+    assert store.offer_best(8, state(2), config, vocab, {"CIDEr": 2.0})       # better: replaces
+    assert not store.offer_best(12, state(3), config, vocab, {"CIDEr": 1.5})  # worse: refused
+    assert not store.offer_best(16, state(4), config, vocab, {"CIDEr": 2.0})  # equal: refused
+    assert store.best_value() == 2.0 and store.best.best_step() == 8
+  finally:
+    store.close()
+  assert sorted(p.name for p in (pathlib.Path(tmp_path) / checkpoints.BEST_DIR).iterdir()
+                if p.name.isdigit()) == ["8"]

@@ -369,3 +369,73 @@ def test_rejects_bad_shapes_and_options():
   with pytest.raises(ValueError, match="attention_activation"):
     make_decoder(attention_activation="gelu").init(rng_key(0), features, tokens,
                                                    deterministic=True)
+
+
+def _sigmoid(x):
+  return 1 / (1 + np.exp(-x))
+
+
+def _numpy_step(p, features, c, h, tokens):
+  p = {name: {k: np.asarray(v, np.float64) for k, v in layer.items()} if isinstance(layer, dict)
+       else np.asarray(layer, np.float64) for name, layer in p.items()}
+  H = c.shape[-1]
+  embedded = p["embedding"]["embedding"][tokens]
+  projected_h = h @ p["hidden_proj"]["kernel"]
+  A = p["feature_proj"]["kernel"].shape[1]
+  query = projected_h[:, 4 * H:4 * H + A]
+  projected_f = features @ p["feature_proj"]["kernel"] + p["feature_proj"]["bias"]     # [b, P, A]
+  scores = np.tanh(projected_f + query[:, None]) @ p["attention_score"]["kernel"][:, 0]  # [b, P]
+  alpha = np.exp(scores - scores.max(1, keepdims=True))
+  alpha /= alpha.sum(1, keepdims=True)
+  beta = _sigmoid(projected_h[:, 4 * H + A:] + p["gate_bias"])
+  z = beta * np.einsum("bp,bpc->bc", alpha, features)
+  gates = (embedded @ p["input_gates"]["kernel"] + p["input_gates"]["bias"] + projected_h[:, :4 * H]
+           + z @ p["context_gates"]["kernel"])
+  i, f, g, o = np.split(gates, 4, axis=-1)
+  c = _sigmoid(f) * c + _sigmoid(i) * np.tanh(g)
+  h = _sigmoid(o) * np.tanh(c)
+  out = np.tanh(h @ p["hidden_out"]["kernel"] + p["hidden_out"]["bias"]
+                + z @ p["context_out"]["kernel"] + embedded)
+  return out @ p["logits_out"]["kernel"] + p["logits_out"]["bias"], c, h, alpha
+
+
+def test_step_matches_the_equations_in_numpy():
+  decoder, variables, features, _ = _cached_setup()
+  encoded = decoder.apply(variables, features, method=Decoder.encode)
+  carry, tokens = _random_step_inputs(np.random.default_rng(3), (BATCH,))
+  logits, new_carry, attention = _jitted_step(decoder)(variables, encoded, carry, tokens)
+  flat = np.asarray(features, np.float64).reshape(BATCH, POSITIONS, CHANNELS)
+  ref_logits, ref_c, ref_h, ref_alpha = _numpy_step(variables["params"], flat,
+                                                   np.asarray(carry.c, np.float64),
+                                                   np.asarray(carry.h, np.float64), np.asarray(tokens))
+  np.testing.assert_allclose(attention, ref_alpha, atol=1e-5)
+  np.testing.assert_allclose(new_carry.c, ref_c, atol=1e-5)
+  np.testing.assert_allclose(new_carry.h, ref_h, atol=1e-5)
+  np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_lstm_bias_starts_at_one_for_the_forget_gate_only():
+  _, variables, _, _ = _cached_setup()
+  bias = np.asarray(variables["params"]["input_gates"]["bias"])
+  np.testing.assert_array_equal(bias.reshape(4, HIDDEN),
+                                np.repeat([[0.0], [1.0], [0.0], [0.0]], HIDDEN, axis=1))
+
+
+def _primitive_count(jaxpr, name):
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name == name
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          count += _primitive_count(sub, name)
+  return count
+
+
+def test_teacher_forcing_draws_two_dropout_masks():
+  """Dropout on h before L_h and on the deep output before W_o: two masks of random bits."""
+  decoder, variables, features, tokens = _cached_setup()
+  jaxpr = jax.make_jaxpr(functools.partial(decoder.apply, deterministic=False))(
+      variables, features, tokens, rngs={"dropout": rng_key(0)}).jaxpr
+  assert _primitive_count(jaxpr, "random_bits") == 2

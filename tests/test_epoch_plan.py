@@ -101,3 +101,12 @@ def test_bad_settings():
 def test_epoch_plan_module_does_not_import_tensorflow():
   code = "import sys, flaxcap.epoch_plan; assert 'tensorflow' not in sys.modules and 'jax' not in sys.modules"
   subprocess.run([sys.executable, "-c", code], check=True, cwd=pathlib.Path(__file__).resolve().parents[1])
+
+
+def test_hosts_get_disjoint_slices_of_every_field():
+  table, _, _ = _table()
+  whole = _plan(table, global_batch_size=8)
+  shares = [_plan(table, global_batch_size=8, process_index=i, process_count=2) for i in range(2)]
+  for field in ("record_index", "caption_index", "example_seed"):
+    np.testing.assert_array_equal(
+        np.concatenate([getattr(s, field) for s in shares], axis=1), getattr(whole, field), field)

@@ -188,3 +188,12 @@ def test_from_array_refuses_what_is_not_an_image_in_one_line(array, message):
 def test_images_module_does_not_import_tensorflow():
   code = "import sys, flaxcap.images; assert 'tensorflow' not in sys.modules"
   subprocess.run([sys.executable, "-c", code], check=True, cwd=pathlib.Path(__file__).resolve().parents[1])
+
+
+def test_from_array_rounds_floats_and_uint16_to_the_nearest_level():
+  floats = np.array([[0.0, 0.999, 0.5 / 255 + 1e-6, 1.0]], np.float32)
+  np.testing.assert_array_equal(images.from_array(floats, "f")[..., 0],
+                                np.round(floats * 255).astype(np.uint8))
+  wide = np.array([[0, 383, 65280, 65535, 32768]], np.uint16)
+  np.testing.assert_array_equal(images.from_array(wide, "u")[..., 0],
+                                np.round(wide.astype(np.float64) * 255 / 65535).astype(np.uint8))

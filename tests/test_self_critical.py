@@ -3,6 +3,7 @@ a run from a cross-entropy checkpoint that raises the reward."""
 
 import functools
 import pathlib
+import types
 
 from flax import jax_utils
 from flax.training import train_state
@@ -247,3 +248,29 @@ def test_bad_self_critical_configs_are_one_line_errors(shapes_root, tiny_checkpo
   config.vocab.min_count = 30  # a different vocabulary from the checkpoint's
   with pytest.raises(errors.ConfigError, match="vocabulary"):
     train_lib.train_and_evaluate(config, shared_features_workdir("e"))
+
+
+def test_step_scores_each_sample_against_its_own_image_with_its_ending():
+  vocab = vocab_lib.Vocabulary(list(vocab_lib.SPECIAL_TOKENS) + ["a", "dog", "cat"])
+  # 2 devices x 1 image, 2 samples each, max_len 4: [image 7: "a dog <eos>", "a dog cat"(cut)],
+  # [image 3: "cat <eos>", "dog cat a"(cut)]
+  tokens = np.array([[[[4, 5, 2, 0], [4, 5, 6, 4]]], [[[6, 2, 0, 0], [5, 6, 4, 5]]]], np.int32)
+  lengths = np.array([[[3, 4]], [[2, 4]]], np.int32)
+  seen = {}
+
+  def reward(image_index, captions, ended):
+    seen.update(image_index=list(image_index), captions=list(captions), ended=list(ended))
+    return np.array([1.0, 2.0, 3.0, 5.0])
+
+  scst = object.__new__(self_critical.SelfCritical)
+  scst.num_samples = 2
+  scst.data = types.SimpleNamespace(vocab=vocab)
+  scst.reward = reward
+  scst._sample = lambda params, image_index, table, rng: (tokens, lengths)
+  scst._update = lambda state, batch, table: batch
+  state = types.SimpleNamespace(rng=jax.random.key(0)[None], step=np.zeros(1, np.int32), params={})
+  batch = scst.step(state, {"image_index": np.array([[7], [3]], np.int32)}, None)
+  assert seen["image_index"] == [7, 7, 3, 3]
+  assert seen["captions"] == ["a dog", "a dog cat a", "cat", "dog cat a dog"]
+  assert seen["ended"] == [True, False, True, False]
+  np.testing.assert_allclose(batch["advantage"].reshape(-1), [-1, 1, -2, 2])

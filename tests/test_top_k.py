@@ -56,3 +56,18 @@ def test_candidate_top_k_method_by_backend_and_batch(monkeypatch):
   assert top_k_lib.candidate_top_k_method(256) == "chunks"
   with pytest.raises(ValueError, match="unknown top-k method"):
     top_k_lib.top_k_of_candidates(jnp.zeros((1, 2, 5)), 4, "sort")
+
+
+def test_chunked_top_k_when_fewer_than_n_candidates_are_finite():
+  """Beam search's first step with vocab < 2K: only beam 0 is finite, so the 2K best include -inf
+  entries, and the padded chunk of a vocabulary the chunks do not divide comes into play."""
+  rng = np.random.default_rng(0)
+  for k, vocab in [(5, 7), (6, 11), (4, 9), (5, 13)]:
+    values = np.full((2, k, vocab), -np.inf, np.float32)
+    values[:, 0] = rng.normal(size=(2, vocab))
+    values[1, 0, ::2] = -np.inf
+    expected = jax.lax.top_k(jnp.asarray(values.reshape(2, -1)), 2 * k)
+    for method in ("chunks", "chunks_barrier"):
+      scores, indices = top_k_lib.top_k_of_candidates(jnp.asarray(values), 2 * k, method)
+      np.testing.assert_array_equal(indices, expected[1], err_msg=f"{method} K={k} V={vocab}")
+      np.testing.assert_array_equal(scores, expected[0])

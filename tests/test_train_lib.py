@@ -3,6 +3,7 @@
 import contextlib
 import functools
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -71,13 +72,7 @@ def _run_steps(num_devices, config, feature_table, token_batches, encoder=None, 
   `encoder`: a trainable encoder tail over the rows of `feature_table` (fine-tuning), with its
   `encoder_variables`; None: the table holds a frozen encoder's features. Returns the variables.
   """
-  if encoder is None:
-    model = model_lib.create_model(config, vocab_size=20)
-  else:
-    model = train_lib.training_model(config, 20, encoder)
-  data = types.SimpleNamespace(feature_table=feature_table, encoder=encoder,
-                               encoder_variables=encoder_variables, encoder_from_checkpoint=False)
-  state = train_lib.create_train_state(config, model, data, steps_per_epoch=10)
+  model, state = _initial_state(config, feature_table, encoder, encoder_variables)
   devices = jax.local_devices()[:num_devices]
   step = _pmapped_step(model, num_devices)
   state = replication.replicate(state, devices)
@@ -88,6 +83,17 @@ def _run_steps(num_devices, config, feature_table, token_batches, encoder=None, 
     state, _ = step(state, batch, table)
   state = jax.device_get(replication.unreplicate(state))
   return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def _initial_state(config, feature_table, encoder=None, encoder_variables=None):
+  """(model, the train state `create_train_state` makes) for a vocabulary of 20 words."""
+  if encoder is None:
+    model = model_lib.create_model(config, vocab_size=20)
+  else:
+    model = train_lib.training_model(config, 20, encoder)
+  data = types.SimpleNamespace(feature_table=feature_table, encoder=encoder,
+                               encoder_variables=encoder_variables, encoder_from_checkpoint=False)
+  return model, train_lib.create_train_state(config, model, data, steps_per_epoch=10)
 
 
 @functools.lru_cache(maxsize=4)
@@ -130,7 +136,23 @@ def test_four_devices_match_one_device():
   four = _run_steps(4, config, feature_table, batches)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6),
                          one, four)
-  assert _max_difference(one, _run_steps(1, config, feature_table, batches[:1])) > 0  # steps moved
+  # One step is the optimizer's update with the gradient of model.caption_loss (the attention term
+  # and label smoothing of train_step_fn included), computed here without the train step.
+  model, state = _initial_state(config, feature_table)
+  image_index, tokens = batches[0]
+
+  def loss(params):
+    input_tokens, target_tokens = model_lib.teacher_forcing_tokens(tokens)
+    logits, attention = model.apply({"params": params}, feature_table[image_index], input_tokens,
+                                    deterministic=True, method=model_lib.Captioner.decode_features)
+    return model_lib.caption_loss(logits, target_tokens, attention, alpha_c=1.0,
+                                  label_smoothing=0.1)[0]
+
+  expected = state.apply_gradients(grads=jax.jit(jax.grad(loss))(state.params)).params
+  first = _run_steps(1, config, feature_table, batches[:1])
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                         first["params"], jax.device_get(expected))
+  assert _max_difference(one, first) > 0  # the later steps moved the parameters
 
 
 def test_fine_tuning_on_four_devices_matches_one_device_with_synchronized_batch_norm():
@@ -581,3 +603,42 @@ def test_train_state_creation_replication_and_fetching_lower_no_op_per_parameter
                             jax.tree_util.tree_leaves((fetched.params, fetched.opt_state))):
     np.testing.assert_array_equal(np.asarray(original), copy)
   np.testing.assert_array_equal(jax.random.key_data(fetched.rng), jax.random.key_data(state.rng))
+
+
+def test_summarize_divides_each_sum_by_its_own_count():
+  sums = {"num_tokens": np.array([10., 20.]), "num_images": np.array([2., 3.]),
+          "cross_entropy": np.array([5., 10.]), "attention_penalty": np.array([1., 4.]),
+          "correct": np.array([3., 7.])}
+  out = train_lib.summarize(sums, alpha_c=0.5)
+  assert out["cross_entropy"] == 0.5 and out["attention_penalty"] == 1.0
+  assert out["loss"] == 0.5 + 0.5 * 1.0 and out["accuracy"] == 10 / 30
+  assert math.isclose(out["perplexity"], math.exp(0.5))
+
+
+def test_plateau_decays_every_plateau_patience_epochs_and_the_last_epoch_is_evaluated(
+    shapes_root, shared_features_workdir, monkeypatch):
+  monkeypatch.setattr(train_lib, "evaluate", lambda config, params, data, batch_stats=None:
+                      {"CIDEr": 1.0})  # never improves after the first evaluation
+  monkeypatch.setattr(train_lib, "_summary_writer", lambda w: RecordingWriter({}))
+  config = shapes_data.tiny_config(shapes_root, batch_size=4, num_epochs=5, eval__every_epochs=2,
+                                   eval__patience=0, eval__best_metric="CIDEr",
+                                   checkpoint__every_steps=1000, optimizer__schedule="plateau",
+                                   optimizer__plateau_patience=2)
+  workdir = shared_features_workdir("p")
+  train_lib.train_and_evaluate(config, workdir)
+  entries = checkpoints.CheckpointStore(workdir, keep=1, best_metric="CIDEr").evaluations()
+  # Evaluated after epochs 2, 4 and the last one, 5 (no multiple of 2); best at epoch 2.
+  assert [(e["epoch"], e["epochs_since_best"], e["plateau_scale"]) for e in entries] == [
+      (2, 0, 1.0), (4, 2, 0.5), (5, 3, 0.5)]
+
+
+def test_dropout_keys_differ_across_devices_and_steps():
+  """Under vmap with the mesh's axis name (4 "devices"), two steps: 8 distinct keys, the same again
+  for the same step."""
+  keys = jax.vmap(lambda _, step: train_lib.dropout_key(jax.random.key(3), step),
+                  in_axes=(0, None), axis_name=train_lib.AXIS)
+  data = [jax.random.key_data(keys(np.zeros(4), step)) for step in (5, 6)]
+  assert len({tuple(np.asarray(row).ravel()) for step in data for row in step}) == 8
+  np.testing.assert_array_equal(jax.random.key_data(keys(np.zeros(4), 5)), data[0])
+
+

@@ -172,3 +172,11 @@ def test_vocab_module_does_not_import_tensorflow():
           "assert 'tensorflow' not in sys.modules and 'jax' not in sys.modules")
   subprocess.run([sys.executable, "-c", code], check=True,
                  cwd=pathlib.Path(__file__).resolve().parents[1])
+
+
+def test_a_word_ending_exactly_min_ending_rate_of_its_captions_is_not_banned():
+  vocab = vocab_lib.Vocabulary.build(["a dog", "a dog runs", "a cat", "the cat sits"], min_count=1)
+  rate = dict(zip(vocab.words, vocab.ending_rates.tolist()))
+  assert rate["dog"] == 0.5 and rate["cat"] == 0.5
+  banned = dict(zip(vocab.words, vocab.eos_banned_after(0.5).tolist()))
+  assert not banned["dog"] and not banned["cat"] and banned["a"]  # "fewer than" the rate
