@@ -213,6 +213,31 @@ def test_batch_stats_update_only_in_trainable_stages_when_training():
                          variables["batch_stats"]["stage0_bn"]["mean"])
 
 
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet50"])
+def test_synchronized_batch_norm_on_four_devices_equals_one_device_on_the_whole_batch(name):
+  """`batch_norm_axis` (what `train_lib.training_model` sets): features and new running statistics
+  of 4 devices x 2 images are those of 1 device x 8; without it each device normalizes by its own."""
+  assert jax.local_device_count() >= 4, "conftest forces 4 host devices"
+  images = np.random.default_rng(1).integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+  encoder = encoders.create_encoder(name, feature_stage=1)  # every stage follows the batch
+  variables = _random_variables(encoder, images)
+  train = lambda module: functools.partial(module.apply, variables, train=True,
+                                           mutable=["batch_stats"])
+  features, updates = jax.jit(train(encoder))(images)
+  for axis in ("devices", None):
+    sharded = jax.pmap(train(encoder.clone(batch_norm_axis=axis)), axis_name="devices",
+                       devices=jax.local_devices()[:4])
+    device_features, device_updates = sharded(images.reshape(4, 2, 16, 16, 3))
+    device_features = np.asarray(device_features).reshape(features.shape)
+    if axis:
+      np.testing.assert_allclose(device_features, features, rtol=1e-4, atol=1e-4)
+      for whole, per_device in zip(jax.tree.leaves(updates), jax.tree.leaves(device_updates)):
+        for device in range(4):  # the same statistics on every device
+          np.testing.assert_allclose(per_device[device], whole, rtol=1e-4, atol=1e-5)
+    else:
+      assert np.abs(device_features - np.asarray(features)).max() > 1e-2
+
+
 def test_bfloat16_keeps_float32_params_and_top1():
   name = "efficientnet_lite0"
   images, features32, logits32 = _lite_outputs(name)
