@@ -82,10 +82,11 @@ def search(decoder: decoder_lib.Decoder, decoder_params, features, *, beam_size:
   step_fn, carry = _step_fn(decoder, decoder_params, features, steps_per_image=beam_size * max_len,
                             word_gate_table=word_gate_table, project_context=project_context,
                             eos_banned_after=eos_banned_after)
+  # Greedy's tokens do not depend on the penalty; its scores are divided by it as beam search's are.
   search_fn = beam_search.greedy_search if beam_size == 1 else functools.partial(
-      beam_search.beam_search, beam_size=beam_size, length_penalty=length_penalty)
+      beam_search.beam_search, beam_size=beam_size)
   return search_fn(step_fn, carry, max_len=max_len, bos_id=vocab_lib.BOS, eos_id=vocab_lib.EOS,
-                   unroll=unroll, early_stop=early_stop)
+                   length_penalty=length_penalty, unroll=unroll, early_stop=early_stop)
 
 
 def sample(decoder: decoder_lib.Decoder, decoder_params, features, *, rng: jax.Array,
