@@ -341,3 +341,21 @@ def test_page_in_headless_chromium(app_process, browser, tmp_path):
   upload(_astronaut_png())
   WebDriverWait(browser, 60).until(caption_shown)
   assert not by_id("error").is_displayed()
+
+
+@pytest.mark.parametrize("height, width, longest, expected", [
+    (30, 60, 120, (60, 120)), (90, 30, 45, (45, 15)), (50, 50, 20, (20, 20))])
+def test_fit_scales_the_longest_side_and_keeps_the_aspect_ratio(height, width, longest, expected):
+  photo = np.zeros((height, width, 3), np.uint8)
+  photo[:, : width // 2] = 255  # left half white: still the left half after scaling
+  fitted = app._fit(photo, longest)  # pylint: disable=protected-access
+  assert fitted.shape == expected + (3,) and fitted.dtype == np.uint8
+  assert fitted[:, : expected[1] // 2 - 1].min() > 200 and fitted[:, expected[1] // 2 + 1:].max() < 50
+
+
+def test_beam_size_range_includes_its_maximum():
+  assert app._beam_size(str(app.MAX_BEAM_SIZE)) == app.MAX_BEAM_SIZE  # pylint: disable=protected-access
+  assert app._beam_size("1") == 1  # pylint: disable=protected-access
+  for bad in ("0", str(app.MAX_BEAM_SIZE + 1)):
+    with pytest.raises(ValueError, match="beam_size must be a whole number"):
+      app._beam_size(bad)  # pylint: disable=protected-access

@@ -17,6 +17,7 @@ from flaxcap import checkpoints
 from flaxcap import errors
 from flaxcap import inference
 from flaxcap import vocab as vocab_lib
+import ml_collections
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -195,3 +196,105 @@ def test_offer_best_keeps_the_highest_metric(tmp_path):
     store.close()
   assert sorted(p.name for p in (pathlib.Path(tmp_path) / checkpoints.BEST_DIR).iterdir()
                 if p.name.isdigit()) == ["8"]
+
+
+MUST_MATCH = ("image_size", "batch_size", "encoder.name", "encoder.weights", "encoder.feature_stage",
+              "encoder.trainable_stages", "decoder.embed_dim", "decoder.hidden_dim",
+              "decoder.attention_dim", "decoder.gate", "decoder.prev2out", "decoder.ctx2out",
+              "decoder.attention_activation", "data.max_len", "data.captions_per_epoch",
+              "vocab.min_count", "vocab.max_size", "self_critical.num_samples")
+
+
+def _vocab():
+  return vocab_lib.Vocabulary(list(vocab_lib.SPECIAL_TOKENS) + ["a", "dog"])
+
+
+def _state(value):
+  return {"params": {"decoder": {"w": np.full(3, value, np.float32)}}, "step": np.int32(value)}
+
+
+def _store_with_best_and_latest(workdir):
+  store = checkpoints.CheckpointStore(workdir, keep=2, best_metric="CIDEr")
+  config = tiny.get_config()
+  try:
+    store.save_latest(10, _state(1.0), config, _vocab())
+    assert store.offer_best(10, _state(1.0), config, _vocab(), {"CIDEr": 2.0})
+    store.save_latest(20, _state(2.0), config, _vocab())  # worse: not offered, only the latest
+    store.record_evaluation({"step": 10, "CIDEr": 2.0})
+    store.record_evaluation({"step": 20, "CIDEr": 1.0})
+  finally:
+    store.close()
+  return config
+
+
+def _weight(variables):
+  return float(np.asarray(variables["params"]["decoder"]["w"])[0])
+
+
+def test_a_workdir_loads_its_best_and_a_folder_its_own(tmp_path):
+  _store_with_best_and_latest(tmp_path)
+  assert _weight(checkpoints.load_for_inference(tmp_path)[0]) == 1.0  # best/, step 10
+  assert _weight(checkpoints.load_for_inference(tmp_path / checkpoints.LATEST_DIR)[0]) == 2.0
+  assert _weight(checkpoints.load_for_inference(tmp_path / checkpoints.BEST_DIR)[0]) == 1.0
+  assert _weight(checkpoints.load_for_inference(tmp_path / checkpoints.LATEST_DIR / "10")[0]) == 1.0
+
+
+def test_evaluations_are_oldest_first(tmp_path):
+  _store_with_best_and_latest(tmp_path)
+  store = checkpoints.CheckpointStore(tmp_path, keep=2, best_metric="CIDEr")
+  try:
+    assert [entry["step"] for entry in store.evaluations()] == [10, 20]
+    store.record_evaluation({"step": 30, "CIDEr": 0.5})
+    assert [entry["step"] for entry in store.evaluations()] == [10, 20, 30]
+  finally:
+    store.close()
+  assert [e["step"] for e in json.loads((tmp_path / checkpoints.EVALUATIONS_FILE).read_text())] == [
+      10, 20, 30]
+
+
+def _changed(value):
+  if isinstance(value, bool):
+    return not value
+  if isinstance(value, (int, float)):
+    return value + 1
+  if isinstance(value, str):
+    return value + "_other"
+  if isinstance(value, (list, tuple)):
+    return list(value) + [99]
+  if value is None:
+    return 1
+  raise TypeError(value)
+
+
+@pytest.fixture(scope="module")
+def resumable(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("resumable")
+  return workdir, _store_with_best_and_latest(workdir)
+
+
+@pytest.mark.parametrize("field", MUST_MATCH)
+def test_resuming_with_any_model_setting_changed_is_refused(resumable, field):
+  workdir, config = resumable
+  checkpoints.check_resume_config(workdir, config)  # the same config: resumes
+  changed = ml_collections.ConfigDict(json.loads(config.to_json()))
+  *parents, name = field.split(".")
+  owner = changed
+  for parent in parents:
+    owner = owner[parent]
+  owner[name] = _changed(owner[name])
+  with pytest.raises(errors.CheckpointError, match=f"config.{field} = "):
+    checkpoints.check_resume_config(workdir, changed)
+
+
+
+def test_load_for_inference_keeps_the_batch_norm_statistics(tmp_path):
+  # A fine-tuned encoder's running statistics are part of the model: they are loaded with it.
+  store = checkpoints.CheckpointStore(tmp_path, keep=1, best_metric="CIDEr")
+  state = {"params": {"decoder": {"w": np.ones(3, np.float32)}},
+           "batch_stats": {"encoder": {"bn": {"mean": np.arange(4, dtype=np.float32)}}}}
+  try:
+    store.save_latest(5, state, tiny.get_config(), _vocab())
+  finally:
+    store.close()
+  variables, _, _ = checkpoints.load_for_inference(tmp_path)
+  np.testing.assert_array_equal(variables["batch_stats"]["encoder"]["bn"]["mean"], np.arange(4))

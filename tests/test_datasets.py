@@ -394,3 +394,55 @@ def test_real_flickr8k(flickr8k_root, caplog):
   for layout, split_file in (("kaggle", "Flickr8k_text"), ("karpathy", "")):
     other = _data_config(flickr8k_root, layout, split_file=split_file)
     assert datasets.load_records(other, "dev") == dev
+
+
+TRAIN_CAPTION_FILES = ["1000_a.jpg", "1001_b.jpg"]
+
+
+def _data_config_caption_files(root, layout, **fields):
+  config = default.get_config().data
+  config.layout = layout
+  config.root = str(root)
+  for name, value in fields.items():
+    setattr(config, name, value)
+  return config
+
+
+def test_a_token_line_with_a_space_for_its_tab_is_read(tmp_path):
+  root = data_fixtures.make_flickr8k(tmp_path / "flickr8k", {"train": TRAIN_CAPTION_FILES})
+  token_file = root / "Flickr8k_text" / "Flickr8k.token.txt"
+  lines = token_file.read_text().splitlines()
+  name_and_number, caption = lines[0].split("\t")
+  lines[0] = f"{name_and_number} {caption}"
+  token_file.write_text("\n".join(lines) + "\n")
+  caption_files.clear_cache()
+  records = datasets.load_records(_data_config_caption_files(root, "flickr8k"), "train")
+  assert records[0].captions == tuple(data_fixtures.captions_for(0))
+
+
+def test_a_quoted_caption_of_exactly_the_line_limit_is_read_whole(tmp_path):
+  root = tmp_path / "kaggle"
+  names = ["0.jpg", "1.jpg"]
+  for index, name in enumerate(names):
+    data_fixtures.write_image(root / "Images" / name, "rgb_jpeg", seed=index)
+  limit = caption_files.MAX_LINES_PER_CSV_ROW
+  words = [f"word{k}" for k in range(limit)]
+  (root / "captions.txt").write_text(
+      "image,caption\n" + f'{names[0]},"' + "\n".join(words) + '"\n' + f"{names[1]},A dog .\n")
+  caption_files.clear_cache()
+  records = {r.image_id: r.captions for r in datasets.load_records(
+      _data_config_caption_files(root, "kaggle", hash_dev_fraction=0.0, hash_test_fraction=0.0), "train")}
+  assert records == {"0": (" ".join(words),), "1": ("A dog .",)}
+
+
+def test_an_image_added_for_a_captioned_id_is_found_on_the_next_read(tmp_path):
+  root = data_fixtures.make_flickr8k(tmp_path / "flickr8k", {"train": TRAIN_CAPTION_FILES})
+  images_dir = root / "Flicker8k_Dataset"
+  (images_dir / TRAIN_CAPTION_FILES[1]).unlink()
+  caption_files.clear_cache()
+  token_file = root / "Flickr8k_text" / "Flickr8k.token.txt"
+  first = caption_files.read_caption_lines(token_file, images_dir, csv_format=False)
+  assert list(first) == [TRAIN_CAPTION_FILES[0]]
+  data_fixtures.write_image(images_dir / TRAIN_CAPTION_FILES[1], "rgb_jpeg", seed=1)
+  again = caption_files.read_caption_lines(token_file, images_dir, csv_format=False)
+  assert list(again) == TRAIN_CAPTION_FILES

@@ -15,7 +15,9 @@ import pytest
 import data_fixtures
 from flaxcap import checkpoints
 from flaxcap import errors
+import infer  # the CLI's own functions (REPO_ROOT is on sys.path)
 from flaxcap import inference
+from flaxcap import images as images_lib
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 BROKEN = {"notes.jpg": "text", "empty.jpg": "empty",
@@ -285,3 +287,74 @@ def test_min_ending_rate_bans_rare_last_words(captioner, shapes_root):
   # Everything banned: every caption runs to the longest allowed.
   forced = list(captioner.caption(paths, beam_size=2, max_len=6, min_ending_rate=1.01))
   assert all(len(c.text.split()) == 6 for c in forced), [c.text for c in forced]
+
+
+def test_overlays_of_photos_with_one_name_never_overwrite_each_other(tmp_path):
+  used, out = set(), tmp_path / "overlays"
+  out.mkdir()
+  for folder, shade in (("a", 40), ("b", 120), ("c", 200)):
+    path = tmp_path / folder / "photo.jpg"
+    path.parent.mkdir()
+    Image.fromarray(np.full((20, 30, 3), shade, np.uint8)).save(path)
+    result = inference.Caption(text="a dog", score=-1.0, tokens=np.array([4, 5]), words=["a", "dog"],
+                               attention=np.full((2, 2, 2), 0.25, np.float32),
+                               alternatives=[("a dog", -1.0)], source=str(path))
+    infer._write_overlay(result, out, used)  # pylint: disable=protected-access
+  assert sorted(p.name for p in out.iterdir()) == ["photo.png", "photo_2.png", "photo_3.png"]
+
+
+class _KeepsTheLastBeam:
+  """A stand-in consensus index: every image keeps its last beam."""
+
+  def rerank(self, pooled, candidates, neighbours, beam_scores=None, beam_score_weight=0.0):
+    del pooled, neighbours, beam_scores, beam_score_weight
+    return np.array([len(texts) - 1 for texts in candidates])
+
+
+@pytest.fixture(scope="module")
+def captioner_inference(tiny_checkpoint):
+  return inference.Captioner.load(tiny_checkpoint)
+
+
+def test_a_reranked_caption_is_wholly_its_chosen_beams(captioner_inference, shapes_root, monkeypatch):
+  # Batches of 4 at beam 4 and the config's search options: the program test_consensus compiles.
+  beam_size, max_len = 4, captioner_inference.config.eval.max_len
+  min_ending_rate = float(captioner_inference.config.eval.min_ending_rate)
+  monkeypatch.setattr(captioner_inference, "consensus_index", _KeepsTheLastBeam())
+  paths = sorted((shapes_root / "Flicker8k_Dataset").glob("*.jpg"))[:8]
+  h, w = captioner_inference.feature_grid_shape
+  last, lengths_differ = beam_size - 1, False
+  for start in (0, 4):
+    batch = np.stack([images_lib.load_image(p, image_size=captioner_inference.config.image_size)
+                      for p in paths[start:start + 4]])
+    raw, _ = captioner_inference._compiled(beam_size, max_len, float(captioner_inference.config.eval.length_penalty))(
+        captioner_inference.encoder_variables, captioner_inference.decoder_params, captioner_inference.word_gate_table,
+        captioner_inference._eos_banned_after(min_ending_rate), batch)  # pylint: disable=protected-access
+    tokens, lengths, attention = (np.asarray(x) for x in (raw.tokens, raw.lengths, raw.aux))
+    lengths_differ |= bool((lengths[:, last] != lengths[:, 0]).any())
+    captions = captioner_inference.caption_arrays(batch, beam_size=beam_size, consensus_neighbours=3)
+    for row, caption in enumerate(captions):
+      length = int(lengths[row, last])
+      assert caption.beam_index == last
+      assert (caption.text, caption.score) == caption.alternatives[last]
+      np.testing.assert_array_equal(caption.tokens, tokens[row, last, :length])
+      assert caption.words == [captioner_inference.vocab.words[t] for t in tokens[row, last, :length]]
+      assert captioner_inference.vocab.decode(caption.tokens) == caption.text
+      np.testing.assert_allclose(caption.attention,
+                                 attention[row, last, :length].reshape(length, h, w), atol=1e-6)
+  assert lengths_differ, "no image's last beam differs in length from its first"
+
+
+def test_find_images_takes_suffixes_in_any_case(tmp_path):
+  for name in ("PHOTO.JPG", "scan.Png", "b.jpeg", "notes.TXT"):
+    (tmp_path / name).write_bytes(b"x")
+  assert [p.name for p in inference.find_images(tmp_path)] == ["PHOTO.JPG", "b.jpeg", "scan.Png"]
+
+
+def test_min_ending_rate_defaults_to_the_models_config(captioner_inference, shapes_root, monkeypatch):
+  # A model whose config bans every ending (no word ends 101% of its occurrences): without the
+  # option, every caption runs to max_len.
+  monkeypatch.setattr(captioner_inference.config.eval, "min_ending_rate", 1.01)
+  paths = [str(p) for p in sorted((shapes_root / "Flicker8k_Dataset").glob("*.jpg"))[:6]]
+  results = list(captioner_inference.caption(paths, beam_size=2, max_len=6))
+  assert all(len(r.text.split()) == 6 for r in results), [r.text for r in results]

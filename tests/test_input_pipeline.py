@@ -12,6 +12,7 @@ from flaxcap import epoch_plan
 from flaxcap import images
 from flaxcap import input_pipeline
 from flaxcap import vocab as vocab_lib
+import gc
 
 IMAGE_SIZE = 32
 GOOD = data_fixtures.GOOD_KINDS + ("rgb_jpeg", "rgb_jpeg", "rgb_jpeg")  # 12 good images
@@ -229,3 +230,84 @@ def test_real_flickr8k_batch(flickr8k_root):
   assert batch["images"].shape == (num_devices, 8 // num_devices, 224, 224, 3)
   assert batch["images"].dtype == np.uint8 and batch["images"].std() > 10
   assert batch["tokens"].shape == (num_devices, 8 // num_devices, 22) and batch["tokens"].dtype == np.int32
+
+
+IMAGE_SIZE_INPUT_PIPELINE = 32
+
+
+def _config_input_pipeline(batch_size=4):
+  config = tiny.get_config()
+  config.image_size = IMAGE_SIZE_INPUT_PIPELINE
+  config.batch_size = batch_size
+  config.data.max_len = 10
+  return config
+
+
+def _records_input_pipeline(folder, kinds):
+  records = []
+  for index, kind in enumerate(kinds):
+    path = data_fixtures.write_image(folder / f"{index:02d}_{kind}.img", kind, seed=index)
+    captions = tuple(f"picture {word} number {index}" for word in ("one", "two", "three"))
+    records.append(datasets.CaptionRecord(f"id{index:02d}", str(path), captions, "train"))
+  return records
+
+
+def _vocab(records):
+  return vocab_lib.Vocabulary.build((c for r in records for c in r.captions), min_count=1)
+
+
+def test_leaving_an_epoch_early_names_no_image_as_undecodable(tmp_path, caplog):
+  records = _records_input_pipeline(tmp_path, ["rgb_jpeg"] * 12)
+  before = input_pipeline.FAILURES.paths
+  with caplog.at_level(logging.WARNING):
+    batches = input_pipeline.train_dataset(records, _vocab(records), _config_input_pipeline(batch_size=4), seed=0,
+                                           num_devices=1, process_index=0, process_count=1)
+    next(batches)  # one step of three, then the loop stops (preempted, num_steps reached, ...)
+    batches.close()
+    del batches
+    gc.collect()
+  assert input_pipeline.FAILURES.paths - before == frozenset()
+  assert "could not decode" not in caplog.text
+
+
+def test_an_epoch_whose_whole_steps_fail_to_decode_still_has_every_step(tmp_path):
+  # 4 good images and 8 that Pillow cannot read (non-empty, so not left out up front): the 4 good
+  # examples fill one batch of 4 and the other two steps of the epoch must be filled in.
+  records = _records_input_pipeline(tmp_path, ["rgb_jpeg"] * 4 + ["text"] * 8)
+  vocab = _vocab(records)
+  config = _config_input_pipeline(batch_size=4)
+  table = epoch_plan.encode_captions(records, vocab, config.data.max_len)
+  expected_steps = epoch_plan.steps_per_epoch(table, config.data.captions_per_epoch, 4)
+  assert expected_steps == 3
+  for hosts in (1, 2):
+    counts = [len(list(input_pipeline.train_dataset(records, vocab, config, seed=0, num_devices=1,
+                                                    process_index=host, process_count=hosts)))
+              for host in range(hosts)]
+    assert counts == [expected_steps] * hosts, (hosts, counts)
+
+
+@pytest.mark.parametrize("num_records, hosts, batch_size", [(10, 3, 3), (7, 2, 2), (5, 4, 1)])
+def test_every_host_yields_as_many_eval_batches(tmp_path, num_records, hosts, batch_size):
+  records = _records_input_pipeline(tmp_path, ["rgb_jpeg"] * num_records)
+  config = _config_input_pipeline()
+  shards = [list(input_pipeline.eval_dataset(records, config, batch_size=batch_size,
+                                             shard_by_host=True, process_index=host,
+                                             process_count=hosts)) for host in range(hosts)]
+  largest_shard = -(-num_records // hosts)  # host 0 holds the most records
+  expected = -(-largest_shard // batch_size)
+  assert [len(shard) for shard in shards] == [expected] * hosts
+  seen = sorted(int(i) for shard in shards for b in shard for i in b["index"][b["mask"]])
+  assert seen == list(range(num_records))
+
+
+def test_the_augmenting_crop_keeps_80_to_100_percent_of_each_side():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  image = tf.zeros([200, 300, 3], tf.uint8)
+  heights, widths = [], []
+  for k in range(40):
+    crop = input_pipeline._augment_crop(image, tf.constant([7, k], tf.int32))  # pylint: disable=protected-access
+    heights.append(int(crop.shape[0]))
+    widths.append(int(crop.shape[1]))
+  assert 160 <= min(heights) and max(heights) <= 200, (min(heights), max(heights))
+  assert 240 <= min(widths) and max(widths) <= 300, (min(widths), max(widths))
+  assert max(heights) - min(heights) > 20 and max(widths) - min(widths) > 30  # it does vary

@@ -471,3 +471,17 @@ def test_cider_d_end_token_pays_less_for_a_caption_cut_mid_phrase():
   without_end = cut_over_complete(sentence_scores.CiderD(references))
   with_end = cut_over_complete(sentence_scores.CiderD(references, end_token="<eos>"))
   assert with_end < without_end - 0.05, (with_end, without_end)
+
+
+@pytest.mark.parametrize("brk", ["\n", "\r\n", "\r", "\u2028", "\u2029", "\x0b", "\x0c"])
+def test_a_line_break_inside_a_caption_is_a_space(brk):
+  captions = [f"A dog{brk}runs .", "a cat", f"{brk}two birds{brk}"]
+  assert ptb_tokenizer.tokenize_captions(captions) == ["a dog runs", "a cat", "two birds"]
+
+
+def test_scores_of_captions_with_line_breaks_are_those_without():
+  references = {"a": ["a dog runs on the grass", "a brown dog runs"], "b": ["a cat sleeps"]}
+  with_breaks = {"a": "a dog\nruns on the grass", "b": "a cat\r\nsleeps"}
+  plain = {key: " ".join(text.split()) for key, text in with_breaks.items()}
+  assert metrics.score(references, with_breaks, metrics=("BLEU", "CIDEr")) == pytest.approx(
+      metrics.score(references, plain, metrics=("BLEU", "CIDEr")))

@@ -644,3 +644,24 @@ def test_dropout_keys_differ_across_devices_and_steps():
   np.testing.assert_array_equal(jax.random.key_data(keys(np.zeros(4), 5)), data[0])
 
 
+def _config_train_data(**data):
+  config = tiny.get_config()
+  config.encoder.trainable_stages = (7, 8)
+  for name, value in data.items():
+    setattr(config.data, name, value)
+  return config
+
+
+def test_cached_tail_starts_at_the_first_trainable_stage():
+  config = _config_train_data(cache_features=True, augment=False, hflip=False)
+  count = encoders.num_stages(config.encoder.name)
+  assert train_data.tail_start_stage(config) == min(encoders.stage_index(s, count, "x")
+                                                    for s in (7, 8))
+
+
+@pytest.mark.parametrize("data", [dict(augment=True), dict(hflip=True), dict(cache_features=False)])
+def test_any_image_augmentation_or_no_cache_trains_from_images(data):
+  config = _config_train_data(**{"cache_features": True, "augment": False, "hflip": False, **data})
+  assert train_data.tail_start_stage(config) == 0
+  config.encoder.trainable_stages = ()
+  assert train_data.tail_start_stage(config) == 0

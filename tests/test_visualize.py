@@ -83,3 +83,34 @@ def test_save_attention_overlay_checks_its_inputs_and_closes_its_figure(tmp_path
   with pytest.raises(errors.ConfigError, match="no_folder/x.png: cannot write the overlay"):
     visualize.save_attention_overlay(photo, ["a", "dog"], maps, tmp_path / "no_folder" / "x.png")
   assert not (tmp_path / "bad.png").exists() and not plt.get_fignums()
+
+
+def test_upsampled_attention_peaks_at_one_for_any_grid():
+  rng = np.random.default_rng(0)
+  for h, w in ((2, 3), (7, 7), (14, 14)):
+    attention = rng.random((h, w)).astype(np.float32)
+    attention /= attention.sum()  # softmax weights: they sum to 1
+    heat = visualize.upsample_attention(attention, (56, 84))
+    assert heat.shape == (56, 84)
+    assert 0.95 < float(heat.max()) <= 1.0, (h, w, heat.max())  # bilinear, uint8 steps
+    # The map keeps its shape: the hottest upsampled pixel lies in the grid's hottest cell.
+    row, column = np.unravel_index(heat.argmax(), heat.shape)
+    cell = (row * h // 56, column * w // 84)
+    assert attention[cell] >= np.sort(attention.reshape(-1))[-2] - 1e-6
+  uniform = visualize.upsample_attention(np.full((7, 7), 1 / 49, np.float32), (20, 20))
+  np.testing.assert_allclose(uniform, 1.0, atol=2 / 255)
+
+
+def test_overlay_panels_upsample_each_map_to_the_photos_height_and_width(tmp_path, monkeypatch):
+  sizes = []
+  original = visualize.upsample_attention
+
+  def recording(attention, size):
+    sizes.append(tuple(size))
+    return original(attention, size)
+
+  monkeypatch.setattr(visualize, "upsample_attention", recording)
+  photo = np.zeros((40, 90, 3), np.uint8)  # not square: height 40, width 90
+  attention = np.full((2, 3, 3), 1 / 9, np.float32)
+  visualize.save_attention_overlay(photo, ["a", "dog"], attention, tmp_path / "overlay.png")
+  assert sizes == [(40, 90), (40, 90)]
