@@ -399,15 +399,6 @@ def test_real_flickr8k(flickr8k_root, caplog):
 TRAIN_CAPTION_FILES = ["1000_a.jpg", "1001_b.jpg"]
 
 
-def _data_config_caption_files(root, layout, **fields):
-  config = default.get_config().data
-  config.layout = layout
-  config.root = str(root)
-  for name, value in fields.items():
-    setattr(config, name, value)
-  return config
-
-
 def test_a_token_line_with_a_space_for_its_tab_is_read(tmp_path):
   root = data_fixtures.make_flickr8k(tmp_path / "flickr8k", {"train": TRAIN_CAPTION_FILES})
   token_file = root / "Flickr8k_text" / "Flickr8k.token.txt"
@@ -416,7 +407,7 @@ def test_a_token_line_with_a_space_for_its_tab_is_read(tmp_path):
   lines[0] = f"{name_and_number} {caption}"
   token_file.write_text("\n".join(lines) + "\n")
   caption_files.clear_cache()
-  records = datasets.load_records(_data_config_caption_files(root, "flickr8k"), "train")
+  records = datasets.load_records(_data_config(root, "flickr8k"), "train")
   assert records[0].captions == tuple(data_fixtures.captions_for(0))
 
 
@@ -431,7 +422,7 @@ def test_a_quoted_caption_of_exactly_the_line_limit_is_read_whole(tmp_path):
       "image,caption\n" + f'{names[0]},"' + "\n".join(words) + '"\n' + f"{names[1]},A dog .\n")
   caption_files.clear_cache()
   records = {r.image_id: r.captions for r in datasets.load_records(
-      _data_config_caption_files(root, "kaggle", hash_dev_fraction=0.0, hash_test_fraction=0.0), "train")}
+      _data_config(root, "kaggle", hash_dev_fraction=0.0, hash_test_fraction=0.0), "train")}
   assert records == {"0": (" ".join(words),), "1": ("A dog .",)}
 
 

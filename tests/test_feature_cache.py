@@ -17,6 +17,17 @@ def _mean_colour(images):
   return np.asarray(images, np.float32).mean(axis=(1, 2), keepdims=True)
 
 
+def _counting_encoder():
+  """([], encode): `_mean_colour`, appending each call's batch size to the list."""
+  calls = []
+
+  def encode(images):
+    calls.append(len(images))
+    return _mean_colour(images)
+
+  return calls, encode
+
+
 def test_cache_is_rebuilt_when_an_image_file_changes_under_its_name(tmp_path):
   config = tiny.get_config()
   paths = [data_fixtures.write_image(tmp_path / "images" / f"{k}.png", "rgb_jpeg", seed=k)
@@ -25,12 +36,7 @@ def test_cache_is_rebuilt_when_an_image_file_changes_under_its_name(tmp_path):
   broken.write_bytes(b"not an image")
   records = [datasets.CaptionRecord(str(k), str(path), ("a caption",), "train")
              for k, path in enumerate(paths + [broken])]
-  calls = []
-
-  def encode(images):
-    calls.append(len(images))
-    return _mean_colour(images)
-
+  calls, encode = _counting_encoder()
   first, kept = feature_cache.cached_features(tmp_path / "run", config, "train", records, encode)
   assert [r.image_id for r in kept] == ["0", "1", "2"] and len(calls) == 1
   again, kept = feature_cache.cached_features(tmp_path / "run", config, "train", records, encode)
@@ -44,11 +50,6 @@ def test_cache_is_rebuilt_when_an_image_file_changes_under_its_name(tmp_path):
   assert len(calls) == 2 and [r.image_id for r in kept] == ["0", "1", "2", "3"]
   assert not np.array_equal(repaired[0], first[0])
   np.testing.assert_array_equal(repaired[1:3], first[1:3])
-
-
-def _mean_colour_feature_cache(images):
-  """A stand-in encoder: each image's mean colour, [batch, 1, 1, 3]."""
-  return np.asarray(images, np.float32).mean(axis=(1, 2), keepdims=True)
 
 
 def _records(folder, count, broken=()):
@@ -66,7 +67,7 @@ def _records(folder, count, broken=()):
 
 def _expected_rows(records, image_size):
   """Each record's mean colour from Pillow directly: [n, 1, 3] float16."""
-  return np.stack([_mean_colour_feature_cache(images_lib.load_image(r.image_path, image_size=image_size)[None])[0]
+  return np.stack([_mean_colour(images_lib.load_image(r.image_path, image_size=image_size)[None])[0]
                    .reshape(1, 3) for r in records]).astype(np.float16)
 
 
@@ -75,12 +76,7 @@ def _expected_rows(records, image_size):
                                           ("encoder.name", "vgg16")])
 def test_a_cache_is_rebuilt_when_any_described_setting_changes(tmp_path, field, value):
   records = _records(tmp_path / "images", 2)
-  calls = []
-
-  def encode(images):
-    calls.append(len(images))
-    return _mean_colour_feature_cache(images)
-
+  calls, encode = _counting_encoder()
   config = tiny.get_config()
   feature_cache.cached_features(tmp_path / "run", config, "train", records, encode)
   feature_cache.cached_features(tmp_path / "run", config, "train", records, encode)
@@ -97,12 +93,7 @@ def test_a_cache_is_rebuilt_when_any_described_setting_changes(tmp_path, field, 
 
 def test_a_file_touched_under_the_same_size_makes_the_cache_stale(tmp_path):
   records = _records(tmp_path / "images", 2)
-  calls = []
-
-  def encode(images):
-    calls.append(len(images))
-    return _mean_colour_feature_cache(images)
-
+  calls, encode = _counting_encoder()
   config = tiny.get_config()
   feature_cache.cached_features(tmp_path / "run", config, "train", records, encode)
   stat = os.stat(records[1].image_path)
@@ -117,7 +108,7 @@ def test_rows_of_unreadable_images_are_left_out_between_readable_ones(tmp_path):
   records = _records(tmp_path / "images", 5, broken=(1, 3))
   for attempt in ("fresh", "cached"):
     table, kept = feature_cache.cached_features(tmp_path / "run", config, "train", records,
-                                                _mean_colour_feature_cache)
+                                                _mean_colour)
     assert [r.image_id for r in kept] == ["0", "2", "4"], attempt
     assert table.shape == (3, 1, 3), attempt
     np.testing.assert_allclose(np.asarray(table, np.float32),
@@ -126,7 +117,7 @@ def test_rows_of_unreadable_images_are_left_out_between_readable_ones(tmp_path):
 
 def test_encode_records_over_several_batches_keeps_each_row_its_own_image(tmp_path):
   records = _records(tmp_path / "images", 7, broken=(4,))
-  features, valid = feature_cache.encode_records(records, _mean_colour_feature_cache, image_size=32, batch_size=2,
+  features, valid = feature_cache.encode_records(records, _mean_colour, image_size=32, batch_size=2,
                                                  num_threads=2)
   assert features.shape == (7, 1, 3)
   np.testing.assert_array_equal(valid, [k != 4 for k in range(7)])
