@@ -411,6 +411,16 @@ def test_a_token_line_with_a_space_for_its_tab_is_read(tmp_path):
   assert records[0].captions == tuple(data_fixtures.captions_for(0))
 
 
+def test_an_image_name_holding_a_hash_sign_keeps_it(tmp_path):
+  """The caption number follows the last '#': "photo#2.jpg#0" is caption 0 of photo#2.jpg."""
+  names = ["photo#2.jpg", "plain.jpg"]
+  root = data_fixtures.make_flickr8k(tmp_path / "flickr8k", {"train": names})
+  caption_files.clear_cache()
+  records = datasets.load_records(_data_config(root, "flickr8k"), "train")
+  assert [pathlib.Path(r.image_path).name for r in records] == names
+  assert records[0].captions == tuple(data_fixtures.captions_for(0))
+
+
 def test_a_quoted_caption_of_exactly_the_line_limit_is_read_whole(tmp_path):
   root = tmp_path / "kaggle"
   names = ["0.jpg", "1.jpg"]
