@@ -14,6 +14,14 @@ import numpy as np
 from flax import linen as nn
 
 
+def batch_norm_layer(use_running_average: bool, *, momentum: float, epsilon: float, dtype: Any,
+                     axis_name: str | None):
+  """nn.BatchNorm with these settings, to be called with a layer name: running statistics, or the
+  batch's (reduced over the devices of `axis_name` when it is set). Every encoder BatchNorm is one."""
+  return functools.partial(nn.BatchNorm, use_running_average=use_running_average, momentum=momentum,
+                           epsilon=epsilon, dtype=dtype, axis_name=axis_name)
+
+
 def _grouped_convolution_is_fast() -> bool:
   """XLA:CPU runs grouped (depthwise) convolutions several times slower than shifted sums."""
   return jax.default_backend() != "cpu"
@@ -67,10 +75,9 @@ class MBConvBlock(nn.Module):
     """[batch, h, w, in] -> [batch, ceil(h / stride), ceil(w / stride), out_channels]."""
     # Flax's "SAME" padding is TF's: pad_total = max((ceil(n/s) - 1) * s + k - n, 0), the smaller
     # half first, which is what the reference's Conv2d{Static,Dynamic}SamePadding compute.
+    batch_norm = batch_norm_layer(use_running_average, momentum=0.99, epsilon=1e-3,
+                                  dtype=self.dtype, axis_name=self.batch_norm_axis)
     conv = functools.partial(nn.Conv, use_bias=False, padding="SAME", dtype=self.dtype)
-    batch_norm = functools.partial(nn.BatchNorm, use_running_average=use_running_average,
-                                   momentum=0.99, epsilon=1e-3, dtype=self.dtype,
-                                   axis_name=self.batch_norm_axis)
     in_channels = inputs.shape[-1]
     hidden = inputs
     if self.expand_ratio != 1:
@@ -97,9 +104,8 @@ class Bottleneck(nn.Module):
   def __call__(self, inputs: jax.Array, use_running_average: bool) -> jax.Array:
     """[batch, h, w, in] -> [batch, ceil(h / stride), ceil(w / stride), 4 * width]."""
     conv = functools.partial(nn.Conv, use_bias=False, padding="VALID", dtype=self.dtype)
-    batch_norm = functools.partial(nn.BatchNorm, use_running_average=use_running_average,
-                                   momentum=0.9, epsilon=1e-5, dtype=self.dtype,
-                                   axis_name=self.batch_norm_axis)
+    batch_norm = batch_norm_layer(use_running_average, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
+                                  axis_name=self.batch_norm_axis)
     out_channels = 4 * self.width
     hidden = nn.relu(batch_norm(name="bn1")(conv(self.width, (1, 1), name="conv1")(inputs)))
     hidden = conv(self.width, (3, 3), strides=self.stride, padding=((1, 1), (1, 1)),

@@ -288,8 +288,8 @@ class _StagedEncoder(nn.Module):
     return stage not in {s % count for s in self.trainable_stages}
 
   def _batch_norm(self, use_running_average: bool, momentum: float, epsilon: float, name: str):
-    return nn.BatchNorm(use_running_average=use_running_average, momentum=momentum,
-                        epsilon=epsilon, dtype=self.dtype, axis_name=self.batch_norm_axis, name=name)
+    return conv_blocks.batch_norm_layer(use_running_average, momentum=momentum, epsilon=epsilon,
+                                        dtype=self.dtype, axis_name=self.batch_norm_axis)(name=name)
 
 
 class EfficientNetLite(_StagedEncoder):
