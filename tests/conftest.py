@@ -16,7 +16,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 # their machine code. The tests compile with LLVM's optimizations off: the same HLO programs (XLA's
 # own passes, fusion included, are unchanged), code that runs slower but compiles in less time, and
 # results that differ from the default build's at round-off only (checked: the suite passes either
-# way). On the 2-core CI machine: 598 s instead of 714-739 s. A flag already in XLA_FLAGS is kept, so
+# way). On the 2-core CI machine: 598-619 s instead of 714-739 s. A flag already in XLA_FLAGS is kept, so
 #   XLA_FLAGS="--xla_backend_optimization_level=3 --xla_llvm_disable_expensive_passes=false"
 # runs the suite on the code users run.
 _TEST_XLA_FLAGS = {"--xla_force_host_platform_device_count": "4",
