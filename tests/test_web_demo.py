@@ -1,10 +1,10 @@
-"""Tests of app.py: its handlers over a stand-in model (no browser), and the page in headless Chromium."""
+"""Tests of flaxcap/web_demo.py and app.py: the handlers over a stand-in model (no browser), the command
+line, and the page in headless Chromium."""
 
 import concurrent.futures
 import contextlib
 import http.client
 import json
-import os
 import pathlib
 import shutil
 import socket
@@ -20,8 +20,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-import app
 from flaxcap import inference
+from flaxcap import web_demo
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium")
@@ -45,7 +45,7 @@ def _have_selenium() -> bool:
 
 
 class StandInCaptioner:
-  """What `app.CaptionService` uses of `inference.Captioner`: fixed words, random attention."""
+  """What `web_demo.CaptionService` uses of `inference.Captioner`: fixed words, random attention."""
 
   WORDS = ["a", "square", "<eos>"]
 
@@ -108,8 +108,8 @@ def _get(url: str) -> tuple[int, bytes]:
 @pytest.fixture
 def stand_in():
   captioner = StandInCaptioner()
-  service = app.CaptionService(captioner, checkpoint="stand-in")
-  with _serving(app.create_app(service)) as url:
+  service = web_demo.CaptionService(captioner, checkpoint="stand-in")
+  with _serving(web_demo.create_app(service)) as url:
     yield captioner, url
 
 
@@ -348,14 +348,14 @@ def test_page_in_headless_chromium(app_process, browser, tmp_path):
 def test_fit_scales_the_longest_side_and_keeps_the_aspect_ratio(height, width, longest, expected):
   photo = np.zeros((height, width, 3), np.uint8)
   photo[:, : width // 2] = 255  # left half white: still the left half after scaling
-  fitted = app._fit(photo, longest)  # pylint: disable=protected-access
+  fitted = web_demo._fit(photo, longest)  # pylint: disable=protected-access
   assert fitted.shape == expected + (3,) and fitted.dtype == np.uint8
   assert fitted[:, : expected[1] // 2 - 1].min() > 200 and fitted[:, expected[1] // 2 + 1:].max() < 50
 
 
 def test_beam_size_range_includes_its_maximum():
-  assert app._beam_size(str(app.MAX_BEAM_SIZE)) == app.MAX_BEAM_SIZE  # pylint: disable=protected-access
-  assert app._beam_size("1") == 1  # pylint: disable=protected-access
-  for bad in ("0", str(app.MAX_BEAM_SIZE + 1)):
+  assert web_demo._beam_size(str(web_demo.MAX_BEAM_SIZE)) == web_demo.MAX_BEAM_SIZE  # pylint: disable=protected-access
+  assert web_demo._beam_size("1") == 1  # pylint: disable=protected-access
+  for bad in ("0", str(web_demo.MAX_BEAM_SIZE + 1)):
     with pytest.raises(ValueError, match="beam_size must be a whole number"):
-      app._beam_size(bad)  # pylint: disable=protected-access
+      web_demo._beam_size(bad)  # pylint: disable=protected-access
