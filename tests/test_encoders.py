@@ -176,12 +176,15 @@ def test_tail_from_a_stage_output_equals_the_whole_encoder(name, split_stage, fe
                                  trainable_stages=(split_stage,))
   head_output = jax.jit(head.apply)(variables, images)
   assert head_output.shape[1:] == encoders.feature_shape(name, 40, split_stage - 1)
-  np.testing.assert_allclose(jax.jit(tail.apply)(variables, head_output),
-                             jax.jit(whole.apply)(variables, images), rtol=1e-5, atol=1e-5)
+
+  def assert_close(got, want):  # float32 rounding of two programs, at the scale of the output
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+
+  assert_close(jax.jit(tail.apply)(variables, head_output), jax.jit(whole.apply)(variables, images))
   train = functools.partial(nn.Module.apply, train=True, mutable=["batch_stats"])
   tail_output, tail_stats = jax.jit(functools.partial(train, tail))(variables, head_output)
   whole_output, whole_stats = jax.jit(functools.partial(train, whole))(variables, images)
-  np.testing.assert_allclose(tail_output, whole_output, rtol=1e-5, atol=1e-5)
+  assert_close(tail_output, whole_output)
   for got, want in zip(jax.tree.leaves(tail_stats), jax.tree.leaves(whole_stats)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
