@@ -6,7 +6,10 @@ process's peaks only ever grow:
   infer_flaxcap, infer_torch   one image file captioned (beam 3) three times; peak RSS (VmHWM) after the
                                imports and at the end. flaxcap: `Captioner.load()` of the shipped model
                                (models/flickr8k, as run_all's latency figure; --infer_model=random:
-                               bench/latency.py's random decoder) and `Captioner.caption`. torch:
+                               bench/latency.py's random decoder) and `Captioner.caption`, compiling
+                               its programs. infer_flaxcap_cached: the same with JAX's persistent
+                               compilation cache, which a first run has filled: what `infer.py`
+                               (whose cache is on) peaks at from its second run on. torch:
                                bench/latency.py's torch pipeline; the child imports neither jax nor
                                flaxcap's model, and its decoder keeps torch's own random weights
                                (captions run to max_len 20). The two start together and run side by
@@ -27,8 +30,10 @@ Prints a table and writes JSON (default bench/results/memory.json).
 
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
 
 from absl import app
 from absl import flags
@@ -46,24 +51,40 @@ _INFER_MODEL = flags.DEFINE_enum("infer_model", "shipped", ["shipped", "random"]
 # Not "output": the infer_flaxcap child imports bench/latency.py, which defines that flag.
 _OUTPUT = flags.DEFINE_string("memory_output", "memory", "JSON path, or a name under bench/results/.")
 
+_CACHE_DIR = flags.DEFINE_string("xla_cache_dir", None, "Internal: the infer_flaxcap_cached child's "
+                                  "compilation cache.")
+
 _MARK = "MEMORY_RESULT "
+INFERENCE_ROWS = ["infer_flaxcap", "infer_flaxcap_cached", "infer_torch"]
 
 
-def _start(name: str) -> subprocess.Popen:
-  """Starts `python bench/memory.py --child=NAME` (its JSON line comes back on stdout)."""
+def _start(name: str, cache_dir: str | None = None) -> subprocess.Popen:
+  """Starts `python bench/memory.py --child=NAME` (its JSON line comes back on stdout).
+
+  `cache_dir`: the compilation cache of an infer_flaxcap_cached child; this call first runs the same
+  child to fill it, and waits for that run.
+  """
   command = [sys.executable, __file__, f"--child={name}", f"--train_batch={_TRAIN_BATCH.value}",
              f"--infer_model={_INFER_MODEL.value}"]
   if common.TORCH_THREADS.value:
     command.append(f"--torch_threads={common.TORCH_THREADS.value}")
+  if cache_dir:
+    command.append(f"--xla_cache_dir={cache_dir}")
+    filled = subprocess.run(command, capture_output=True, text=True, check=False)
+    if filled.returncode:
+      print(filled.stderr[-3000:], file=sys.stderr)
   return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _child(name: str) -> dict:
   """Runs one measurement in this (fresh) process."""
-  if name == "infer_flaxcap":  # jax only: torch is not imported
+  if name in ("infer_flaxcap", "infer_flaxcap_cached"):  # jax only: torch is not imported
     from bench import latency  # pylint: disable=g-import-not-at-top
     from flaxcap import inference  # pylint: disable=g-import-not-at-top
     after_imports = common.peak_rss_bytes()
+    if name == "infer_flaxcap_cached":
+      from flaxcap import compilation_cache  # pylint: disable=g-import-not-at-top
+      compilation_cache.enable(_CACHE_DIR.value)
     path = str(common.default_image())
     shipped = _INFER_MODEL.value == "shipped" and inference.default_checkpoint().exists()
     captioner, _, _ = latency.flaxcap_model(None, shipped=shipped)
@@ -120,12 +141,13 @@ def main(argv):
   # start at once and run side by side (and beside this process's imports). Train rows (device
   # memory) run one at a time.
   common.default_image()
-  inference_rows = _ROWS.value or ["infer_flaxcap", "infer_torch"]
-  started = {name: _start(name) for name in inference_rows if name.startswith("infer_")}
+  cache_dir = tempfile.mkdtemp(prefix="flaxcap-bench-xla-cache-")  # empty: the cached row fills it
+  children = list(INFERENCE_ROWS)
+  started = {name: _start(name, cache_dir if name == "infer_flaxcap_cached" else None)
+             for name in (_ROWS.value or children) if name.startswith("infer_")}
   gpu = common.on_gpu()
   info = common.machine()
   print(common.machine_line(info), flush=True)
-  children = ["infer_flaxcap", "infer_torch"]
   if gpu:
     children += [f"train_{part}_{framework}_{dtype}" for part in ("decoder", "full")
                  for dtype in ("float32", "bfloat16") for framework in ("flaxcap", "torch")]
@@ -147,10 +169,12 @@ def main(argv):
     rows.append({"measurement": name, **result,
                  **{f"{key}_mib": value / 2**20 for key, value in result.items()
                     if isinstance(value, int) and key.startswith("peak")}})
+  shutil.rmtree(cache_dir, ignore_errors=True)
   print()
   common.print_table(rows, COLUMNS, title=(
       f"peak memory, each row a fresh process; inference: one image file -> caption, beam 3 (flaxcap: "
-      f"the {_INFER_MODEL.value} model; torch: bench/latency.py's pipeline); train rows (GPU only): "
+      f"the {_INFER_MODEL.value} model, compiling, or _cached: loading its compiled programs from "
+      f"JAX's persistent cache; torch: bench/latency.py's pipeline); train rows (GPU only): "
       f"batch {_TRAIN_BATCH.value}; "
       f"{common.machine_line(info)}"))
   common.write_json(_OUTPUT.value, {"benchmark": "memory", "machine": info, "rows": rows,
