@@ -102,6 +102,15 @@ def _check_flags() -> None:
                              if value is not None})
   if FLAGS.dataset and not os.path.isdir(FLAGS.dataset):
     raise errors.ConfigError(f"--dataset {FLAGS.dataset}: no such folder")
+  for path in FLAGS.image:  # the usual mix-up of the two flags, named before the model loads
+    if os.path.isdir(path):
+      raise errors.ConfigError(f"--image {path}: a folder, not an image file; --images {path} "
+                               "captions every image under it")
+  if FLAGS.images and not os.path.isdir(FLAGS.images):
+    if os.path.isfile(FLAGS.images):
+      raise errors.ConfigError(f"--images {FLAGS.images}: a file, not a folder; --image "
+                               f"{FLAGS.images} captions it")
+    raise errors.ConfigError(f"--images {FLAGS.images}: no such folder")
   if FLAGS.attention_out:
     try:
       pathlib.Path(FLAGS.attention_out).mkdir(parents=True, exist_ok=True)

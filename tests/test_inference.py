@@ -260,8 +260,12 @@ def test_infer_cli_bad_values_and_an_empty_folder_are_one_line_errors(tiny_check
   (tmp_path / "empty").mkdir()
   (tmp_path / "a_file").write_text("")
   a_file = tmp_path / "a_file"
+  empty, missing = tmp_path / "empty", tmp_path / "missing"
   for flag, message in (("--beam_size=0", "beam_size must be a whole number >= 1"),
-                        (f"--attention_out={a_file}", f"{a_file}: cannot be")):
+                        (f"--attention_out={a_file}", f"{a_file}: cannot be"),
+                        (f"--image={empty}", f"--image {empty}: a folder, not an image file"),
+                        (f"--images={a_file}", f"--images {a_file}: a file, not a folder"),
+                        (f"--images={missing}", f"--images {missing}: no such folder")):
     result = _infer(f"--checkpoint={tiny_checkpoint}", f"--image={photo}", flag)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith(f"infer.py: error: {message}")
