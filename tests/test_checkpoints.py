@@ -1,7 +1,6 @@
 """Checkpoints: exporting the average of several models (a model soup) and its checks."""
 
 import json
-import os
 import pathlib
 import shutil
 import subprocess
@@ -12,6 +11,7 @@ from flax import traverse_util
 import numpy as np
 import pytest
 
+import cli_env
 from configs import tiny
 from flaxcap import checkpoints
 from flaxcap import errors
@@ -103,7 +103,7 @@ def test_models_with_another_vocabulary_cannot_be_averaged(tiny_checkpoint, tmp_
 
 def test_export_cli_averages_repeated_checkpoints(tiny_checkpoint, tmp_path):
   first, second = _steps(tiny_checkpoint)
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", XLA_FLAGS="")
+  env = cli_env.cli_env()
   result = subprocess.run(
       [sys.executable, str(REPO_ROOT / "export.py"), f"--checkpoint={first}",
        f"--checkpoint={second}", f"--out={tmp_path / 'soup'}"],
@@ -123,7 +123,7 @@ def test_export_cli_averages_repeated_checkpoints(tiny_checkpoint, tmp_path):
 
 
 def test_export_cli_errors_are_one_line_and_leave_no_half_written_model(tiny_checkpoint, tmp_path):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", XLA_FLAGS="")
+  env = cli_env.cli_env()
   (tmp_path / "no_images").mkdir()
   (tmp_path / "a_file").write_text("")
   for arguments, message in (

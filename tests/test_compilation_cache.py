@@ -4,18 +4,19 @@ The test session sets JAX_COMPILATION_CACHE_DIR for every process it starts (con
 processes here run without it, as a user's would.
 """
 
-import os
 import pathlib
 import subprocess
 import sys
+
+import cli_env
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _env(**extra):
-  env = {key: value for key, value in os.environ.items() if not key.startswith("JAX_")}
-  env.update(TF_CPP_MIN_LOG_LEVEL="3", XLA_FLAGS="", **extra)
-  return env
+  """A command line's environment (`cli_env`) without this session's JAX_ settings, plus `extra`."""
+  return {key: value for key, value in cli_env.cli_env(**extra).items()
+          if not key.startswith("JAX_") or key in extra}
 
 
 def _python(code: str, **env):

@@ -1,7 +1,6 @@
 """Consensus reranking: neighbours, scores against a brute-force reference, the index file, Captioner."""
 
 import json
-import os
 import pathlib
 import shutil
 import subprocess
@@ -11,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+import cli_env
 from flaxcap import checkpoints
 from flaxcap import consensus
 from flaxcap import errors
@@ -226,7 +226,7 @@ def test_captioner_keeps_the_consensus_choice_of_its_beam(indexed_model, shapes_
 
 
 def test_export_and_infer_command_lines_rerank_with_the_index(tiny_checkpoint, shapes_root, tmp_path):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", XLA_FLAGS="")
+  env = cli_env.cli_env()
   model = tmp_path / "model"
   result = subprocess.run(
       [sys.executable, str(REPO_ROOT / "export.py"), f"--checkpoint={tiny_checkpoint}",

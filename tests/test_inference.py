@@ -1,7 +1,6 @@
 """Inference: Captioner.load, batched captioning with failures, export, and the infer.py CLI."""
 
 import json
-import os
 import pathlib
 import shutil
 import subprocess
@@ -12,6 +11,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+import cli_env
 import data_fixtures
 from flaxcap import checkpoints
 from flaxcap import errors
@@ -188,7 +188,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 
 
 def _infer(*args):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", XLA_FLAGS="")
+  env = cli_env.cli_env()
   return subprocess.run([sys.executable, str(REPO_ROOT / "infer.py"), *args], cwd=REPO_ROOT,
                         env=env, capture_output=True, text=True, timeout=300)
 

@@ -4,7 +4,6 @@ import contextlib
 import functools
 import json
 import math
-import os
 import pathlib
 import shutil
 import signal
@@ -18,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import cli_env
 from configs import tiny
 from flaxcap import checkpoints
 from flaxcap import encoders
@@ -289,7 +289,7 @@ def test_a_run_stopped_around_an_evaluation_resumes_with_the_same_evaluations(
 
 
 def _train_cli(*args, **kwargs):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", XLA_FLAGS="")
+  env = cli_env.cli_env()
   return subprocess.Popen([sys.executable, str(REPO_ROOT / "train.py"),
                            "--config", str(REPO_ROOT / "configs" / "tiny.py"), *args],
                           cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
