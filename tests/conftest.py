@@ -17,7 +17,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 # code that runs slower but compiles in about half the time, the same computations (XLA's HLO passes
 # run as before; the fusions differ a little between the two emitters), results that differ from the
 # default build's at round-off only (checked: the suite passes either way). On a 2-core machine:
-# 303-345 s, against 483-547 s without the emitter flag and 531 s with none of the three. A flag
+# 291-345 s, against 483-547 s without the emitter flag and 531 s with none of the three. A flag
 # already in XLA_FLAGS is kept, so
 #   XLA_FLAGS="--xla_backend_optimization_level=3 --xla_llvm_disable_expensive_passes=false
 #              --xla_cpu_use_fusion_emitters=true"
