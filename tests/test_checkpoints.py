@@ -109,6 +109,7 @@ def test_export_cli_averages_repeated_checkpoints(tiny_checkpoint, tmp_path):
        f"--checkpoint={second}", f"--out={tmp_path / 'soup'}"],
       cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr
+  assert result.stdout.strip() == str(tmp_path / "soup")  # the one line a script can read
   library = checkpoints.export([first, second], tmp_path / "library")
   assert ((tmp_path / "soup" / checkpoints.EXPORT_PARAMS).read_bytes()
           == (library / checkpoints.EXPORT_PARAMS).read_bytes())
@@ -130,6 +131,8 @@ def test_export_cli_errors_are_one_line_and_leave_no_half_written_model(tiny_che
       ([f"--out={tmp_path / 'a_file'}"], f"--out {tmp_path / 'a_file'}: a file is there"),
       ([f"--out={tmp_path / 'model'}", f"--consensus_data={tmp_path / 'gone'}"],
        f"--consensus_data {tmp_path / 'gone'}: no such folder"),
+      ([f"--out={tmp_path / 'model'}", f"--data_root={tmp_path / 'gone'}"],
+       f"--data_root {tmp_path / 'gone'}: no such folder"),
       ([f"--out={tmp_path / 'model'}", f"--consensus_data={tmp_path / 'no_images'}"],
        f"{tmp_path / 'no_images'}: no image folder found")):
     result = subprocess.run(
@@ -138,6 +141,21 @@ def test_export_cli_errors_are_one_line_and_leave_no_half_written_model(tiny_che
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith(f"export.py: error: {message}")
     assert not (tmp_path / "model").exists()  # the index failed: the export is removed with it
+  # A folder that was there before is the user's: a failed export leaves it and what it held.
+  (tmp_path / "theirs").mkdir()
+  (tmp_path / "theirs" / "notes.txt").write_text("keep me")
+  result = subprocess.run(
+      [sys.executable, str(REPO_ROOT / "export.py"), f"--checkpoint={tiny_checkpoint}",
+       f"--out={tmp_path / 'theirs'}", f"--consensus_data={tmp_path / 'no_images'}"],
+      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert (tmp_path / "theirs" / "notes.txt").read_text() == "keep me"
+  result = subprocess.run(
+      [sys.executable, str(REPO_ROOT / "export.py"), f"--checkpoint={tiny_checkpoint}",
+       f"--out={tmp_path / 'model'}", "stray"],
+      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0 and "unexpected arguments: stray" in result.stderr
+  assert not (tmp_path / "model").exists()
   with pytest.raises(errors.CheckpointError, match="a_file: cannot hold the exported model"):
     checkpoints.export(tiny_checkpoint, tmp_path / "a_file")
 
