@@ -71,8 +71,9 @@ def get_config():
   config.decoder.attention_activation = "tanh"  # tanh (the paper) | relu, inside the additive attention
   config.decoder.dtype = "float32"  # float32 | bfloat16 compute
   config.decoder.unroll = 1  # time steps per iteration of the teacher-forced scan (speed only)
-  config.decoder.recompute_attention = False  # train step: recompute the attention's activation in
-  #   the backward pass instead of keeping it (speed and memory only; flaxcap/decoder.py)
+  config.decoder.recompute_attention = "auto"  # auto | true | false: a train step recomputes the
+  #   attention's activation in the backward pass instead of keeping it (speed and memory only;
+  #   flaxcap/decoder.py); auto: on a GPU or TPU, not on the CPU
   config.decoder.feature_dtype = ""  # "" = the compute dtype | bfloat16: features kept in bf16
   #   (with float32 compute: rounds the features once, halves what each step's context product reads)
   config.decoder.pad_columns_to = 1  # pad the layers' kernels with zero columns to a multiple of

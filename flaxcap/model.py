@@ -92,6 +92,17 @@ def _dtype(config, field: str):
   return _DTYPES[value]
 
 
+def _switch(config, field: str) -> bool | None:
+  """A config switch "auto" | "true" | "false" (or a bool, as older configs hold): None for auto."""
+  value = config.decoder.get(field, "auto")
+  if isinstance(value, bool) or value is None:
+    return value
+  choice = {"auto": None, "true": True, "false": False}
+  if str(value).lower() not in choice:
+    raise errors.ConfigError(f"config.decoder.{field} = {value!r}: use auto, true or false")
+  return choice[str(value).lower()]
+
+
 def create_decoder(config, vocab_size: int) -> decoder_lib.Decoder:
   """The `Decoder` from `config.decoder` (`config.half_precision` forces bfloat16 compute)."""
   if vocab_size < 4:
@@ -114,7 +125,7 @@ def create_decoder(config, vocab_size: int) -> decoder_lib.Decoder:
       attention_dim=int(dec.attention_dim), dropout_rate=float(dec.dropout_rate), gate=bool(dec.gate),
       prev2out=bool(dec.prev2out), ctx2out=bool(dec.ctx2out), attention_activation=activation,
       dtype=dtype, unroll=int(dec.get("unroll", 1)),
-      recompute_attention=bool(dec.get("recompute_attention", False)), feature_dtype=feature_dtype,
+      recompute_attention=_switch(config, "recompute_attention"), feature_dtype=feature_dtype,
       pad_columns_to=int(dec.get("pad_columns_to", 1)))
 
 

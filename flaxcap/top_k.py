@@ -7,11 +7,15 @@ a full sort inside a loop, and on a GPU XLA's TopK took half of a beam-5 step at
     top_k_by_rounds(values, k)               # the same by k rounds of argmax, on any backend
     top_k_by_rank(values, k)                 # the same by counting, for a few dozen entries
     top_k_by_kernel(values, k)               # the same in one Pallas kernel (top_k_kernel.py)
+    top_k_by_kernel(values, k, segment=1024) # the kernel on each segment of a row, then a merge
     top_k_of_candidates(candidates, n)       # the n best of [batch, K, V] over K * V: flat, by chunks,
                                              # by rounds or by the kernel
 
 Every method returns what `lax.top_k` returns (values best first; -inf entries too; NaN as largest).
 """
+
+import functools
+import importlib
 
 import jax
 from jax import lax
@@ -76,15 +80,43 @@ def values_of_keys(keys: jax.Array) -> jax.Array:
 KERNEL_NUM_WARPS: int | None = None
 
 
-def top_k_by_kernel(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+# The row length `top_k_of_candidates`' "kernel_segments" cuts the candidates into (`MAX_CHUNKED_BATCH`
+# gives the measurements).
+KERNEL_SEGMENT = 1024
+
+
+def top_k_by_kernel(values: jax.Array, k: int, segment: int | None = None
+                    ) -> tuple[jax.Array, jax.Array]:
   """`lax.top_k` over the last axis (values as float32) by `top_k_kernel.row_top_k` over their
-  `order_keys`: one Pallas program per row; interpreted off the GPU (Triton is GPU only)."""
-  # Imported here: the kernel is opt-in, and Pallas' Triton API moving between jax versions must
-  # not keep the default search from importing.
+  `order_keys`: one Pallas program per row; interpreted off the GPU (Triton is GPU only).
+
+  `segment`: each row is cut into segments of this many entries (the last padded), the kernel takes
+  the k best of every segment, one program each, and `rank_top_k` merges those, ties by position.
+  One program per row reads a long row alone (at batch 256 of 13,000 candidates: 256 programs on 132
+  SMs); segments spread a row over more programs for the price of a small second kernel.
+  """
+  # Imported here: Pallas' Triton API moving between jax versions must not keep the search from
+  # importing (`kernel_available`: XLA's TopK then).
   from flaxcap import top_k_kernel  # pylint: disable=g-import-not-at-top
-  keys, indices = top_k_kernel.row_top_k(order_keys(values), k, num_warps=KERNEL_NUM_WARPS,
-                                         interpret=jax.default_backend() != "gpu")
-  return values_of_keys(keys), indices
+  row_top_k = functools.partial(top_k_kernel.row_top_k, num_warps=KERNEL_NUM_WARPS,
+                                interpret=jax.default_backend() != "gpu")
+  keys = order_keys(values)
+  length = keys.shape[-1]
+  if segment is None or segment >= length:
+    top_keys, indices = row_top_k(keys, k)
+    return values_of_keys(top_keys), indices
+  segments = -(-length // segment)
+  # Padding: the lowest key at positions past the row, so it ranks after every entry (k <= length).
+  keys = jnp.pad(keys, [(0, 0)] * (keys.ndim - 1) + [(0, segments * segment - length)],
+                 constant_values=jnp.iinfo(jnp.int32).min)
+  keys = keys.reshape(*keys.shape[:-1], segments, segment)
+  segment_keys, segment_positions = row_top_k(keys, min(k, segment))  # [..., segments, k]
+  positions = segment_positions + segment * jnp.arange(segments, dtype=jnp.int32)[:, None]
+  segment_keys = segment_keys.reshape(*segment_keys.shape[:-2], -1)
+  positions = positions.reshape(segment_keys.shape)
+  pick = rank_top_k(segment_keys, k, tie_order=positions)
+  indices = jnp.take_along_axis(positions, pick, axis=-1)
+  return jnp.take_along_axis(values, indices, axis=-1), indices
 
 
 def rank_top_k(keys: jax.Array, k: int, tie_order: jax.Array | None = None) -> jax.Array:
@@ -118,23 +150,38 @@ def top_k_by_rank(values: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 # How beam search takes the 2K best of its K * V candidates (`top_k_of_candidates`): one of
 # `CANDIDATE_METHODS`; None: by backend and batch (`candidate_top_k_method`).
 CANDIDATE_TOP_K: str | None = None
-CANDIDATE_METHODS = ("flat", "rounds", "chunks", "chunks_barrier", "kernel")
+CANDIDATE_METHODS = ("flat", "rounds", "chunks", "chunks_barrier", "kernel", "kernel_segments")
 
-# Off the CPU, batches of up to this many images take their candidates by chunks. Measured on an
-# H200 (beam 5, vocab 2,600, bf16): at batch 1 a search took 1.50 ms by chunks, 3.40 ms flat; at
-# batch 256, 13.2 ms by chunks, 7.35 ms flat (the rankings grow with the batch, XLA's TopK kernel
-# hardly does below ~130 rows). Batches in between were not measured; the crossover estimated from
-# those two is near 50 images.
+# On a GPU, batches of up to this many images take their candidates by chunks, larger ones by the
+# kernel in segments; other accelerators take batches above it flat. Measured on an H200 (beam 5,
+# vocab 2,600, bf16): at batch 1 a search took 1.50 ms by chunks, 3.40 ms flat, 1.66 ms by the kernel;
+# at batch 256, 13.2 ms by chunks, 7.35 ms flat, 4.48 ms by the kernel on whole rows, and with the
+# early stop ("while", 12 steps) 2.84 ms by the kernel on segments of 1,024 against 2.97 (2,048),
+# 2.98 (whole rows) and 4.91 flat (bench/probe_gpu9.py, sessions 21-22). Batches in between were
+# not measured; the crossover estimated from those two is near 50 images.
 MAX_CHUNKED_BATCH = 16
+
+
+@functools.cache
+def kernel_available() -> bool:
+  """Whether `top_k_kernel` imports here (Pallas' Triton API moves between jax versions)."""
+  try:
+    importlib.import_module("flaxcap.top_k_kernel")
+  except ImportError:
+    return False
+  return True
 
 
 def candidate_top_k_method(batch: int) -> str:
   """The method `top_k_of_candidates` uses for a batch of images by default."""
   if CANDIDATE_TOP_K is not None:
     return CANDIDATE_TOP_K
-  if jax.default_backend() == "cpu" or batch > MAX_CHUNKED_BATCH:
+  backend = jax.default_backend()
+  if backend == "cpu":
     return "flat"
-  return "chunks"
+  if batch <= MAX_CHUNKED_BATCH:
+    return "chunks"
+  return "kernel_segments" if backend == "gpu" and kernel_available() else "flat"
 
 
 def chunk_size(k: int, vocab: int, n: int) -> int:
@@ -191,8 +238,8 @@ def top_k_of_candidates(candidates: jax.Array, n: int, method: str | None = None
   `method` (None: `candidate_top_k_method`), one of `CANDIDATE_METHODS`: "flat", `top_k` over the
   K * V candidates of each image; "rounds", `top_k_by_rounds` over them (on every backend);
   "chunks", `top_k_by_chunks`; "chunks_barrier", the same with its `barrier`; "kernel",
-  `top_k_by_kernel` over them (interpreted, so slow, off the GPU). All give the same result, ties
-  included.
+  `top_k_by_kernel` over them (interpreted, so slow, off the GPU); "kernel_segments", the same in
+  segments of `KERNEL_SEGMENT`. All give the same result, ties included.
   """
   batch, k, vocab = candidates.shape
   method = method or candidate_top_k_method(batch)
@@ -201,6 +248,6 @@ def top_k_of_candidates(candidates: jax.Array, n: int, method: str | None = None
   if method.startswith("chunks") and vocab >= 4:
     return top_k_by_chunks(candidates, n, barrier=method == "chunks_barrier")
   flat = candidates.reshape(batch, k * vocab)
-  if method == "kernel":
-    return top_k_by_kernel(flat, n)
+  if method.startswith("kernel"):
+    return top_k_by_kernel(flat, n, segment=KERNEL_SEGMENT if method == "kernel_segments" else None)
   return top_k_by_rounds(flat, n) if method == "rounds" else top_k(flat, n)

@@ -316,6 +316,19 @@ def test_recomputed_attention_gives_the_same_loss_and_gradients():
   assert per_step_attention not in _forward_scan_residual_shapes(recomputed, params, features, tokens)
 
 
+def test_attention_is_recomputed_by_default_off_the_cpu_only(monkeypatch):
+  """recompute_attention=None (configs/default.py's): kept on the CPU, recomputed on a GPU or TPU."""
+  decoder, variables, features, tokens = _cached_setup()
+  assert decoder.recompute_attention is None
+  per_step_attention = (TIME, BATCH, 1, POSITIONS, ATTN)
+  params = variables["params"]
+  for backend, kept in (("cpu", 1), ("gpu", 0), ("tpu", 0)):
+    monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
+    shapes = _forward_scan_residual_shapes(decoder, params, features, tokens)
+    assert shapes.count(per_step_attention) == kept, backend
+  assert not make_decoder(recompute_attention=False).recomputes_attention()
+
+
 def test_bfloat16_features_equal_rounded_features():
   """feature_dtype=bfloat16 with float32 compute: the same as float32 on bf16-rounded features
   (teacher forcing and its gradients, a beam step), the features kept in bf16."""

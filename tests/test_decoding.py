@@ -120,7 +120,7 @@ def test_no_caption_ends_on_a_banned_word(beam_size):
   assert not np.array_equal(tokens, free_tokens)
 
 
-@pytest.mark.parametrize("method", ["kernel", None, "chunks"])  # None: the library's (XLA's TopK)
+@pytest.mark.parametrize("method", ["kernel", "kernel_segments", None, "chunks", "flat"])
 @pytest.mark.parametrize("early_stop", [None, "while"])
 def test_the_gpu_code_paths_of_a_search_lower_for_a_gpu(monkeypatch, method, early_stop):
   """With jax.default_backend() saying "gpu", the branches the CPU never traces (the score as a
@@ -131,12 +131,13 @@ def test_the_gpu_code_paths_of_a_search_lower_for_a_gpu(monkeypatch, method, ear
   features = jax.ShapeDtypeStruct((BATCH, GRID_H, GRID_W, CHANNELS), jnp.float32)
   params = jax.eval_shape(functools.partial(decoder.init, deterministic=True), jax.random.key(0),
                           features, jax.ShapeDtypeStruct((BATCH, 4), jnp.int32))["params"]
-  monkeypatch.setattr(top_k_lib, "CANDIDATE_TOP_K", method)
+  monkeypatch.setattr(top_k_lib, "CANDIDATE_TOP_K", method)  # None: the library's (chunks here)
+  monkeypatch.setattr(top_k_lib, "KERNEL_SEGMENT", 32)  # 3 x 23 candidates: 3 segments
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   search = jax.jit(lambda p, f: decoding.search(decoder, p, f, beam_size=3, max_len=5,
                                                 early_stop=early_stop))
   module = gpu_export.export_for_cuda(search, params, features)
-  assert module.count("@__gpu$xla.gpu.triton") == (method == "kernel")
+  assert module.count("@__gpu$xla.gpu.triton") == (method or "").startswith("kernel")
 
 
 BATCH, GRID_H, GRID_W, CHANNELS, VOCAB = 4, 2, 3, 8, 23

@@ -86,3 +86,47 @@ def test_cast_matrices_casts_the_matrices_only():
       np.testing.assert_array_equal(after, before.astype(jnp.bfloat16))
     else:  # biases and the gate bias, used as they are
       assert after is before, path
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_embed_one_hot_gradient_equals_a_float64_scatter_add(dtype):
+  """layers.Embed: nn.Embed's parameter and values; its one-hot gradient sums every token's rows
+  (many repeats) as a float64 scatter-add of the same cotangent does, out-of-range ids adding nothing."""
+  vocab, features = 37, 24
+  rng = np.random.default_rng(5)
+  ids = rng.integers(0, vocab, size=(16, 21)).astype(np.int32)
+  ids[0, :4] = [vocab, vocab + 3, -vocab - 1, 0]  # out of range: no row, no gradient
+  weights = jnp.asarray(rng.normal(size=(16, 21, features)).astype(np.float32))
+  one_hot_embed = layers.Embed(vocab, features, dtype=dtype, one_hot_grad=True)
+  gather_embed = nn.Embed(vocab, features, dtype=dtype)
+  params = one_hot_embed.init(jax.random.PRNGKey(0), jnp.asarray(ids))
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(
+      jnp.shape, gather_embed.init(jax.random.PRNGKey(0), jnp.asarray(ids)))
+  in_range = (ids >= 0) & (ids < vocab)
+  np.testing.assert_array_equal(
+      np.asarray(one_hot_embed.apply(params, jnp.asarray(ids)), np.float32)[in_range],
+      np.asarray(gather_embed.apply(params, jnp.asarray(ids)), np.float32)[in_range])
+
+  def loss(module, params):
+    return jnp.sum(module.apply(params, jnp.asarray(ids)).astype(jnp.float32) *
+                   weights.astype(dtype).astype(jnp.float32))
+  grad = jax.jit(jax.grad(functools.partial(loss, one_hot_embed)))(params)["params"]["embedding"]
+  cotangent = np.asarray(weights.astype(dtype).astype(jnp.float32), np.float64)
+  expected = np.zeros((vocab, features))
+  np.add.at(expected, ids[in_range], cotangent[in_range])
+  assert grad.dtype == jnp.float32
+  np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_embed_gradient_is_a_product_only_where_asked():
+  """One-hot product where asked, nn.Embed's scatter-add otherwise (by default on the CPU)."""
+  ids = jnp.array([[1, 2, 2]])
+
+  def gradient_ops(one_hot_grad):
+    embed = layers.Embed(5, 4, one_hot_grad=one_hot_grad)
+    params = embed.init(jax.random.PRNGKey(0), ids)
+    text = str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(embed.apply(p, ids) ** 2)))(params))
+    return "scatter-add" in text, "dot_general" in text
+  assert gradient_ops(True) == (False, True)
+  assert gradient_ops(False) == (True, False)
+  assert gradient_ops(None) == (True, False)  # these tests run on the CPU

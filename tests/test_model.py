@@ -168,15 +168,22 @@ def test_create_model_from_config(monkeypatch):
   assert model.decoder.hidden_dim == config.decoder.hidden_dim
   assert model.decoder.dtype == jnp.float32 and not model.encoder_trainable
   assert model.decoder.unroll == 1
-  assert not model.decoder.recompute_attention and model.decoder.feature_dtype is None
+  assert model.decoder.recompute_attention is None and model.decoder.feature_dtype is None
   assert model.decoder.pad_columns_to == 1
   config.decoder.unroll = 3
-  config.decoder.recompute_attention = True
+  config.decoder.recompute_attention = "true"
   config.decoder.feature_dtype = "bfloat16"
   config.decoder.pad_columns_to = 8
   decoder = model_lib.create_model(config, vocab_size=VOCAB, encoder=TinyConvEncoder()).decoder
-  assert decoder.unroll == 3 and decoder.recompute_attention and decoder.feature_dtype == jnp.bfloat16
+  assert decoder.unroll == 3 and decoder.recompute_attention is True
+  assert decoder.feature_dtype == jnp.bfloat16
   assert decoder.pad_columns_to == 8
+  config.decoder.recompute_attention = "False"
+  assert model_lib.create_decoder(config, VOCAB).recompute_attention is False
+  config.decoder.recompute_attention = "sometimes"
+  with pytest.raises(errors.ConfigError, match="recompute_attention = 'sometimes': use auto, true"):
+    model_lib.create_decoder(config, VOCAB)
+  config.decoder.recompute_attention = "auto"
 
   calls = []
   fake_encoders = types.ModuleType("flaxcap.encoders")

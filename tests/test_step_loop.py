@@ -79,9 +79,13 @@ def test_cond_loop_is_differentiable_like_the_scan():
   assert len(totals) == 2  # the cond loop stopped early
 
 
-def test_loop_for_values():
+def test_loop_for_values(monkeypatch):
   assert step_loop.loop_for(True) == step_loop.loop_for("cond") == "cond"
   assert step_loop.loop_for(False) is None and step_loop.loop_for("while") == "while"
   assert step_loop.loop_for(None) == ("cond" if jax.default_backend() == "cpu" else None)
+  for backend, loop in (("cpu", "cond"), ("gpu", "while"), ("tpu", None)):
+    monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
+    assert step_loop.loop_for(None) == loop, backend
+    assert step_loop.loop_for(False) is None
   with pytest.raises(ValueError, match="early_stop must be"):
     step_loop.loop_for("sometimes")

@@ -1,5 +1,7 @@
 """flaxcap/top_k.py: every top-k method gives lax.top_k's values and indices (ties, infinities)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +12,10 @@ from flaxcap import top_k as top_k_lib
 
 @pytest.mark.parametrize("top_k", [top_k_lib.top_k, top_k_lib.top_k_by_rounds,  # argmax rounds
                                    top_k_lib.top_k_by_rank,  # counting
-                                   top_k_lib.top_k_by_kernel])  # the Pallas kernel, interpreted
+                                   top_k_lib.top_k_by_kernel,  # the Pallas kernel, interpreted
+                                   # the kernel on segments, then a merge: k below and above one
+                                   functools.partial(top_k_lib.top_k_by_kernel, segment=16),
+                                   functools.partial(top_k_lib.top_k_by_kernel, segment=8)])
 @pytest.mark.parametrize("width", [40, 100])
 def test_top_k_matches_lax_top_k_with_ties_and_infinities(top_k, width):
   rng = np.random.default_rng(3)
@@ -32,9 +37,10 @@ def test_top_k_matches_lax_top_k_with_ties_and_infinities(top_k, width):
 
 
 @pytest.mark.parametrize("method", top_k_lib.CANDIDATE_METHODS)
-def test_top_k_of_candidates_matches_lax_top_k_of_the_flat_candidates(method):
+def test_top_k_of_candidates_matches_lax_top_k_of_the_flat_candidates(method, monkeypatch):
   """Every way of taking the 2K best of [batch, K, V] gives lax.top_k's values and indices, ties
   (to the lower flat index) and infinities included, for vocabularies the chunks divide or not."""
+  monkeypatch.setattr(top_k_lib, "KERNEL_SEGMENT", 24)  # segments that divide some rows, not others
   rng = np.random.default_rng(11)
   top_k = jax.jit(top_k_lib.top_k_of_candidates, static_argnums=(1, 2))
   for k, vocab in [(1, 2), (2, 3), (3, 7), (4, 50), (5, 97), (5, 260), (3, 1000)]:
@@ -52,6 +58,13 @@ def test_top_k_of_candidates_matches_lax_top_k_of_the_flat_candidates(method):
 
 def test_candidate_top_k_method_by_backend_and_batch(monkeypatch):
   assert top_k_lib.candidate_top_k_method(1) == "flat"  # these tests run on the CPU
+  for backend, small, large in (("gpu", "chunks", "kernel_segments"), ("tpu", "chunks", "flat")):
+    monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
+    assert top_k_lib.candidate_top_k_method(top_k_lib.MAX_CHUNKED_BATCH) == small
+    assert top_k_lib.candidate_top_k_method(top_k_lib.MAX_CHUNKED_BATCH + 1) == large
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(top_k_lib, "kernel_available", lambda: False)  # no Pallas Triton: XLA's TopK
+  assert top_k_lib.candidate_top_k_method(256) == "flat"
   monkeypatch.setattr(top_k_lib, "CANDIDATE_TOP_K", "chunks")
   assert top_k_lib.candidate_top_k_method(256) == "chunks"
   with pytest.raises(ValueError, match="unknown top-k method"):
