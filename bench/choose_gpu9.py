@@ -13,10 +13,12 @@ BEAM = {"main": "", "kernel": "--candidate_top_k=kernel", "rounds": "--candidate
         "stop_while4+kernel": "--candidate_top_k=kernel --early_stop=off,while --unroll=4",
         "stop_while+chunks_barrier": "--candidate_top_k=chunks_barrier --early_stop=off,while",
         "pad8": "--pad_columns_to=8", "pad128": "--pad_columns_to=128",
-        "stop_while+kernel+pad8": "--candidate_top_k=kernel --early_stop=off,while --pad_columns_to=8"}
+        "stop_while+kernel+pad8": "--candidate_top_k=kernel --early_stop=off,while --pad_columns_to=8",
+        "stop_while+kseg": "--candidate_top_k=kernel_segments --early_stop=off,while"}
 TRAIN = {"main": "", "recompute": "--recompute_attention", "pad8": "--pad_columns_to=8",
          "bf16_features": "--feature_dtype=bfloat16",
-         "bf16_features+recompute": "--feature_dtype=bfloat16 --recompute_attention"}
+         "bf16_features+recompute": "--feature_dtype=bfloat16 --recompute_attention",
+         "recompute+pad8": "--recompute_attention --pad_columns_to=8"}
 
 
 def choose(rows, part):

@@ -30,7 +30,9 @@ c() { python3 bench/choose_gpu9.py $P/probe_gpu9.json $1; }
 B256=$(c beam256); B1=$(c beam1); T512=$(c train_bf16); T128=$(c train_fp32)
 echo "chosen: b256 [$B256] b1 [$B1] train512 [$T512] train128 [$T128]" | tee -a $LOG
 B="bench/beam_search.py --beam_sizes=5 --dtypes=bfloat16 ${BEAM_ARGS:-}"
-if [ "$B256" = "$B1" ]; then
+if [ -n "${SKIP_B1:-}" ]; then  # SKIP_B1=1: the batch-256 row alone
+  run 45 $B --batch_sizes=${BIG:-256} $B256 --output=$P/beam_search_gpu9_b${BIG:-256}.json
+elif [ "$B256" = "$B1" ]; then
   run 70 $B --batch_sizes=1,${BIG:-256} $B256 --output=$P/beam_search_gpu9.json
 else
   run 45 $B --batch_sizes=${BIG:-256} $B256 --output=$P/beam_search_gpu9_b${BIG:-256}.json

@@ -42,7 +42,7 @@ cut-off run still returns what it measured). In one process, on the issue's work
         stop_while4      the while loop checking every 4 steps: 3 reads by the host, not 13
         stop_while+chunks_barrier  both
         kernel           the candidates' top-k in one Pallas (Triton) kernel, one program per image
-                         (`top_k.top_k_by_kernel`; session 16, lowered on a CPU, never run on a GPU)
+                         (`top_k.top_k_by_kernel`; session 16, first run on a GPU in session 21's lease)
         stop_while+kernel, stop_while4+kernel  the kernel with the while loop's stop
         kernel_w4, kernel_w16  the kernel's programs with 4 or 16 warps instead of 8 (4: 255
                          registers a thread, 2 programs an SM; 16: 89 registers, 1;
@@ -123,6 +123,13 @@ TRAIN_VARIANTS = {
     "bf16_features+recompute": {"feature_dtype": jnp.bfloat16, "recompute_attention": True},
     "pad8": {"pad_columns_to": 8},
     "jax_tanh": {},
+    "recompute+pad8": {"recompute_attention": True, "pad_columns_to": 8},
+    # The embedding's gradient as nn.Embed's scatter-add (main before session 22: main's is a one-hot
+    # product off the CPU, `layers.Embed`).
+    "scatter": {"one_hot_embedding_grad": False},
+    "recompute+scatter": {"recompute_attention": True, "one_hot_embedding_grad": False},
+    "recompute+pad8+scatter": {"recompute_attention": True, "pad_columns_to": 8,
+                               "one_hot_embedding_grad": False},
 }
 # The attention's tanh of the train variants that change it (read while tracing): jax_tanh is main's
 # decoder before session 16, whose tanh kept y and 1 - y for the backward pass (`layers.tanh`: y).
@@ -148,9 +155,15 @@ BEAM_VARIANTS = {"main": (None, 1, None), "flat": ("flat", 1, None), "rounds": (
                  "kernel": ("kernel", 1, None), "stop_while+kernel": ("kernel", 1, "while"),
                  "stop_while4+kernel": ("kernel", 4, "while"), "pad8": (None, 1, None),
                  "pad128": (None, 1, None), "stop_while+kernel+pad8": ("kernel", 1, "while"),
-                 "kernel_w4": ("kernel", 1, None), "kernel_w16": ("kernel", 1, None)}
+                 "kernel_w4": ("kernel", 1, None), "kernel_w16": ("kernel", 1, None),
+                 "stop_while+kernel_w4": ("kernel", 1, "while"),
+                 "stop_while+kseg": ("kernel_segments", 1, "while"),
+                 "stop_while+kseg1024": ("kernel_segments", 1, "while"),
+                 "stop_while+kseg4096": ("kernel_segments", 1, "while")}
 # `top_k.KERNEL_NUM_WARPS` of the kernel variants that set it (8 otherwise, at these sizes).
-BEAM_KERNEL_WARPS = {"kernel_w4": 4, "kernel_w16": 16}
+BEAM_KERNEL_WARPS = {"kernel_w4": 4, "kernel_w16": 16, "stop_while+kernel_w4": 4}
+# `top_k.KERNEL_SEGMENT` of the "kernel_segments" variants that set it (2,048 otherwise).
+BEAM_KERNEL_SEGMENT = {"stop_while+kseg1024": 1024, "stop_while+kseg4096": 4096}
 # `Decoder` options of the beam search variants that have any.
 BEAM_DECODER_OPTIONS = {"pad8": {"pad_columns_to": 8}, "pad128": {"pad_columns_to": 128},
                         "stop_while+kernel+pad8": {"pad_columns_to": 8}}
@@ -459,6 +472,7 @@ def beam_part(record: Record, name: str, sizes, batch: int, variants, *, repeats
     record.error(f"{name} set-up", e)
     return
   main = None  # (row, result, search)
+  default_segment = top_k_lib.KERNEL_SEGMENT
   searches = {}  # variant -> its compiled search (for the profiles)
   for variant in variants:
     method, unroll, early_stop = BEAM_VARIANTS[variant]
@@ -472,6 +486,7 @@ def beam_part(record: Record, name: str, sizes, batch: int, variants, *, repeats
                                      word_gate_table=table, early_stop=early_stop))
     top_k_lib.CANDIDATE_TOP_K = method  # read while tracing (the first call), as is:
     top_k_lib.KERNEL_NUM_WARPS = BEAM_KERNEL_WARPS.get(variant)
+    top_k_lib.KERNEL_SEGMENT = BEAM_KERNEL_SEGMENT.get(variant, default_segment)
     try:
       result, first_s, timing = time_search(search, params, features, repeats)
       row = {"part": name, "variant": variant, "batch": batch, "dtype": "bfloat16", "beam": beam,
@@ -479,6 +494,7 @@ def beam_part(record: Record, name: str, sizes, batch: int, variants, *, repeats
              "min_ms": timing.min_s * 1e3, "first_s": first_s, "timing": timing.as_dict(),
              "candidate_top_k": top_k_lib.candidate_top_k_method(batch), "unroll": unroll,
              "kernel_num_warps": top_k_lib.KERNEL_NUM_WARPS, "decoder_options": options,
+             "kernel_segment": top_k_lib.KERNEL_SEGMENT,
              "early_stop": step_loop.loop_for(early_stop) or "off",
              "steps": int(result.steps),
              "mean_length": float(np.mean(result.lengths[:, 0]))}
@@ -492,6 +508,7 @@ def beam_part(record: Record, name: str, sizes, batch: int, variants, *, repeats
       record.error(f"{name} {variant}", e)
     finally:
       top_k_lib.CANDIDATE_TOP_K, top_k_lib.KERNEL_NUM_WARPS = None, None
+      top_k_lib.KERNEL_SEGMENT = default_segment
   if main and len(variants) > 1:
     try:
       _, _, timing = time_search(main[2], params, features, repeats)  # compiled: no tracing

@@ -64,9 +64,10 @@ _WARMUP = flags.DEFINE_integer("warmup", None, "Untimed steps before them, the f
                                "1 on the CPU, 2 on a GPU).")
 _DECODER_UNROLL = flags.DEFINE_integer("decoder_unroll", 1, "flaxcap: time steps per iteration of the "
                                        "decoder's teacher-forced scan (config.decoder.unroll).")
-_RECOMPUTE_ATTENTION = flags.DEFINE_bool("recompute_attention", False, "flaxcap: recompute the "
+_RECOMPUTE_ATTENTION = flags.DEFINE_bool("recompute_attention", None, "flaxcap: recompute the "
                                          "attention's activation in the backward pass "
-                                         "(config.decoder.recompute_attention).")
+                                         "(config.decoder.recompute_attention; unset: the "
+                                         "library's choice, off the CPU only).")
 _FEATURE_DTYPE = flags.DEFINE_enum("feature_dtype", "", ["", "bfloat16", "float32"],
                                    "flaxcap: the dtype the decoder keeps the features in "
                                    "(config.decoder.feature_dtype; '': the compute dtype).")
@@ -234,7 +235,9 @@ def main(argv):
   full_batch_sizes = common.int_list(_FULL_BATCH_SIZES.value or ("32,128" if gpu else "8"))
   dtypes = _DTYPES.value or (["float32", "bfloat16"] if gpu else ["float32"])
   steps = _STEPS.value or (20 if gpu else 2)
-  decoder_options = {"unroll": _DECODER_UNROLL.value, "recompute_attention": _RECOMPUTE_ATTENTION.value,
+  recompute = _RECOMPUTE_ATTENTION.value
+  decoder_options = {"unroll": _DECODER_UNROLL.value,
+                     "recompute_attention": "auto" if recompute is None else str(recompute).lower(),
                      "feature_dtype": _FEATURE_DTYPE.value, "pad_columns_to": _PAD_COLUMNS_TO.value}
   warmup = _WARMUP.value or default_warmup()
   common.configure_torch()
