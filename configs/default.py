@@ -78,6 +78,8 @@ def get_config():
   #   (with float32 compute: rounds the features once, halves what each step's context product reads)
   config.decoder.pad_columns_to = 1  # pad the layers' kernels with zero columns to a multiple of
   #   this inside each product (same values; aligned GPU GEMMs: hidden_proj has 2,561 columns)
+  config.decoder.fused_attention = False  # decoding: each step's attention in one Pallas kernel
+  #   (flaxcap/attention_kernel.py; a GPU kernel, interpreted elsewhere)
 
   config.loss = ml_collections.ConfigDict()
   config.loss.alpha_c = 1.0  # doubly stochastic attention weight

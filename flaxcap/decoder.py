@@ -98,6 +98,10 @@ def _scores_by_sum(decoder: "Decoder", projected_features: Array, query: Array) 
 _recomputed_scores_by_sum = nn.remat(_scores_by_sum, prevent_cse=False)
 
 
+# The attention's activations inside `attention_kernel.attend` (a decoding step needs no gradient).
+_KERNEL_ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu}
+
+
 def _lstm_bias_init(key, shape, dtype=jnp.float32):
   """Zero biases for the gates (i, f, g, o) except 1 for the forget gate."""
   del key
@@ -137,6 +141,9 @@ class Decoder(nn.Module):
     one_hot_embedding_grad: the embedding's gradient as a one-hot product rather than a scatter-add
       (`layers.Embed`); None: off the CPU. The same values up to float32 summation order (the
       scatter adds in the compute dtype). Speed only.
+    fused_attention: a decoding `step` takes its attention (scores, softmax, context) in one Pallas
+      kernel per image (`attention_kernel.attend`; interpreted off the GPU, so for tests there).
+      The same values up to float32 summation order; not for teacher forcing. Speed only.
   """
   vocab_size: int
   embed_dim: int = 512
@@ -153,6 +160,7 @@ class Decoder(nn.Module):
   feature_dtype: Any = None
   pad_columns_to: int = 1
   one_hot_embedding_grad: bool | None = None
+  fused_attention: bool = False
 
   def setup(self):
     if self.attention_activation not in layers.ATTENTION_ACTIVATIONS:
@@ -241,7 +249,7 @@ class Decoder(nn.Module):
     return self.attention_score(hidden, by_sum)
 
   def _attend(self, encoded: Encoded, query: Array, score_by_sum: bool = False,
-              recompute_scores: bool = False) -> tuple[Array, Array]:
+              recompute_scores: bool = False, fused: bool = False) -> tuple[Array, Array]:
     """Additive attention of each beam's query against its image's grid (the grid is not copied).
 
     Args:
@@ -250,17 +258,26 @@ class Decoder(nn.Module):
       score_by_sum: the score as a multiply and a sum (`layers.AttentionScore`; for decoding steps).
       recompute_scores: the score by sum, its activation recomputed in the backward pass
         (`recompute_attention`).
+      fused: all of it in `attention_kernel.attend` (`fused_attention`; decoding steps), where the
+        values are in the compute dtype.
 
     Returns:
       context [batch, K, C] (compute dtype), or with `encoded.context_projections` the same weighted
       sum of those, [batch, K, 4H (+ E)]; attention weights [batch, K, P] (float32).
     """
+    values = encoded.features if encoded.context_projections is None else encoded.context_projections
+    if fused and values.dtype == self.dtype:
+      from flaxcap import attention_kernel  # pylint: disable=g-import-not-at-top  (Pallas: opt-in)
+      score_weights = self.attention_score.variables["params"]["kernel"][:, 0]
+      return attention_kernel.attend(
+          encoded.projected_features, query, score_weights, values,
+          activation=_KERNEL_ACTIVATIONS[self.attention_activation],
+          interpret=jax.default_backend() != "gpu")
     if recompute_scores:
       scores = _recomputed_scores_by_sum(self, encoded.projected_features, query)
     else:
       scores = self._scores(encoded.projected_features, query, score_by_sum)  # [b, K, P], float32
     attention = jax.nn.softmax(scores, axis=-1)
-    values = encoded.features if encoded.context_projections is None else encoded.context_projections
     if values.dtype == self.dtype:
       context = jnp.einsum("bkp,bpc->bkc", attention.astype(self.dtype), values)
     else:  # narrower features (`feature_dtype`): read as they are, the product in the compute dtype
@@ -269,14 +286,14 @@ class Decoder(nn.Module):
     return context, attention
 
   def _recur(self, encoded: Encoded, carry: LSTMCarry, word_gates: Array,
-             score_by_sum: bool = False, recompute_scores: bool = False):
+             score_by_sum: bool = False, recompute_scores: bool = False, fused: bool = False):
     """One recurrent step on beam-shaped arrays.
 
     Args:
       encoded: from `encode`.
       carry: c, h each [batch, K, H], float32.
       word_gates: the embedding's share of the LSTM gates, bias included, [batch, K, 4H].
-      score_by_sum, recompute_scores: see `_attend`.
+      score_by_sum, recompute_scores, fused: see `_attend`.
 
     Returns:
       (new carry, (h [batch, K, H], gated context z [batch, K, C] (or its projections [batch, K, 4H
@@ -286,7 +303,7 @@ class Decoder(nn.Module):
     projected_h = self.hidden_proj(carry.h.astype(self.dtype))  # [batch, K, 4H + A (+ 1)]
     hidden_gates = projected_h[..., :4 * hid]
     query = projected_h[..., 4 * hid:4 * hid + att]
-    context, attention = self._attend(encoded, query, score_by_sum, recompute_scores)
+    context, attention = self._attend(encoded, query, score_by_sum, recompute_scores, fused)
     if self.gate:
       beta = jax.nn.sigmoid(projected_h[..., 4 * hid + att:].astype(jnp.float32) + self.gate_bias)
       context = (beta * context.astype(jnp.float32)).astype(self.dtype)
@@ -346,7 +363,8 @@ class Decoder(nn.Module):
     embedded = self.embedding(tokens)  # [batch, K, E]
     gates = self.input_gates(embedded) if word_gates is None else jnp.take(word_gates, tokens, axis=0)
     carry, (h, context, attention) = self._recur(encoded, carry, gates,
-                                                 score_by_sum=jax.default_backend() != "cpu")
+                                                 score_by_sum=jax.default_backend() != "cpu",
+                                                 fused=self.fused_attention)
     logits = self._deep_output(h, context, embedded, deterministic,
                                context_projected=encoded.context_projections is not None)
     if single:

@@ -126,7 +126,8 @@ def create_decoder(config, vocab_size: int) -> decoder_lib.Decoder:
       prev2out=bool(dec.prev2out), ctx2out=bool(dec.ctx2out), attention_activation=activation,
       dtype=dtype, unroll=int(dec.get("unroll", 1)),
       recompute_attention=_switch(config, "recompute_attention"), feature_dtype=feature_dtype,
-      pad_columns_to=int(dec.get("pad_columns_to", 1)))
+      pad_columns_to=int(dec.get("pad_columns_to", 1)),
+      fused_attention=bool(dec.get("fused_attention", False)))
 
 
 def create_encoder(config, *, feature_stage: int | None = None, start_stage: int = 0) -> nn.Module:
