@@ -81,11 +81,13 @@ _CANDIDATE_TOP_K = flags.DEFINE_enum("candidate_top_k", "auto",
                                      "(`top_k.CANDIDATE_TOP_K`); auto: the library's choice.")
 _EARLY_STOP = flags.DEFINE_list("early_stop", ["auto"],
                                  "flaxcap: `decoding.search(early_stop=...)`, one row each: auto (the "
-                                 "library's choice: cond on the CPU, off elsewhere), off, cond, while; "
+                                 "library's choice: cond on the CPU, while on a GPU), off, cond, while; "
                                  "e.g. off,cond,while.")
 _PAD_COLUMNS_TO = flags.DEFINE_integer("pad_columns_to", 1, "flaxcap: pad the decoder's kernels with "
                                        "zero columns to a multiple of this inside each product "
                                        "(config.decoder.pad_columns_to; the same values).")
+_FUSED_ATTENTION = flags.DEFINE_bool("fused_attention", False, "flaxcap: each step's attention in "
+                                     "one Pallas kernel (config.decoder.fused_attention).")
 _METHODS = flags.DEFINE_list("methods", ["flaxcap", "torch_batched", "torch_loop"], "What to time.")
 _OUTPUT = flags.DEFINE_string("output", "beam_search", "JSON path, or a name under bench/results/.")
 
@@ -134,7 +136,8 @@ def main(argv):
   top_k_lib.CANDIDATE_TOP_K = None if _CANDIDATE_TOP_K.value == "auto" else _CANDIDATE_TOP_K.value
   rows = []
   for dtype in dtypes:
-    decoder = workloads.decoder_for(sizes, dtype, pad_columns_to=_PAD_COLUMNS_TO.value)
+    decoder = workloads.decoder_for(sizes, dtype, pad_columns_to=_PAD_COLUMNS_TO.value,
+                                    fused_attention=_FUSED_ATTENTION.value)
     params = workloads.init_decoder_params(decoder, sizes)
     if _CAPTION_LENGTH.value:
       params = workloads.end_captions_near(params, length=_CAPTION_LENGTH.value)
@@ -181,6 +184,7 @@ def main(argv):
           steps = int(result.steps)
           row = dict(row_key, method="flaxcap", unroll=_UNROLL.value,
                      project_context=_PROJECT_CONTEXT.value, pad_columns_to=_PAD_COLUMNS_TO.value,
+                     fused_attention=_FUSED_ATTENTION.value,
                      candidate_top_k=(top_k_lib.candidate_top_k_method(batch) if beam > 1
                                       else None),
                      early_stop=stop, steps=steps, timing=timing.as_dict(),

@@ -6,7 +6,7 @@ that the bench scripts can express, if it beats main by more than main's own dri
 import json
 import sys
 
-BEAM = {"main": "", "kernel": "--candidate_top_k=kernel", "rounds": "--candidate_top_k=rounds",
+BEAM = {"main": "", "flat": "--candidate_top_k=flat", "kernel": "--candidate_top_k=kernel", "rounds": "--candidate_top_k=rounds",
         "chunks_barrier": "--candidate_top_k=chunks_barrier", "stop_cond": "--early_stop=off,cond",
         "stop_while": "--early_stop=off,while", "stop_while4": "--early_stop=off,while --unroll=4",
         "stop_while+kernel": "--candidate_top_k=kernel --early_stop=off,while",
@@ -14,8 +14,11 @@ BEAM = {"main": "", "kernel": "--candidate_top_k=kernel", "rounds": "--candidate
         "stop_while+chunks_barrier": "--candidate_top_k=chunks_barrier --early_stop=off,while",
         "pad8": "--pad_columns_to=8", "pad128": "--pad_columns_to=128",
         "stop_while+kernel+pad8": "--candidate_top_k=kernel --early_stop=off,while --pad_columns_to=8",
-        "stop_while+kseg": "--candidate_top_k=kernel_segments --early_stop=off,while"}
-TRAIN = {"main": "", "recompute": "--recompute_attention", "pad8": "--pad_columns_to=8",
+        "stop_while+kseg": "--candidate_top_k=kernel_segments --early_stop=off,while",
+        "fused": "--fused_attention", "stop_while+fused": "--fused_attention --early_stop=off,while",
+        "stop_while+kseg+fused": "--candidate_top_k=kernel_segments --early_stop=off,while "
+                                 "--fused_attention"}
+TRAIN = {"main": "", "no_recompute": "--norecompute_attention", "recompute": "--recompute_attention", "pad8": "--pad_columns_to=8",
          "bf16_features": "--feature_dtype=bfloat16",
          "bf16_features+recompute": "--feature_dtype=bfloat16 --recompute_attention",
          "recompute+pad8": "--recompute_attention --pad_columns_to=8"}

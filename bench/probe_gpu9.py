@@ -1,4 +1,4 @@
-"""Issue 8 GPU probe, round 4 (branch probe9): main's train step and beam search against variants.
+"""Issue 8 GPU probe (rounds 4-5): main's train step and beam search against variants.
 
 Not part of the bench suite: one script for one device call (up to --budget_s, 300 s,
 compilation included; give the call timeout_s=360: the JSON is rewritten after every row, so a
@@ -9,7 +9,11 @@ cut-off run still returns what it measured). In one process, on the issue's work
       (dropout, cross-entropy + attention term, clipping + Adam), the decoder at the tutorial's sizes
       (14x14x2048, 512, vocab 2,600, 21 steps): batch 512 bfloat16 and batch 128 float32. Variants
       are `Decoder` options:
-        main                     main's decoder
+        main                     main's decoder (since session 22 on a GPU: the attention recomputed
+                                 and the embedding's gradient a one-hot product)
+        no_recompute             recompute_attention=False (main before session 22)
+        scatter, recompute+scatter, recompute+pad8(+scatter)  one_hot_embedding_grad=False: nn.Embed's
+                                 scatter-add gradient (main before session 22), and combinations
         recompute                recompute_attention: the attention score by multiply and sum under
                                  nn.remat; the forward scan keeps no [B, 196, 512] tensor (main keeps
                                  one a step since session 16, tanh's output: 103 MB a step at batch
@@ -28,7 +32,14 @@ cut-off run still returns what it measured). In one process, on the issue's work
   beam256, beam1   `decoding.search` under `jax.jit`, as bench/beam_search.py times it: lite0 sizes
       (7x7x1280, vocab 2,600), beam 5, max_len 20, bfloat16, weights edited to end captions near 12
       tokens. Variants are `top_k.CANDIDATE_TOP_K` and `decoding.search(unroll=..., early_stop=...)`:
-        main             the library's choice (batch 256: XLA's TopK over 5 x 2,600; batch 1: chunks)
+        main             the library's choice (since session 22 on a GPU: the while-loop stop, and at
+                         batch 256 the Pallas top-k on segments of 1,024; batch 1: chunks)
+        flat             XLA's TopK over the 5 x 2,600 candidates (main's choice at batch 256 before)
+        fused            main with `Decoder(fused_attention=True)`: each step's scores, softmax and
+                         context in one Pallas kernel per image (`attention_kernel.attend`; session
+                         22, compiled for sm_90a without a GPU: 53 registers, no spills, one wave)
+        stop_while+fused, stop_while+kseg+fused  the same with the stop / top-k named
+        stop_while+kseg(1024, 4096)  the kernel on segments of 2,048 (1,024, 4,096) candidates
         rounds           10 rounds of argmax over the 13,000 candidates: 10 reductions, no TopK kernel
         chunks_barrier   chunk maxima, the chosen entries written out before the final ranking
                          (round 3, without the barrier: 13.1 ms at batch 256, one ranking 400 us a step)
@@ -51,10 +62,10 @@ cut-off run still returns what it measured). In one process, on the issue's work
                          (hidden_proj's 2,561 -> 2,568 or 2,688: bf16 rows 16-byte aligned)
         stop_while+kernel+pad8  all three
       A row: captions/s, and the share of images whose K hypotheses (tokens) are main's.
-  profile   jax.profiler traces of main's and the recompute train step (batch 512 bf16), summed per
-            GPU kernel: $OUT/profile_train_<variant>.txt. The beam256 part ends with traces of
-            --beam_profile_variants (kernel, stop_while+kernel): $OUT/profile_beam256_<variant>.txt,
-            per search, which time the Pallas kernel itself.
+  profile   jax.profiler traces of the --profile_variants train steps (batch 512 bf16; main), summed
+            per GPU kernel: $OUT/profile_train_<variant>.txt. The beam256 part ends with traces of
+            --beam_profile_variants (main, fused): $OUT/profile_beam256_<variant>.txt, per search,
+            which time the Pallas kernels themselves.
   grads     for each train variant timed: loss and gradients at --grad_batch against main's.
 
 The parts run in the order of --parts (beam256, beam1, train_bf16, train_fp32, profile, grads: the
@@ -124,6 +135,7 @@ TRAIN_VARIANTS = {
     "pad8": {"pad_columns_to": 8},
     "jax_tanh": {},
     "recompute+pad8": {"recompute_attention": True, "pad_columns_to": 8},
+    "no_recompute": {"recompute_attention": False},  # main before session 22
     # The embedding's gradient as nn.Embed's scatter-add (main before session 22: main's is a one-hot
     # product off the CPU, `layers.Embed`).
     "scatter": {"one_hot_embedding_grad": False},
@@ -159,14 +171,19 @@ BEAM_VARIANTS = {"main": (None, 1, None), "flat": ("flat", 1, None), "rounds": (
                  "stop_while+kernel_w4": ("kernel", 1, "while"),
                  "stop_while+kseg": ("kernel_segments", 1, "while"),
                  "stop_while+kseg1024": ("kernel_segments", 1, "while"),
-                 "stop_while+kseg4096": ("kernel_segments", 1, "while")}
+                 "stop_while+kseg4096": ("kernel_segments", 1, "while"),
+                 "fused": (None, 1, None), "stop_while+kseg+fused": ("kernel_segments", 1, "while"),
+                 "stop_while+fused": (None, 1, "while")}
 # `top_k.KERNEL_NUM_WARPS` of the kernel variants that set it (8 otherwise, at these sizes).
 BEAM_KERNEL_WARPS = {"kernel_w4": 4, "kernel_w16": 16, "stop_while+kernel_w4": 4}
 # `top_k.KERNEL_SEGMENT` of the "kernel_segments" variants that set it (2,048 otherwise).
 BEAM_KERNEL_SEGMENT = {"stop_while+kseg1024": 1024, "stop_while+kseg4096": 4096}
 # `Decoder` options of the beam search variants that have any.
 BEAM_DECODER_OPTIONS = {"pad8": {"pad_columns_to": 8}, "pad128": {"pad_columns_to": 128},
-                        "stop_while+kernel+pad8": {"pad_columns_to": 8}}
+                        "stop_while+kernel+pad8": {"pad_columns_to": 8},
+                        "fused": {"fused_attention": True},
+                        "stop_while+kseg+fused": {"fused_attention": True},
+                        "stop_while+fused": {"fused_attention": True}}
 
 # Seconds a part's item takes on an H200 (compilation + timing), for the budget; rough.
 ESTIMATED_S = {"train": 16, "grads": 8, "beam": 6, "beam_unrolled": 12, "profile": 12}
@@ -583,19 +600,17 @@ def parse_args():
   parser.add_argument("--quick", action="store_true", help="tiny shapes: every code path on a CPU")
   parser.add_argument("--parts", default="beam256,beam1,train_bf16,train_fp32,profile,grads",
                       help="in this order (most wanted first: the budget skips the last)")
-  parser.add_argument("--bf16_variants", default="main,jax_tanh,recompute,pad8")
-  parser.add_argument("--fp32_variants", default="main,jax_tanh,recompute,bf16_features+recompute,pad8")
+  parser.add_argument("--bf16_variants", default="main,scatter,no_recompute,pad8")
+  parser.add_argument("--fp32_variants", default="main,no_recompute,bf16_features,pad8")
   parser.add_argument("--beam256_variants",
-                      default="main,kernel,stop_while+kernel,stop_while,pad8,stop_while+kernel+pad8,"
-                              "stop_while4,stop_cond,rounds,chunks_barrier",
+                      default="main,fused,stop_while4,kernel,pad8,stop_cond,flat",
                       help="the defaults are those bench/beam_search.py has flags for (kernel_w4 and "
                            "kernel_w16 need a code change to become the default: ask for them)")
   parser.add_argument("--beam1_variants",
-                      default="main,kernel,stop_while+kernel,stop_while,pad8,stop_while4,stop_cond,"
-                              "chunks_barrier")
-  parser.add_argument("--profile_variants", default="main,recompute",
+                      default="main,fused,stop_while4,kernel,pad8,stop_cond")
+  parser.add_argument("--profile_variants", default="main",
                       help="train variants (batch 512 bf16) whose kernels the profile part traces")
-  parser.add_argument("--beam_profile_variants", default="kernel,stop_while+kernel",
+  parser.add_argument("--beam_profile_variants", default="main,fused",
                       help="beam variants traced after beam256's timings (kernel time per search)")
   parser.add_argument("--steps", type=int, default=None, help="timed train steps (10; quick 2)")
   parser.add_argument("--repeats", type=int, default=None, help="timed searches (20; quick 2)")

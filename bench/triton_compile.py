@@ -1,20 +1,21 @@
-"""Compiles flaxcap's Pallas kernel for an H100 without a GPU: registers, spills and waves per shape.
+"""Compiles flaxcap's Pallas kernels for an H100 without a GPU: registers, spills and waves per shape.
 
-Pallas lowers `top_k_kernel.row_top_k` to a Triton module when jax exports for a "cuda" target, on
-any machine. With the `triton` package (`pip install triton`: a development tool here, not a
+Pallas lowers `top_k_kernel.row_top_k` and `attention_kernel.attend` to Triton modules when jax
+exports for a "cuda" target, on any machine. With the `triton` package (`pip install triton`: a development tool here, not a
 requirement) this script compiles that module to PTX for sm_90a and runs the `ptxas` bundled with
 triton on it, which reports what the kernel costs the GPU before one is lent:
 
   * registers per thread and spilled bytes (spills would make every round reload the row);
   * programs per SM (registers, threads) and the waves the grid takes on 132 SMs (H100 and H200).
 
-It does not time anything: the GPU probe (bench/probe_gpu9.py, variants `kernel`, `stop_while+kernel`)
-does. The jaxlib on a GPU compiles the module with its own Triton, which may allocate differently.
+It does not time anything: the GPU probe (bench/probe_gpu9.py, variants `kernel`, `stop_while+kseg`,
+`stop_while+kseg+fused`) does. The jaxlib on a GPU compiles the module with its own Triton, which may allocate differently.
 
     pip install triton   # once; ~290 MB
     python3 bench/triton_compile.py --output=docs/benchmarks/cpu/triton_compile.json
 """
 
+import functools
 import json
 import pathlib
 import re
@@ -31,12 +32,17 @@ from jax import export  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from bench import common  # noqa: E402
+from flaxcap import attention_kernel  # noqa: E402
 from flaxcap import top_k_kernel  # noqa: E402
 
 _SHAPES = flags.DEFINE_list("shapes", ["256x13000:10", "1x13000:10", "256x52000:10"],
                             "rows x row length : k (beam 5 x vocab 2,600 at batch 256 and 1; vocab "
                             "10,400 at batch 256, read in tiles)")
 _WARPS = flags.DEFINE_list("num_warps", ["4", "8", "16"], "Triton warps per program")
+_ATTENTION = flags.DEFINE_list("attention", ["256:bfloat16", "1:bfloat16", "256:float32"],
+                               "attention_kernel.attend at beam search's sizes (7x7 grid, A 512, beam "
+                               "5, context projections 2,560): batch : dtype")
+_ATTENTION_WARPS = flags.DEFINE_list("attention_warps", ["4", "8"], "its Triton warps per program")
 _ARCH = flags.DEFINE_integer("arch", 90, "compute capability (90: H100, H200)")
 _SMS = flags.DEFINE_integer("sms", 132, "streaming multiprocessors (132: H100 SXM, H200)")
 _OUTPUT = flags.DEFINE_string("output", "triton_compile.json", "JSON path (bench/results/ if bare)")
@@ -48,10 +54,15 @@ COLUMNS = [common.Column("rows", "rows"), common.Column("length", "row"), common
            common.Column("tile", "tile"), common.Column("num_warps", "warps"),
            common.Column("registers", "regs"), common.Column("spill_bytes", "spill B"),
            common.Column("programs_per_sm", "per SM"), common.Column("waves", "waves")]
+ATTENTION_COLUMNS = [common.Column("rows", "batch"), common.Column("dtype", "dtype"),
+                     common.Column("num_warps", "warps"), common.Column("registers", "regs"),
+                     common.Column("spill_bytes", "spill B"), common.Column("shared_bytes", "shared B"),
+                     common.Column("programs_per_sm", "per SM"), common.Column("waves", "waves")]
 
 
-def triton_module(rows: int, length: int, k: int) -> str:
-  """The Triton module Pallas lowers `row_top_k` to for a GPU, as MLIR text (no debug locations)."""
+def triton_module(function, *shapes) -> str:
+  """The Triton module Pallas lowers `function` (one kernel) to for a GPU, as MLIR text (no debug
+  locations)."""
   from jax._src.pallas.triton import lowering  # pylint: disable=g-import-not-at-top
   modules = []
   lower = lowering.lower_jaxpr_to_triton_module
@@ -63,9 +74,9 @@ def triton_module(rows: int, length: int, k: int) -> str:
 
   lowering.lower_jaxpr_to_triton_module = capture
   try:
-    export.export(jax.jit(lambda keys: top_k_kernel.row_top_k(keys, k)), platforms=["cuda"],
+    export.export(jax.jit(function), platforms=["cuda"],
                   disabled_checks=[export.DisabledSafetyCheck.custom_call(_TRITON_CALL)],
-                  )(jax.ShapeDtypeStruct((rows, length), jnp.int32))
+                  )(*shapes)
   finally:
     lowering.lower_jaxpr_to_triton_module = lower
   if len(modules) != 1:
@@ -73,7 +84,7 @@ def triton_module(rows: int, length: int, k: int) -> str:
   return modules[0]
 
 
-def ptxas_report(module_text: str, num_warps: int, arch: int) -> dict:
+def ptxas_report(module_text: str, num_warps: int, arch: int, num_stages: int = 1) -> dict:
   """Compiles a Triton module to sm_<arch>a PTX and assembles it: registers, spills, shared memory."""
   try:
     import triton  # pylint: disable=g-import-not-at-top
@@ -84,7 +95,7 @@ def ptxas_report(module_text: str, num_warps: int, arch: int) -> dict:
     source = pathlib.Path(folder) / "kernel.ttir"
     source.write_text(module_text)
     kernel = triton.compile(str(source), target=GPUTarget("cuda", arch, 32),
-                            options={"num_warps": num_warps, "num_stages": 1})
+                            options={"num_warps": num_warps, "num_stages": num_stages})
     ptx = pathlib.Path(folder) / "kernel.ptx"
     ptx.write_text(kernel.asm["ptx"])
     bin_dir = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -112,7 +123,8 @@ def main(argv):
   for shape in _SHAPES.value:
     size, k = shape.split(":")
     rows, length = (int(n) for n in size.split("x"))
-    module_text = triton_module(rows, length, int(k))
+    module_text = triton_module(lambda keys, k=int(k): top_k_kernel.row_top_k(keys, k),
+                                jax.ShapeDtypeStruct((rows, length), jnp.int32))
     tile = min(1 << (length - 1).bit_length(), top_k_kernel.MAX_TILE)
     for num_warps in (int(n) for n in _WARPS.value):
       report = ptxas_report(module_text, num_warps, _ARCH.value)
@@ -124,10 +136,29 @@ def main(argv):
       print(json.dumps(row))
   common.print_table(rows_out, COLUMNS, title=(
       f"top_k_kernel.row_top_k compiled for sm_{_ARCH.value}a without a GPU ({_SMS.value} SMs)"))
+  attention_rows = []
+  for item in _ATTENTION.value:
+    batch, dtype = item.split(":")
+    batch, dtype = int(batch), jnp.dtype(dtype)
+    shapes = [jax.ShapeDtypeStruct(shape, d) for shape, d in [
+        ((batch, 49, 512), dtype), ((batch, 5, 512), dtype), ((512,), jnp.float32),
+        ((batch, 49, 2560), dtype)]]
+    for num_warps in (int(n) for n in _ATTENTION_WARPS.value):
+      module_text = triton_module(functools.partial(attention_kernel.attend, num_warps=num_warps),
+                                  *shapes)
+      report = ptxas_report(module_text, num_warps, _ARCH.value, num_stages=2)
+      per_sm = occupancy(report["registers"], num_warps)
+      row = {"rows": batch, "dtype": dtype.name, "num_warps": num_warps, **report,
+             "programs_per_sm": per_sm,
+             "waves": -(-batch // (per_sm * _SMS.value)) if per_sm else None}
+      attention_rows.append(row)
+      print(json.dumps(row))
+  common.print_table(attention_rows, ATTENTION_COLUMNS, title=(
+      f"attention_kernel.attend (7x7 grid, A 512, beam 5, C 2,560) compiled for sm_{_ARCH.value}a"))
   common.write_json(_OUTPUT.value, {
       "bench": "triton_compile", "machine": common.machine(torch_too=False),
       "triton": __import__("triton").__version__, "arch": _ARCH.value, "sms": _SMS.value,
-      "rows": rows_out})
+      "rows": rows_out, "attention_rows": attention_rows})
 
 
 if __name__ == "__main__":
