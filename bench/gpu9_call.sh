@@ -2,6 +2,7 @@
 # The next GPU session in ONE device call (one machine start): bench/probe_gpu9.py, then the winners
 # (bench/choose_gpu9.py) as official rows with the torch reference of the same run.
 #   run(command="bash bench/gpu9_call.sh", carry=[".whl"], timeout_s=600); then give_back.
+# Rounds 1-4 ran on an H200 (the kind a plain run got); the targets name an H100: kind="nvidia-h100-x1".
 # .whl holds ml_collections (configs/default.py and flaxcap/checkpoints.py import it; the device has none):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl ml_collections==1.1.0
 # Comes back: $OUT/call.log, $OUT/probe_gpu9.json, $OUT/results.tgz (every JSON and profile): 3 files.
