@@ -3,8 +3,10 @@
 # (bench/choose_gpu9.py) as official rows with the torch reference of the same run.
 #   run(command="bash bench/gpu9_call.sh", carry=[".whl"], timeout_s=600); then give_back.
 # Rounds 1-4 ran on an H200 (the kind a plain run got); the targets name an H100: kind="nvidia-h100-x1".
-# .whl holds ml_collections (configs/default.py and flaxcap/checkpoints.py import it; the device has none):
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl ml_collections==1.1.0
+# .whl holds ml_collections (configs/default.py and flaxcap/checkpoints.py import it; the device has none)
+# and efficientnet_lite_pytorch (the torch reference of the fine-tuning row; 23 KB):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
+#     ml_collections==1.1.0 efficientnet-lite-pytorch==0.1.0
 # Comes back: $OUT/call.log, $OUT/probe_gpu9.json, $OUT/results.tgz (every JSON and profile): 3 files.
 set -u
 T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
@@ -42,5 +44,9 @@ fi
 R="bench/training.py --parts=decoder --sizes=${SIZES:-tutorial} ${TRAIN_ARGS:-}"
 run 75 $R --batch_sizes=${TB:-512} --dtypes=bfloat16 $T512 --output=$P/training_gpu9_bf16.json
 run 60 $R --batch_sizes=${TS:-128} --dtypes=float32 $T128 --output=$P/training_gpu9_fp32.json
+if [ -z "${SKIP_FULL:-}" ]; then  # Lite0 fine-tuned end to end at 224 px (compiles ~80 s); SKIP_FULL=1: not
+  run 190 bench/training.py --parts=full --full_batch_sizes=${FB:-128} --dtypes=bfloat16 --steps=10 \
+    --output=$P/training_gpu9_full.json
+fi
 grep -h -A30 -E '^(beam search from|train step \(fwd)' $LOG | grep -v '^--$' | cut -c1-170
 echo "done [$(el)s]"
