@@ -15,7 +15,8 @@ BEAM = {"main": "", "flat": "--candidate_top_k=flat", "kernel": "--candidate_top
         "pad8": "--pad_columns_to=8", "pad128": "--pad_columns_to=128",
         "stop_while+kernel+pad8": "--candidate_top_k=kernel --early_stop=off,while --pad_columns_to=8",
         "stop_while+kseg": "--candidate_top_k=kernel_segments --early_stop=off,while",
-        "fused": "--fused_attention", "stop_while+fused": "--fused_attention --early_stop=off,while",
+        "fused": "--fused_attention", "fused+pad8": "--fused_attention --pad_columns_to=8",
+        "stop_while+fused": "--fused_attention --early_stop=off,while",
         "stop_while+kseg+fused": "--candidate_top_k=kernel_segments --early_stop=off,while "
                                  "--fused_attention"}
 TRAIN = {"main": "", "no_recompute": "--norecompute_attention", "recompute": "--recompute_attention", "pad8": "--pad_columns_to=8",

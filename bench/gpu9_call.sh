@@ -41,6 +41,7 @@ else
   run 45 $B --batch_sizes=${BIG:-256} $B256 --output=$P/beam_search_gpu9_b${BIG:-256}.json
   run 40 $B --batch_sizes=1 $B1 --output=$P/beam_search_gpu9_b1.json
 fi
+if [ -n "${SKIP_TRAIN:-}" ]; then collect; echo "done [$(el)s] (SKIP_TRAIN)"; exit 0; fi
 R="bench/training.py --parts=decoder --sizes=${SIZES:-tutorial} ${TRAIN_ARGS:-}"
 run 75 $R --batch_sizes=${TB:-512} --dtypes=bfloat16 $T512 --output=$P/training_gpu9_bf16.json
 run 60 $R --batch_sizes=${TS:-128} --dtypes=float32 $T128 --output=$P/training_gpu9_fp32.json

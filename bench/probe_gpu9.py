@@ -173,7 +173,7 @@ BEAM_VARIANTS = {"main": (None, 1, None), "flat": ("flat", 1, None), "rounds": (
                  "stop_while+kseg1024": ("kernel_segments", 1, "while"),
                  "stop_while+kseg4096": ("kernel_segments", 1, "while"),
                  "fused": (None, 1, None), "stop_while+kseg+fused": ("kernel_segments", 1, "while"),
-                 "stop_while+fused": (None, 1, "while")}
+                 "stop_while+fused": (None, 1, "while"), "fused+pad8": (None, 1, None)}
 # `top_k.KERNEL_NUM_WARPS` of the kernel variants that set it (8 otherwise, at these sizes).
 BEAM_KERNEL_WARPS = {"kernel_w4": 4, "kernel_w16": 16, "stop_while+kernel_w4": 4}
 # `top_k.KERNEL_SEGMENT` of the "kernel_segments" variants that set it (2,048 otherwise).
@@ -183,7 +183,8 @@ BEAM_DECODER_OPTIONS = {"pad8": {"pad_columns_to": 8}, "pad128": {"pad_columns_t
                         "stop_while+kernel+pad8": {"pad_columns_to": 8},
                         "fused": {"fused_attention": True},
                         "stop_while+kseg+fused": {"fused_attention": True},
-                        "stop_while+fused": {"fused_attention": True}}
+                        "stop_while+fused": {"fused_attention": True},
+                        "fused+pad8": {"fused_attention": True, "pad_columns_to": 8}}
 
 # Seconds a part's item takes on an H200 (compilation + timing), for the budget; rough.
 ESTIMATED_S = {"train": 16, "grads": 8, "beam": 6, "beam_unrolled": 12, "profile": 12}

@@ -82,7 +82,7 @@ def _attention_kernel(features_ref, query_ref, score_weights_ref, values_ref, co
     inside = start + column_ids < channels
     values = plgpu.load(values_ref.at[pl.ds(0, block_p), pl.ds(start, CONTEXT_TILE)],
                         mask=position_ok[:, None] & inside[None, :], other=0)
-    context = pl.dot(weights, values).astype(context_ref.dtype)  # float32 sums
+    context = jnp.dot(weights, values, preferred_element_type=jnp.float32).astype(context_ref.dtype)
     plgpu.store(context_ref.at[pl.ds(0, block_k), pl.ds(start, CONTEXT_TILE)], context,
                 mask=beam_ok[:, None] & inside[None, :])
     return carry
