@@ -178,7 +178,8 @@ def main(argv):
             continue
           # The compiling call above warmed it up; on a GPU one more call.
           timing = common.time_calls(lambda: search(params, features_jax).tokens.block_until_ready(),
-                                     repeats=repeats, warmup=1 if gpu else 0)
+                                     repeats=repeats, warmup=1 if gpu else 0,
+                                     warmup_s=common.GPU_WARMUP_S if gpu else 0.0)
           timing.first_s = compile_s
           lengths = np.asarray(result.lengths)
           steps = int(result.steps)
@@ -207,7 +208,8 @@ def main(argv):
                 torch_decoder, features_torch, beam_size=beam, max_len=max_len)
             common.torch_sync(device)
 
-          timing = common.time_calls(run_torch, repeats=repeats, warmup=1)
+          timing = common.time_calls(run_torch, repeats=repeats, warmup=1,
+                                     warmup_s=common.GPU_WARMUP_S if gpu else 0.0)
           tokens, _, lengths = outputs["result"]
           tokens = tokens[:, 0].cpu().numpy()
           rows.append(dict(row_key, method="torch_batched", timing=timing.as_dict(),

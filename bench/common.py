@@ -65,11 +65,19 @@ class Timing:
             "times_s": self.times_s}
 
 
-def time_calls(fn: Callable[[], Any], *, repeats: int, warmup: int = 1) -> Timing:
+# Untimed seconds of calls before a GPU timing (`time_calls(warmup_s=)`).
+GPU_WARMUP_S = 0.5
+
+
+def time_calls(fn: Callable[[], Any], *, repeats: int, warmup: int = 1,
+               warmup_s: float = 0.0) -> Timing:
   """Times `fn()` (which must wait for its own results): `warmup` untimed calls, then `repeats`.
 
   The first warm-up call's time is kept as `first_s` (for jitted code: compile + one run; NaN without
-  warm-up); `result` holds what the last timed call returned.
+  warm-up); `result` holds what the last timed call returned. `warmup_s`: after the first warm-up
+  call, more untimed calls until that many seconds have passed (a GPU idle while a program compiled
+  runs its first milliseconds of work at low clocks: a 3 ms search timed right after compiling ran
+  up to 20% slower than the same search timed later).
   """
   first_s = float("nan")
   for i in range(warmup):
@@ -77,6 +85,10 @@ def time_calls(fn: Callable[[], Any], *, repeats: int, warmup: int = 1) -> Timin
     fn()
     if i == 0:
       first_s = time.perf_counter() - start
+      warm_until = time.perf_counter() + warmup_s
+  if warmup and warmup_s > 0:
+    while time.perf_counter() < warm_until:
+      fn()
   times, result = [], None
   for _ in range(max(repeats, 1)):
     start = time.perf_counter()

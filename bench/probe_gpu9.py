@@ -455,7 +455,8 @@ def time_search(search, params, features, repeats: int):
   result = jax.device_get(search(params, features))
   first_s = time.perf_counter() - start
   timing = common.time_calls(lambda: search(params, features).tokens.block_until_ready(),
-                             repeats=repeats, warmup=1)
+                             repeats=repeats, warmup=1,
+                             warmup_s=common.GPU_WARMUP_S if common.on_gpu() else 0.0)
   return result, first_s, timing
 
 

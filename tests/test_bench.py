@@ -54,3 +54,26 @@ def test_gpu_call_keeps_a_variant_only_when_it_beats_main_by_more_than_mains_dri
   one = rows("train_fp32", main_again=1.01, recompute=1.10, pad8=1.0)
   assert choose_gpu9.choose(one, "train_fp32") == "--recompute_attention"
   assert choose_gpu9.choose(beam, "train_fp32") == ""  # the part was skipped: the defaults
+
+
+def test_time_calls_warms_up_for_warmup_s_before_timing():
+  import time  # pylint: disable=g-import-not-at-top
+  from bench import common  # pylint: disable=g-import-not-at-top
+  calls = []
+
+  def call():
+    calls.append(time.perf_counter())
+    time.sleep(0.002)
+    return len(calls)
+
+  timing = common.time_calls(call, repeats=3, warmup=1)
+  assert len(calls) == 4 and len(timing.times_s) == 3 and timing.result == 4
+  calls.clear()
+  timing = common.time_calls(call, repeats=3, warmup=1, warmup_s=0.05)
+  assert len(timing.times_s) == 3 and timing.result == len(calls)
+  first_timed = calls[-3]
+  assert first_timed - calls[0] >= 0.05  # the timed calls start only after warmup_s of calls
+  assert len(calls) > 4
+  calls.clear()
+  common.time_calls(call, repeats=2, warmup=0, warmup_s=0.05)  # no warm-up asked: none
+  assert len(calls) == 2
