@@ -26,6 +26,13 @@ a few percent):
       weights in the compute dtype (every matrix above except the feature projection), the features
       and projected features [B, P, C + A] in the compute dtype, the LSTM state (c, h float32, read and
       written) and the float32 logits [B K, V] (written, then read by log-softmax/top-k).
+
+  decoder train step bytes (the attention's share, which dominates at the tutorial's sizes;
+  `decoder_train_bytes`): each of the T steps reads the features [B, P, C] twice (the context in the
+  forward pass, the weights' gradient in the backward) and the projected features [B, P, A] twice
+  (the scores; their activation recomputed or read back), and reads and writes the running sum of
+  the projected features' gradient [B, P, A] that autodiff of the recurrence keeps. Weights,
+  logits and the LSTM state are left out (a few percent at batch 128 and up).
 """
 
 from __future__ import annotations
@@ -118,6 +125,19 @@ def decode_step_bytes(sizes: workloads.Sizes, batch: int, beam: int, dtype: str)
   logits = batch * beam * v * 4 * 2  # float32, written and read once
   return {"weights": weights, "features": features, "state": state, "logits": logits,
           "total": weights + features + state + logits}
+
+
+def decoder_train_bytes(sizes: workloads.Sizes, batch: int, dtype: str,
+                        feature_dtype: str | None = None) -> dict[str, int]:
+  """The bytes a teacher-forced train step's attention moves (see the module docstring); the
+  projected features and their gradient in the compute `dtype`, the features in `feature_dtype`
+  (default: `dtype`)."""
+  features = batch * sizes.locations * sizes.channels * _DTYPE_BYTES[feature_dtype or dtype]
+  projected = batch * sizes.locations * sizes.dim * _DTYPE_BYTES[dtype]
+  counts = {"features": 2 * features * sizes.steps, "projected_features": 2 * projected * sizes.steps,
+            "projected_gradient_sum": 2 * projected * sizes.steps}
+  counts["total"] = sum(counts.values())
+  return counts
 
 
 def xla_flops(compiled) -> float | None:

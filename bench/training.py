@@ -223,6 +223,7 @@ COLUMNS = [common.Column("part", "part"), common.Column("framework", "framework"
            common.Column("tokens_per_s", "tokens/s", ",.0f"),
            common.Column("vs_torch", "vs torch", ".2f"), common.Column("first_s", "1st step s", ".1f"),
            common.Column("tflops", "TFLOP/s", ".3f"), common.Column("pct_matmul_peak", "% peak", ".1f"),
+           common.Column("gbps", "GB/s", ",.0f"), common.Column("pct_copy_peak", "% copy", ".1f"),
            common.Column("last_loss", "loss", ".2f")]
 
 
@@ -275,9 +276,14 @@ def main(argv):
             flops = roofline.decoder_train_flops(sizes, batch)
             row["gflop_per_step"] = flops / 1e9
             row["tflops"] = flops / timing.median_s / 1e12
+            moved = roofline.decoder_train_bytes(sizes, batch, dtype,
+                                                 decoder_options["feature_dtype"] or None)["total"]
+            row["gb_per_step"] = moved / 1e9
+            row["gbps"] = moved / timing.median_s / 1e9
             if peaks:
               row["pct_matmul_peak"] = 100 * roofline.utilization(row["tflops"],
                                                                   peaks["matmul_tflops"][dtype])
+              row["pct_copy_peak"] = 100 * roofline.utilization(row["gbps"], peaks["copy_gbps"])
           rows.append(row)
           print(f"  {row['step_ms']:.1f} ms a step, {row['images_per_s']:,.1f} images/s; first step "
                 f"{row['first_s']:.1f} s", flush=True)
@@ -294,7 +300,8 @@ def main(argv):
       "decoder_unroll": _DECODER_UNROLL.value, "decoder_options": decoder_options,
       "sizes": {"decoder": dataclasses.asdict(decoder_sizes), "full": dataclasses.asdict(full_sizes)},
       "notes": "images/s = batch / median step time; tokens/s = real target tokens / median step time; "
-               "flops: analytic decoder count (bench/roofline.py), 3x forward; 'loss': cross-entropy + "
+               "flops: analytic decoder count (bench/roofline.py), 3x forward; GB/s: the attention's "
+               "bytes a step (roofline.decoder_train_bytes) / median step time; 'loss': cross-entropy + "
                "attention term after the last timed step, a sanity check (both start near ln V + 1)",
       "rows": rows})
 
