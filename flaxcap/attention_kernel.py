@@ -3,9 +3,9 @@
 In a beam search step XLA runs the additive attention as separate kernels: the score fusion
 w_a . tanh(W_f f_p + W_ha h) over [batch, K, P, A] (35 us a step at batch 256, beam 5, on an H200),
 the softmax, and the per-image context product of the weights with the values (likely the
-profile's 24.7 us GEMM fusion; the values are 64 MB at batch 256: [49 x 2,560] per image in bf16). Here one program per image reads its
-projected features [P, A] and values [P, C] once for all K beams, keeps the scores in registers
-and writes only the context [K, C] and the weights [K, P].
+profile's 24.7 us GEMM fusion; the values are 64 MB at batch 256: [49 x 2,560] per image in bf16).
+Here one program per image reads its projected features [P, A] and values [P, C] once for all K
+beams, keeps the scores in registers and writes only the context [K, C] and the weights [K, P].
 
     context, weights = attend(projected_features, query, score_weights, values)
 
@@ -13,6 +13,11 @@ The numerics follow `decoder.Decoder._attend`'s XLA path: the sum inside the act
 activation rounded to the compute dtype (the inputs' dtype), the score summed in float32, the softmax
 in float32, the weights rounded to the values' dtype for a product with float32 sums. Only the
 summation order and the activation's implementation differ (tests: against that path, interpreted).
+
+Measured on an H100 (BENCHMARKS.md, round 5): 101.5 us a call at batch 256, beam 5, where XLA's
+score fusion, context product and softmax took ~70 us together, so a search took 3.39 ms against
+2.96-3.00 ms. 256 programs of one image each fill the 132 SMs twice, and each walks its beams and
+tiles in sequence. Opt-in, kept as the starting point of a faster split of the work.
 """
 
 import functools

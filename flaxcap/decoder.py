@@ -143,7 +143,8 @@ class Decoder(nn.Module):
       scatter adds in the compute dtype). Speed only.
     fused_attention: a decoding `step` takes its attention (scores, softmax, context) in one Pallas
       kernel per image (`attention_kernel.attend`; interpreted off the GPU, so for tests there).
-      The same values up to float32 summation order; not for teacher forcing. Speed only.
+      The same values up to float32 summation order; not for teacher forcing. Speed only, and on
+      an H100 a loss: 101.5 us a step against ~70 us of XLA's kernels (beam 5, batch 256).
   """
   vocab_size: int
   embed_dim: int = 512
