@@ -22,7 +22,9 @@ BEAM = {"main": "", "flat": "--candidate_top_k=flat", "kernel": "--candidate_top
 TRAIN = {"main": "", "no_recompute": "--norecompute_attention", "recompute": "--recompute_attention", "pad8": "--pad_columns_to=8",
          "bf16_features": "--feature_dtype=bfloat16",
          "bf16_features+recompute": "--feature_dtype=bfloat16 --recompute_attention",
-         "recompute+pad8": "--recompute_attention --pad_columns_to=8"}
+         "recompute+pad8": "--recompute_attention --pad_columns_to=8",
+         "late_grad": "--late_projected_grad", "late_grad+pad8": "--late_projected_grad --pad_columns_to=8",
+         "late_grad+bf16_features": "--late_projected_grad --feature_dtype=bfloat16"}
 
 
 def choose(rows, part):

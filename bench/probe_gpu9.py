@@ -23,6 +23,9 @@ cut-off run still returns what it measured). In one process, on the issue's work
                                  rounds the features, so not exact
         pad8                     pad_columns_to=8: the kernels padded with zero columns to a multiple
                                  of 8 inside each product (hidden_proj's 2,561 -> 2,568), the same values
+        late_grad(+pad8, +bf16_features)  late_projected_grad: the projected features' gradient
+                                 summed in one pass after the backward scan instead of in a running
+                                 sum each step reads and writes (206 MB a step at batch 512 bf16)
         jax_tanh                 the attention's tanh as jnp.tanh (main before session 16: its gradient
                                  rule kept y and 1 - y a step, `layers.tanh` keeps y): what the
                                  change gained against the 20.5k / 9.8k images/s of round 3
@@ -142,6 +145,10 @@ TRAIN_VARIANTS = {
     "recompute+scatter": {"recompute_attention": True, "one_hot_embedding_grad": False},
     "recompute+pad8+scatter": {"recompute_attention": True, "pad_columns_to": 8,
                                "one_hot_embedding_grad": False},
+    # The projected features' gradient after the backward scan (`attention_grad`; session 23).
+    "late_grad": {"late_projected_grad": True},
+    "late_grad+pad8": {"late_projected_grad": True, "pad_columns_to": 8},
+    "late_grad+bf16_features": {"late_projected_grad": True, "feature_dtype": jnp.bfloat16},
 }
 # The attention's tanh of the train variants that change it (read while tracing): jax_tanh is main's
 # decoder before session 16, whose tanh kept y and 1 - y for the backward pass (`layers.tanh`: y).
@@ -602,8 +609,8 @@ def parse_args():
   parser.add_argument("--quick", action="store_true", help="tiny shapes: every code path on a CPU")
   parser.add_argument("--parts", default="beam256,beam1,train_bf16,train_fp32,profile,grads",
                       help="in this order (most wanted first: the budget skips the last)")
-  parser.add_argument("--bf16_variants", default="main,scatter,no_recompute,pad8")
-  parser.add_argument("--fp32_variants", default="main,no_recompute,bf16_features,pad8")
+  parser.add_argument("--bf16_variants", default="main,late_grad,pad8,late_grad+pad8")
+  parser.add_argument("--fp32_variants", default="main,late_grad,bf16_features,late_grad+bf16_features")
   parser.add_argument("--beam256_variants",
                       default="main,fused,stop_while4,kernel,pad8,stop_cond,flat",
                       help="the defaults are those bench/beam_search.py has flags for (kernel_w4 and "

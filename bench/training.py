@@ -74,6 +74,9 @@ _FEATURE_DTYPE = flags.DEFINE_enum("feature_dtype", "", ["", "bfloat16", "float3
 _PAD_COLUMNS_TO = flags.DEFINE_integer("pad_columns_to", 1, "flaxcap: pad the decoder's kernels with "
                                        "zero columns to a multiple of this inside each product "
                                        "(config.decoder.pad_columns_to; the same values).")
+_LATE_PROJECTED_GRAD = flags.DEFINE_bool("late_projected_grad", False, "flaxcap: the projected "
+                                         "features' gradient in one pass after the backward scan "
+                                         "(config.decoder.late_projected_grad).")
 _OUTPUT = flags.DEFINE_string("output", "training", "JSON path, or a name under bench/results/.")
 
 
@@ -239,7 +242,8 @@ def main(argv):
   recompute = _RECOMPUTE_ATTENTION.value
   decoder_options = {"unroll": _DECODER_UNROLL.value,
                      "recompute_attention": "auto" if recompute is None else str(recompute).lower(),
-                     "feature_dtype": _FEATURE_DTYPE.value, "pad_columns_to": _PAD_COLUMNS_TO.value}
+                     "feature_dtype": _FEATURE_DTYPE.value, "pad_columns_to": _PAD_COLUMNS_TO.value,
+                     "late_projected_grad": _LATE_PROJECTED_GRAD.value}
   warmup = _WARMUP.value or default_warmup()
   common.configure_torch()
   info = common.machine()

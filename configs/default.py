@@ -80,6 +80,8 @@ def get_config():
   #   this inside each product (same values; aligned GPU GEMMs: hidden_proj has 2,561 columns)
   config.decoder.fused_attention = False  # decoding: each step's attention in one Pallas kernel
   #   (flaxcap/attention_kernel.py; a GPU kernel, interpreted elsewhere)
+  config.decoder.late_projected_grad = False  # training: the projected features' gradient in one
+  #   pass after the backward scan, not summed in every step (flaxcap/attention_grad.py; speed only)
 
   config.loss = ml_collections.ConfigDict()
   config.loss.alpha_c = 1.0  # doubly stochastic attention weight

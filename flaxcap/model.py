@@ -127,7 +127,8 @@ def create_decoder(config, vocab_size: int) -> decoder_lib.Decoder:
       dtype=dtype, unroll=int(dec.get("unroll", 1)),
       recompute_attention=_switch(config, "recompute_attention"), feature_dtype=feature_dtype,
       pad_columns_to=int(dec.get("pad_columns_to", 1)),
-      fused_attention=bool(dec.get("fused_attention", False)))
+      fused_attention=bool(dec.get("fused_attention", False)),
+      late_projected_grad=bool(dec.get("late_projected_grad", False)))
 
 
 def create_encoder(config, *, feature_stage: int | None = None, start_stage: int = 0) -> nn.Module:

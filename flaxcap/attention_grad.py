@@ -1,0 +1,128 @@
+"""Teacher forcing's gradient of the projected features, summed once after the backward scan.
+
+Autodiff of the teacher-forced scan adds every step's gradient of the projected features
+pf = W_f f + b, [batch, P, A], into a running sum that each step of the backward scan reads and
+writes: at the tutorial's sizes (batch 512, bf16) 206 MB a step, 4.3 GB of the 25.9 GB a train
+step's attention moves (`bench/roofline.py`). That gradient is
+
+    d pf[b, p, a] = sum_t ds_t[b, p] w_a act'(pf[b, p, a] + q_t[b, a])
+
+with ds_t the cotangents of step t's attention scores, q_t its queries and w_a the score's kernel:
+the steps meet only through arrays of [batch, T, P] and [batch, T, A]. `scan_with_late_projected_grad`
+runs the scan with the projected features under `stop_gradient` and a zero offset added to each
+step's scores, so the backward scan keeps no running sum and hands out ds_t as the offsets'
+cotangent; its custom VJP then takes the sum above as one reduction over the steps, which reads the
+projected features once and writes their gradient once. The same gradient up to rounding: the sum
+over steps is float32, where the scan adds in the compute dtype.
+
+    outputs = scan_with_late_projected_grad(apply_scan, params, carry, encoded, word_gates,
+                                            dtype=dtype, activation="tanh")
+"""
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def projected_features_grad(projected_features: Array, queries: Array, score_grads: Array,
+                            score_kernel: Array, activation: str) -> Array:
+  """The gradient of the projected features, summed over the steps.
+
+  Args:
+    projected_features: pf [batch, P, A], the compute dtype.
+    queries: q_t [batch, T, A], the same dtype.
+    score_grads: ds_t [batch, T, P], float32.
+    score_kernel: w_a [A], the compute dtype (as the score's product rounds it).
+    activation: "tanh" or "relu" (`Decoder.attention_activation`).
+
+  Returns:
+    d pf [batch, P, A] in the compute dtype. As the forward pass: the sum inside the activation in
+    the compute dtype; the activation's gradient in float32 from its rounded output, as
+    `layers.tanh`; the steps summed in float32.
+  """
+  dtype = projected_features.dtype
+  summed = projected_features[:, None] + queries[:, :, None]  # [batch, T, P, A]
+  # The activation's cotangent, rounded to the compute dtype as autodiff of the score rounds it.
+  hidden_grads = (score_grads[..., None] * score_kernel.astype(jnp.float32)).astype(dtype)
+  hidden_grads = hidden_grads.astype(jnp.float32)
+  if activation == "tanh":
+    activated = jnp.tanh(summed).astype(jnp.float32)
+    slopes = (1.0 - activated) * (1.0 + activated)
+  elif activation == "relu":
+    slopes = (summed > 0).astype(jnp.float32)
+  else:
+    raise ValueError(f"activation must be tanh or relu, got {activation!r}")
+  return jnp.sum(hidden_grads * slopes, axis=1).astype(dtype)
+
+
+def scan_with_late_projected_grad(apply_scan: Callable[..., Any], params: Any, carry: Any,
+                                  encoded: Any, word_gates: Array, *, dtype: Any,
+                                  activation: str) -> Any:
+  """`apply_scan`'s outputs, with the projected features' gradient taken after the backward scan.
+
+  Args:
+    apply_scan: (params, carry, encoded, word_gates, score_offsets) -> (outputs, queries), pure: the
+      teacher-forced scan, which must add score_offsets [batch, T, P] (float32) to step t's scores,
+      read `encoded.projected_features` under `stop_gradient`, and return the queries q_t
+      [batch, T, A] beside its outputs.
+    params: the decoder's parameters (`params["attention_score"]["kernel"]`: w_a [A, 1]).
+    carry, encoded, word_gates: the scan's other inputs ([batch, T, 4H] word gates).
+    dtype: the compute dtype; activation: "tanh" or "relu".
+
+  Returns:
+    `apply_scan`'s outputs; under autodiff the same gradients as the plain scan up to rounding.
+    Only the inputs being differentiated get a gradient from the scan (the features of cached
+    features are not, so their [batch, P, C] gradient is not summed either).
+  """
+  def zero_offsets(encoded, word_gates):
+    batch, steps = word_gates.shape[:2]
+    return jnp.zeros((batch, steps, encoded.projected_features.shape[1]), jnp.float32)
+
+  structure = {}  # set while tracing `forward`: the inputs' tree and which leaves are perturbed
+
+  @jax.custom_vjp
+  def run(params, carry, encoded, word_gates):
+    return apply_scan(params, carry, encoded, word_gates, zero_offsets(encoded, word_gates))[0]
+
+  def forward(params, carry, encoded, word_gates):  # leaves: CustomVJPPrimal (symbolic_zeros)
+    is_primal = lambda x: isinstance(x, jax.custom_derivatives.CustomVJPPrimal)
+    leaves, treedef = jax.tree_util.tree_flatten((params, carry, encoded, word_gates),
+                                                 is_leaf=is_primal)
+    values = [leaf.value for leaf in leaves]
+    perturbed = [bool(leaf.perturbed) for leaf in leaves]
+    structure.update(treedef=treedef, perturbed=perturbed)
+
+    def scan_of_perturbed(perturbed_values, score_offsets):
+      given = iter(perturbed_values)
+      inputs = [next(given) if p else value for value, p in zip(values, perturbed)]
+      return apply_scan(*jax.tree_util.tree_unflatten(treedef, inputs), score_offsets)
+
+    params, carry, encoded, word_gates = jax.tree_util.tree_unflatten(treedef, values)
+    outputs, vjp_fn, queries = jax.vjp(
+        scan_of_perturbed, [v for v, p in zip(values, perturbed) if p],
+        zero_offsets(encoded, word_gates), has_aux=True)
+    score_kernel = params["attention_score"]["kernel"][:, 0].astype(dtype)
+    return outputs, (vjp_fn, queries, encoded.projected_features, score_kernel)
+
+  def backward(residuals, output_grads):
+    vjp_fn, queries, projected_features, score_kernel = residuals
+    treedef, perturbed = structure["treedef"], structure["perturbed"]
+    output_grads = jax.tree.map(
+        lambda g: jnp.zeros(g.shape, g.dtype) if isinstance(g, jax.custom_derivatives.SymbolicZero)
+        else g, output_grads, is_leaf=lambda g: isinstance(g, jax.custom_derivatives.SymbolicZero))
+    perturbed_grads, score_grads = vjp_fn(output_grads)
+    given = iter(perturbed_grads)
+    grads = [next(given) if p else None for p in perturbed]
+    params_grads, carry_grads, encoded_grads, word_gate_grads = jax.tree_util.tree_unflatten(
+        treedef, grads)
+    if encoded_grads.projected_features is not None:
+      encoded_grads = encoded_grads._replace(
+          projected_features=encoded_grads.projected_features + projected_features_grad(
+              projected_features, queries, score_grads, score_kernel, activation))
+    return params_grads, carry_grads, encoded_grads, word_gate_grads
+
+  run.defvjp(forward, backward, symbolic_zeros=True)
+  return run(params, carry, encoded, word_gates)
