@@ -3,7 +3,7 @@
 The teacher-forced scan keeps, for the backward pass, tensors of every time step; the attention's
 are the large ones ([batch, P, A] each: 51 MiB a step at batch 128, fp32, the tutorial's 14x14 grid,
 21 steps). This compiles the decoder's loss and gradient (no optimizer; compiling only, nothing runs)
-three ways in one process and reports the compiled program's temporary memory (XLA's
+in each of these ways in one process and reports the compiled program's temporary memory (XLA's
 `memory_analysis`, the same number on any backend for the same program; a GPU's peak adds the
 arguments and outputs) and the scan's per-step tensors of the attention's size:
 
@@ -11,6 +11,8 @@ arguments and outputs) and the scan's per-step tensors of the attention's size:
                g (1 + y)(1 - y) keeps y and 1 - y
   flaxcap      the default: `layers.tanh` keeps y only (the gradient from it, in float32)
   recompute    `config.decoder.recompute_attention`: none kept, the backward pass recomputes them
+  late_grad, recompute+late_grad   `config.decoder.late_projected_grad`: the projected features'
+               gradient summed after the backward scan (`flaxcap/attention_grad.py`)
 
 With --repeats=N the compiled gradients also run, on random features and tokens, the variants
 taking turns N times (median seconds, and the ratio to jax_tanh: the same process, the same inputs).
@@ -46,7 +48,10 @@ _OUTPUT = flags.DEFINE_string("output", "train_memory", "JSON path, or a name un
 
 # variant -> (the attention's tanh, Decoder options)
 VARIANTS = {"jax_tanh": (jnp.tanh, {}), "flaxcap": (layers.tanh, {}),
-            "recompute": (layers.tanh, {"recompute_attention": True})}
+            "recompute": (layers.tanh, {"recompute_attention": True}),
+            "late_grad": (layers.tanh, {"late_projected_grad": True}),
+            "recompute+late_grad": (layers.tanh, {"recompute_attention": True,
+                                                  "late_projected_grad": True})}
 
 COLUMNS = [common.Column("variant", "variant"), common.Column("dtype", "dtype"),
            common.Column("batch", "batch"), common.Column("temp_mib", "temp MiB", ",.0f"),
