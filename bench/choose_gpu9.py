@@ -35,7 +35,10 @@ def choose(rows, part):
   again = next((r for r in rows if r["variant"] == "main_again"), None)
   noise = abs(1 - again["vs_main"]) if again else 0.02
   table = BEAM if part.startswith("beam") else TRAIN
-  best = max((r for r in rows if r["variant"] in table), key=lambda r: r["rate"])
+  # The fp32 target is a float32 step: variants that keep the features in bf16 are not its row.
+  allowed = [r for r in rows if r["variant"] in table
+             and not (part == "train_fp32" and "bf16_features" in r["variant"])]
+  best = max(allowed, key=lambda r: r["rate"])
   if part.startswith("train") and best["variant"] != "main":  # both winners together if both won
     won = [r["variant"] for r in rows if r["variant"] in ("recompute", "pad8")
            and r.get("vs_main", 0) > 1 + noise]

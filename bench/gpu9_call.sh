@@ -2,7 +2,8 @@
 # The next GPU session in ONE device call (one machine start): bench/probe_gpu9.py, then the winners
 # (bench/choose_gpu9.py) as official rows with the torch reference of the same run.
 #   run(command="bash bench/gpu9_call.sh", carry=[".whl"], timeout_s=600); then give_back.
-# Rounds 1-4 ran on an H200 (the kind a plain run got); the targets name an H100: kind="nvidia-h100-x1".
+# Rounds 1-4 ran on an H200 (the kind a plain run got), round 5 on the H100 the targets name:
+# kind="nvidia-h100-x1" (530 s of the call; the fine-tuning row alone ~170 s: SKIP_FULL=1 drops it).
 # .whl holds ml_collections (configs/default.py and flaxcap/checkpoints.py import it; the device has none)
 # and efficientnet_lite_pytorch (the torch reference of the fine-tuning row; 23 KB):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \

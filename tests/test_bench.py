@@ -54,6 +54,10 @@ def test_gpu_call_keeps_a_variant_only_when_it_beats_main_by_more_than_mains_dri
   one = rows("train_fp32", main_again=1.01, recompute=1.10, pad8=1.0)
   assert choose_gpu9.choose(one, "train_fp32") == "--recompute_attention"
   assert choose_gpu9.choose(beam, "train_fp32") == ""  # the part was skipped: the defaults
+  rounded = rows("train_fp32", main_again=1.0, bf16_features=1.2, late_grad=1.1)
+  assert choose_gpu9.choose(rounded, "train_fp32") == "--late_projected_grad"  # float32 only
+  assert choose_gpu9.choose(rows("train_bf16", main_again=1.0, late_grad=1.1),
+                            "train_bf16") == "--late_projected_grad"
 
 
 def test_time_calls_warms_up_for_warmup_s_before_timing():
