@@ -88,6 +88,10 @@ _PAD_COLUMNS_TO = flags.DEFINE_integer("pad_columns_to", 1, "flaxcap: pad the de
                                        "(config.decoder.pad_columns_to; the same values).")
 _FUSED_ATTENTION = flags.DEFINE_bool("fused_attention", False, "flaxcap: each step's attention in "
                                      "one Pallas kernel (config.decoder.fused_attention).")
+_SCORE_KERNEL = flags.DEFINE_bool("score_kernel", False, "flaxcap: each step's attention scores in a "
+                                  "Pallas kernel (config.decoder.score_kernel).")
+_APPROX_TANH = flags.DEFINE_bool("approx_tanh", False, "flaxcap: the Pallas kernels' tanh by "
+                                 "tanh.approx.f32 (config.decoder.approx_tanh).")
 _METHODS = flags.DEFINE_list("methods", ["flaxcap", "torch_batched", "torch_loop"], "What to time.")
 _OUTPUT = flags.DEFINE_string("output", "beam_search", "JSON path, or a name under bench/results/.")
 
@@ -137,7 +141,8 @@ def main(argv):
   rows = []
   for dtype in dtypes:
     decoder = workloads.decoder_for(sizes, dtype, pad_columns_to=_PAD_COLUMNS_TO.value,
-                                    fused_attention=_FUSED_ATTENTION.value)
+                                    fused_attention=_FUSED_ATTENTION.value,
+                                    score_kernel=_SCORE_KERNEL.value, approx_tanh=_APPROX_TANH.value)
     params = workloads.init_decoder_params(decoder, sizes)
     if _CAPTION_LENGTH.value:
       params = workloads.end_captions_near(params, length=_CAPTION_LENGTH.value)
@@ -185,7 +190,8 @@ def main(argv):
           steps = int(result.steps)
           row = dict(row_key, method="flaxcap", unroll=_UNROLL.value,
                      project_context=_PROJECT_CONTEXT.value, pad_columns_to=_PAD_COLUMNS_TO.value,
-                     fused_attention=_FUSED_ATTENTION.value,
+                     fused_attention=_FUSED_ATTENTION.value, score_kernel=_SCORE_KERNEL.value,
+                     approx_tanh=_APPROX_TANH.value,
                      candidate_top_k=(top_k_lib.candidate_top_k_method(batch) if beam > 1
                                       else None),
                      early_stop=stop, steps=steps, timing=timing.as_dict(),

@@ -18,7 +18,10 @@ BEAM = {"main": "", "flat": "--candidate_top_k=flat", "kernel": "--candidate_top
         "fused": "--fused_attention", "fused+pad8": "--fused_attention --pad_columns_to=8",
         "stop_while+fused": "--fused_attention --early_stop=off,while",
         "stop_while+kseg+fused": "--candidate_top_k=kernel_segments --early_stop=off,while "
-                                 "--fused_attention"}
+                                 "--fused_attention",
+        "scorek": "--score_kernel", "scorek_approx": "--score_kernel --approx_tanh",
+        "scorek_approx+pad8": "--score_kernel --approx_tanh --pad_columns_to=8",
+        "fused_approx": "--fused_attention --approx_tanh"}
 TRAIN = {"main": "", "no_recompute": "--norecompute_attention", "recompute": "--recompute_attention", "pad8": "--pad_columns_to=8",
          "bf16_features": "--feature_dtype=bfloat16",
          "bf16_features+recompute": "--feature_dtype=bfloat16 --recompute_attention",

@@ -43,6 +43,12 @@ cut-off run still returns what it measured). In one process, on the issue's work
                          22; round 5 on an H100: 3.39 ms against 3.00, 101.5 us a call; not in
                          the default lists since)
         stop_while+fused, stop_while+kseg+fused  the same with the stop / top-k named
+        scorek           `Decoder(score_kernel=True)`: each step's scores alone in a Pallas kernel
+                         (`attention_kernel.attention_scores`: 256 x 4 programs of 16 positions, all
+                         beams from one read), softmax and context XLA's (session 24, not yet run)
+        scorek_approx(+pad8), fused_approx  with `approx_tanh`: the kernel's tanh one
+                         `tanh.approx.f32` instead of ~20 float32 operations (XLA's score fusion,
+                         34.9 us a step in round 5, is bound by that arithmetic)
         stop_while+kseg(1024, 4096)  the kernel on segments of 2,048 (1,024, 4,096) candidates
         rounds           10 rounds of argmax over the 13,000 candidates: 10 reductions, no TopK kernel
         chunks_barrier   chunk maxima, the chosen entries written out before the final ranking
@@ -68,8 +74,8 @@ cut-off run still returns what it measured). In one process, on the issue's work
       A row: captions/s, and the share of images whose K hypotheses (tokens) are main's.
   profile   jax.profiler traces of the --profile_variants train steps (batch 512 bf16; main), summed
             per GPU kernel: $OUT/profile_train_<variant>.txt. The beam256 part ends with traces of
-            --beam_profile_variants (main, fused): $OUT/profile_beam256_<variant>.txt, per search,
-            which time the Pallas kernels themselves.
+            --beam_profile_variants (main, scorek_approx): $OUT/profile_beam256_<variant>.txt,
+            per search, which time the Pallas kernels themselves.
   grads     for each train variant timed: loss and gradients at --grad_batch against main's.
 
 The parts run in the order of --parts (beam256, beam1, train_bf16, train_fp32, profile, grads: the
@@ -181,7 +187,9 @@ BEAM_VARIANTS = {"main": (None, 1, None), "flat": ("flat", 1, None), "rounds": (
                  "stop_while+kseg1024": ("kernel_segments", 1, "while"),
                  "stop_while+kseg4096": ("kernel_segments", 1, "while"),
                  "fused": (None, 1, None), "stop_while+kseg+fused": ("kernel_segments", 1, "while"),
-                 "stop_while+fused": (None, 1, "while"), "fused+pad8": (None, 1, None)}
+                 "stop_while+fused": (None, 1, "while"), "fused+pad8": (None, 1, None),
+                 "scorek": (None, 1, None), "scorek_approx": (None, 1, None),
+                 "scorek_approx+pad8": (None, 1, None), "fused_approx": (None, 1, None)}
 # `top_k.KERNEL_NUM_WARPS` of the kernel variants that set it (8 otherwise, at these sizes).
 BEAM_KERNEL_WARPS = {"kernel_w4": 4, "kernel_w16": 16, "stop_while+kernel_w4": 4}
 # `top_k.KERNEL_SEGMENT` of the "kernel_segments" variants that set it (2,048 otherwise).
@@ -192,7 +200,12 @@ BEAM_DECODER_OPTIONS = {"pad8": {"pad_columns_to": 8}, "pad128": {"pad_columns_t
                         "fused": {"fused_attention": True},
                         "stop_while+kseg+fused": {"fused_attention": True},
                         "stop_while+fused": {"fused_attention": True},
-                        "fused+pad8": {"fused_attention": True, "pad_columns_to": 8}}
+                        "fused+pad8": {"fused_attention": True, "pad_columns_to": 8},
+                        "scorek": {"score_kernel": True},
+                        "scorek_approx": {"score_kernel": True, "approx_tanh": True},
+                        "scorek_approx+pad8": {"score_kernel": True, "approx_tanh": True,
+                                               "pad_columns_to": 8},
+                        "fused_approx": {"fused_attention": True, "approx_tanh": True}}
 
 # Seconds a part's item takes on an H200 (compilation + timing), for the budget; rough.
 ESTIMATED_S = {"train": 16, "grads": 8, "beam": 6, "beam_unrolled": 12, "profile": 12}
@@ -613,14 +626,15 @@ def parse_args():
   parser.add_argument("--bf16_variants", default="main,late_grad,pad8,late_grad+pad8")
   parser.add_argument("--fp32_variants", default="main,late_grad,bf16_features,late_grad+bf16_features")
   parser.add_argument("--beam256_variants",
-                      default="main,pad8,stop_while4,kernel,stop_cond,flat",
+                      default="main,scorek_approx,pad8,scorek,fused_approx,scorek_approx+pad8,"
+                              "stop_while4,kernel,stop_cond,flat",
                       help="the defaults are those bench/beam_search.py has flags for (kernel_w4 and "
                            "kernel_w16 need a code change to become the default: ask for them)")
   parser.add_argument("--beam1_variants",
-                      default="main,stop_while4,pad8,kernel")
+                      default="main,scorek_approx,stop_while4,pad8,kernel")
   parser.add_argument("--profile_variants", default="main",
                       help="train variants (batch 512 bf16) whose kernels the profile part traces")
-  parser.add_argument("--beam_profile_variants", default="main,pad8",
+  parser.add_argument("--beam_profile_variants", default="main,scorek_approx",
                       help="beam variants traced after beam256's timings (kernel time per search)")
   parser.add_argument("--steps", type=int, default=None, help="timed train steps (10; quick 2)")
   parser.add_argument("--repeats", type=int, default=None, help="timed searches (20; quick 2)")

@@ -80,6 +80,10 @@ def get_config():
   #   this inside each product (same values; aligned GPU GEMMs: hidden_proj has 2,561 columns)
   config.decoder.fused_attention = False  # decoding: each step's attention in one Pallas kernel
   #   (flaxcap/attention_kernel.py; a GPU kernel, interpreted elsewhere)
+  config.decoder.score_kernel = False  # decoding: each step's attention scores in a Pallas kernel,
+  #   softmax and context XLA's (flaxcap/attention_kernel.py; takes precedence over fused_attention)
+  config.decoder.approx_tanh = False  # those kernels' tanh by the GPU's tanh.approx.f32 (scores
+  #   rounded at 2^-11; exact tanh off the GPU)
   config.decoder.late_projected_grad = False  # training: the projected features' gradient in one
   #   pass after the backward scan, not summed in every step (flaxcap/attention_grad.py; speed only)
 

@@ -18,6 +18,17 @@ Measured on an H100 (BENCHMARKS.md, round 5): 101.5 us a call at batch 256, beam
 score fusion, context product and softmax took ~70 us together, so a search took 3.39 ms against
 2.96-3.00 ms. 256 programs of one image each fill the 132 SMs twice, and each walks its beams and
 tiles in sequence. Opt-in, kept as the starting point of a faster split of the work.
+
+    scores = attention_scores(projected_features, query, score_weights)
+
+takes the score fusion alone, the softmax and the context product staying XLA's: a program per
+image and block of `SCORE_BLOCK_P` positions reads that block once for all K beams, so the grid has
+batch x ceil(P / SCORE_BLOCK_P) programs (1,024 at batch 256 and a 7x7 grid). The score fusion is
+bound by arithmetic, not bytes: its [256, 5, 49, 512] activations are 32 M tanh evaluations a step,
+XLA's rational tanh some 20 float32 operations each, where the projected features it reads (12.8 MB
+in bf16) fit in the H100's L2. `kernel_activation(..., approx_tanh=True)` takes the tanh from the
+GPU's special-function unit (PTX `tanh.approx.f32`, one instruction, relative error below 2^-10.9;
+bfloat16 rounds to 2^-9): an option for either kernel, not a default.
 """
 
 import functools
@@ -32,10 +43,36 @@ import jax.numpy as jnp
 ATTENTION_TILE = 32
 CONTEXT_TILE = 128
 MIN_DOT = 16  # Triton's smallest product dimension: the beams are padded to it for the context
+# `attention_scores`: positions per program and entries of A per step of its (unrolled) loop.
+SCORE_BLOCK_P = 16
+SCORE_TILE = 64
 
 
 def _next_power_of_two(n: int) -> int:
   return 1 << max(n - 1, 0).bit_length()
+
+
+def _approx_tanh(x: jax.Array) -> jax.Array:
+  """tanh by the GPU's `tanh.approx.f32` (float32 in and out)."""
+  return plgpu.approx_tanh(x.astype(jnp.float32))
+
+
+def kernel_activation(name: str, *, approx_tanh: bool = False, interpret: bool = False):
+  """The elementwise function a kernel applies for the attention activation `name` ("tanh",
+  "relu"). `approx_tanh`: "tanh" by `tanh.approx.f32`, where the kernel is compiled for a GPU
+  (interpreted, the exact tanh: the instruction is PTX)."""
+  if name == "tanh":
+    return _approx_tanh if approx_tanh and not interpret else jnp.tanh
+  if name == "relu":
+    return jax.nn.relu
+  raise ValueError(f"no kernel activation for {name!r}")
+
+
+def _add_activate(features: jax.Array, query: jax.Array, activation, compute_dtype) -> jax.Array:
+  """act(features + query) as `Decoder._scores` rounds it: the sum and the activation each
+  rounded to the compute dtype; float32 out."""
+  summed = (features.astype(jnp.float32) + query.astype(jnp.float32)).astype(compute_dtype)
+  return activation(summed.astype(jnp.float32)).astype(compute_dtype).astype(jnp.float32)
 
 
 def _attention_kernel(features_ref, query_ref, score_weights_ref, values_ref, context_ref,
@@ -62,8 +99,7 @@ def _attention_kernel(features_ref, query_ref, score_weights_ref, values_ref, co
                          mask=inside[None, :], other=0)  # [1, tile]
       score_weights = plgpu.load(score_weights_ref.at[pl.ds(start, ATTENTION_TILE)], mask=inside,
                                  other=0)
-      summed = (features.astype(jnp.float32) + query.astype(jnp.float32)).astype(compute_dtype)
-      hidden = activation(summed.astype(jnp.float32)).astype(compute_dtype).astype(jnp.float32)
+      hidden = _add_activate(features, query, activation, compute_dtype)
       return scores + jnp.sum(hidden * score_weights.astype(jnp.float32)[None, :], axis=1)
     num_tiles = pl.cdiv(attention_dim, ATTENTION_TILE)
     return lax.fori_loop(0, num_tiles, add_tile, jnp.zeros((block_p,), jnp.float32))
@@ -130,3 +166,68 @@ def attend(projected_features: jax.Array, query: jax.Array, score_weights: jax.A
       interpret=interpret)
   score_weights = score_weights.astype(projected_features.dtype)
   return jax.vmap(call, in_axes=(0, 0, None, 0))(projected_features, query, score_weights, values)
+
+
+def _score_kernel(features_ref, query_ref, score_weights_ref, scores_ref, *, activation,
+                  block_p: int, tile: int):
+  """One image's block of positions: features_ref [P, A], query_ref [K, A], score_weights_ref [A]
+  -> scores_ref [K, P] (float32) at the block's positions, w_a . act(f_p + q_k)."""
+  positions, attention_dim = features_ref.shape
+  beams = query_ref.shape[0]
+  compute_dtype = features_ref.dtype
+  first = pl.program_id(0) * block_p
+  position_ok = first + jnp.arange(block_p, dtype=jnp.int32) < positions
+  tile_ids = jnp.arange(tile, dtype=jnp.int32)
+
+  def add_tile(tile_index, scores):  # scores: K arrays [block_p]
+    start = tile_index * tile
+    inside = start + tile_ids < attention_dim
+    features = plgpu.load(features_ref.at[pl.ds(first, block_p), pl.ds(start, tile)],
+                          mask=position_ok[:, None] & inside[None, :], other=0)  # [block_p, tile]
+    score_weights = plgpu.load(score_weights_ref.at[pl.ds(start, tile)], mask=inside, other=0)
+    score_weights = score_weights.astype(jnp.float32)[None, :]
+    new_scores = []
+    for beam in range(beams):  # K is static and small: every beam from one load of the block
+      query = plgpu.load(query_ref.at[pl.ds(beam, 1), pl.ds(start, tile)], mask=inside[None, :],
+                         other=0)  # [1, tile]
+      hidden = _add_activate(features, query, activation, compute_dtype)
+      new_scores.append(scores[beam] + jnp.sum(hidden * score_weights, axis=1))
+    return tuple(new_scores)
+
+  scores = lax.fori_loop(0, pl.cdiv(attention_dim, tile), add_tile,
+                         tuple(jnp.zeros((block_p,), jnp.float32) for _ in range(beams)))
+  for beam in range(beams):
+    plgpu.store(scores_ref.at[pl.ds(beam, 1), pl.ds(first, block_p)], scores[beam][None, :],
+                mask=position_ok[None, :])
+
+
+@functools.partial(jax.jit, static_argnames=("activation", "interpret", "num_warps"))
+def attention_scores(projected_features: jax.Array, query: jax.Array, score_weights: jax.Array, *,
+                     activation=jnp.tanh, interpret: bool = False, num_warps: int = 4) -> jax.Array:
+  """The additive attention's scores of K queries per image, w_a . act(W_f f_p + W_ha h_k).
+
+  Args:
+    projected_features: W_f f, [batch, P, A] in the compute dtype.
+    query: W_ha h, [batch, K, A], the same dtype.
+    score_weights: w_a, [A] (cast to the compute dtype, as the decoder's product casts it).
+    activation: the attention's activation (`kernel_activation`).
+    interpret: Pallas' interpreter (any backend; the CPU tests).
+    num_warps: the Triton program's warps.
+
+  Returns:
+    scores [batch, K, P] float32, as `Decoder._scores` (by sum) up to the summation order.
+  """
+  positions = projected_features.shape[1]
+  beams = query.shape[1]
+  if query.dtype != projected_features.dtype:
+    raise TypeError(f"attention_scores: query {query.dtype} and projected features "
+                    f"{projected_features.dtype} differ.")
+  kernel = functools.partial(_score_kernel, activation=activation, block_p=SCORE_BLOCK_P,
+                             tile=SCORE_TILE)
+  call = pl.pallas_call(
+      kernel, grid=(pl.cdiv(positions, SCORE_BLOCK_P),),
+      out_shape=jax.ShapeDtypeStruct((beams, positions), jnp.float32),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+      interpret=interpret)
+  score_weights = score_weights.astype(projected_features.dtype)
+  return jax.vmap(call, in_axes=(0, 0, None))(projected_features, query, score_weights)

@@ -32,8 +32,6 @@ How the work is laid out, so that a train step is a few large matmuls plus a lea
     1,370 MiB, bench/train_memory.py). With `recompute_attention` teacher forcing takes the sum too, under
     `nn.remat`: nothing of the attention's size is kept, the backward pass recomputes the activation
     from the projected features and the query.
-  * `feature_dtype` can keep the feature grid in a narrower dtype than the compute dtype (bfloat16
-    features with float32 compute): the context product of every step then reads half the bytes.
   * The context enters the step only through linear layers (the LSTM's context gates and L_z), so
     `encode(..., project_context=True)` can push the grid through them once per image; a step then takes
     the attention-weighted sum of those projections, [P, 4H + E] per image, instead of multiplying each
@@ -99,10 +97,6 @@ def _scores_by_sum(decoder: "Decoder", projected_features: Array, query: Array) 
 _recomputed_scores_by_sum = nn.remat(_scores_by_sum, prevent_cse=False)
 
 
-# The attention's activations inside `attention_kernel.attend` (a decoding step needs no gradient).
-_KERNEL_ACTIVATIONS = {"tanh": jnp.tanh, "relu": jax.nn.relu}
-
-
 def _lstm_bias_init(key, shape, dtype=jnp.float32):
   """Zero biases for the gates (i, f, g, o) except 1 for the forget gate."""
   del key
@@ -125,30 +119,25 @@ class Decoder(nn.Module):
     attention_activation: "tanh" (the paper) or "relu", applied inside the additive attention.
     dtype: compute dtype; parameters stay float32.
     unroll: how many time steps the teacher-forced scan unrolls per iteration.
-    recompute_attention: teacher forcing (a train step) computes the attention score as a multiply
-      and a sum under `nn.remat`, so that the backward pass recomputes each step's activation
-      act(W_f f + W_ha h) [batch, P, A] instead of keeping it from the forward pass.
-      The same values up to float32 summation order; speed and memory only. None: off the CPU
-      (a decoder train step at the tutorial's sizes ran 1.09x faster at batch 512 bf16 and 1.17x at
-      batch 128 fp32 on an H200, with half the temporary memory; on the 2-core CPU, 0.89x and 0.98x
-      at batch 32 in two runs, docs/benchmarks/cpu/s22/).
-    feature_dtype: None (the compute dtype), or the dtype the flattened feature grid is kept in: with
-      float32 compute, bfloat16 rounds the features once and halves the bytes every step's context
-      product reads (the products and sums stay float32).
-    pad_columns_to: each layer's product runs on its kernel padded with zero columns to a multiple
-      of this, the result cut back (`layers.few_rows_dot_general`): the same values, aligned rows for GPU
-      GEMMs (`hidden_proj` has 4H + A + 1 = 2,561 columns). 1: off. Speed only; the parameters keep
-      their shapes.
+
+  The options below change speed or memory only, the values up to rounding (figures: BENCHMARKS.md):
+    recompute_attention: teacher forcing computes the attention score as a multiply and a sum under
+      `nn.remat`, so that the backward pass recomputes each step's act(W_f f + W_ha h) [batch, P, A]
+      instead of keeping it. None: off the CPU (on an H200 1.09-1.17x faster, half the memory).
+    feature_dtype: None (the compute dtype), or the dtype the flattened grid is kept in: bfloat16
+      under float32 compute rounds the features once and halves what each step's context reads.
+    pad_columns_to: each layer's product on its kernel padded with zero columns to a multiple of
+      this (`layers.few_rows_dot_general`; aligned GPU GEMMs: `hidden_proj` has 2,561). 1: off.
     one_hot_embedding_grad: the embedding's gradient as a one-hot product rather than a scatter-add
-      (`layers.Embed`); None: off the CPU. The same values up to float32 summation order (the
-      scatter adds in the compute dtype). Speed only.
-    fused_attention: a decoding `step` takes its attention (scores, softmax, context) in one Pallas
-      kernel per image (`attention_kernel.attend`; interpreted off the GPU, so for tests there).
-      The same values up to float32 summation order; not for teacher forcing. Speed only, and on
-      an H100 a loss: 101.5 us a step against ~70 us of XLA's kernels (beam 5, batch 256).
-    late_projected_grad: teacher forcing's gradient of the projected features taken in one pass
-      after the backward scan instead of summed in every step (`attention_grad`): the same
-      gradients up to rounding, fewer bytes a step. Speed only.
+      (`layers.Embed`); None: off the CPU.
+    fused_attention: a decoding `step`'s attention (scores, softmax, context) in one Pallas kernel
+      per image (`attention_kernel.attend`; interpreted off the GPU). On an H100 a loss.
+    score_kernel: a decoding `step`'s scores alone in a Pallas kernel
+      (`attention_kernel.attention_scores`), softmax and context XLA's; over `fused_attention`.
+    approx_tanh: those kernels' tanh by the GPU's `tanh.approx.f32` (relative error below 2^-10.9,
+      under bfloat16's rounding; the exact tanh off the GPU).
+    late_projected_grad: teacher forcing's gradient of the projected features in one pass after
+      the backward scan instead of a running sum in every step (`attention_grad`).
   """
   vocab_size: int
   embed_dim: int = 512
@@ -166,6 +155,8 @@ class Decoder(nn.Module):
   pad_columns_to: int = 1
   one_hot_embedding_grad: bool | None = None
   fused_attention: bool = False
+  score_kernel: bool = False
+  approx_tanh: bool = False
   late_projected_grad: bool = False
 
   def setup(self):
@@ -255,7 +246,7 @@ class Decoder(nn.Module):
     return self.attention_score(hidden, by_sum)
 
   def _attend(self, encoded: Encoded, query: Array, score_by_sum: bool = False,
-              recompute_scores: bool = False, fused: bool = False,
+              recompute_scores: bool = False, kernels: bool = False,
               score_offset: Array | None = None) -> tuple[Array, Array]:
     """Additive attention of each beam's query against its image's grid (the grid is not copied).
 
@@ -265,8 +256,9 @@ class Decoder(nn.Module):
       score_by_sum: the score as a multiply and a sum (`layers.AttentionScore`; for decoding steps).
       recompute_scores: the score by sum, its activation recomputed in the backward pass
         (`recompute_attention`).
-      fused: all of it in `attention_kernel.attend` (`fused_attention`; decoding steps), where the
-        values are in the compute dtype.
+      kernels: the Pallas kernels the decoder is configured for (decoding steps): all of it in
+        `attention_kernel.attend` (`fused_attention`, where the values are in the compute dtype), or
+        the scores in `attention_kernel.attention_scores` (`score_kernel`).
       score_offset: None, or [batch, K, P] float32 added to the scores (zeros from
         `attention_grad`, whose cotangent is the scores').
 
@@ -275,14 +267,19 @@ class Decoder(nn.Module):
       sum of those, [batch, K, 4H (+ E)]; attention weights [batch, K, P] (float32).
     """
     values = encoded.features if encoded.context_projections is None else encoded.context_projections
-    if fused and values.dtype == self.dtype:
+    kernel_scores = kernels and self.score_kernel
+    if kernels and (kernel_scores or self.fused_attention and values.dtype == self.dtype):
       from flaxcap import attention_kernel  # pylint: disable=g-import-not-at-top  (Pallas: opt-in)
       score_weights = self.attention_score.variables["params"]["kernel"][:, 0]
-      return attention_kernel.attend(
-          encoded.projected_features, query, score_weights, values,
-          activation=_KERNEL_ACTIVATIONS[self.attention_activation],
-          interpret=jax.default_backend() != "gpu")
-    if recompute_scores:
+      interpret = jax.default_backend() != "gpu"
+      activation = attention_kernel.kernel_activation(
+          self.attention_activation, approx_tanh=self.approx_tanh, interpret=interpret)
+      if not kernel_scores:
+        return attention_kernel.attend(encoded.projected_features, query, score_weights, values,
+                                       activation=activation, interpret=interpret)
+      scores = attention_kernel.attention_scores(encoded.projected_features, query, score_weights,
+                                                 activation=activation, interpret=interpret)
+    elif recompute_scores:
       scores = _recomputed_scores_by_sum(self, encoded.projected_features, query)
     else:
       scores = self._scores(encoded.projected_features, query, score_by_sum)  # [b, K, P], float32
@@ -297,7 +294,7 @@ class Decoder(nn.Module):
     return context, attention
 
   def _recur(self, encoded: Encoded, carry: LSTMCarry, word_gates: Array,
-             score_by_sum: bool = False, recompute_scores: bool = False, fused: bool = False,
+             score_by_sum: bool = False, recompute_scores: bool = False, kernels: bool = False,
              score_offset: Array | None = None):
     """One recurrent step on beam-shaped arrays.
 
@@ -305,7 +302,7 @@ class Decoder(nn.Module):
       encoded: from `encode`.
       carry: c, h each [batch, K, H], float32.
       word_gates: the embedding's share of the LSTM gates, bias included, [batch, K, 4H].
-      score_by_sum, recompute_scores, fused, score_offset: see `_attend`.
+      score_by_sum, recompute_scores, kernels, score_offset: see `_attend`.
 
     Returns:
       (new carry, (h [batch, K, H], gated context z [batch, K, C] (or its projections [batch, K, 4H
@@ -315,7 +312,7 @@ class Decoder(nn.Module):
     projected_h = self.hidden_proj(carry.h.astype(self.dtype))  # [batch, K, 4H + A (+ 1)]
     hidden_gates = projected_h[..., :4 * hid]
     query = projected_h[..., 4 * hid:4 * hid + att]
-    context, attention = self._attend(encoded, query, score_by_sum, recompute_scores, fused,
+    context, attention = self._attend(encoded, query, score_by_sum, recompute_scores, kernels,
                                       score_offset)
     if self.gate:
       beta = jax.nn.sigmoid(projected_h[..., 4 * hid + att:].astype(jnp.float32) + self.gate_bias)
@@ -377,7 +374,7 @@ class Decoder(nn.Module):
     gates = self.input_gates(embedded) if word_gates is None else jnp.take(word_gates, tokens, axis=0)
     carry, (h, context, attention, _) = self._recur(encoded, carry, gates,
                                                     score_by_sum=jax.default_backend() != "cpu",
-                                                    fused=self.fused_attention)
+                                                    kernels=True)
     logits = self._deep_output(h, context, embedded, deterministic,
                                context_projected=encoded.context_projections is not None)
     if single:

@@ -128,6 +128,7 @@ def create_decoder(config, vocab_size: int) -> decoder_lib.Decoder:
       recompute_attention=_switch(config, "recompute_attention"), feature_dtype=feature_dtype,
       pad_columns_to=int(dec.get("pad_columns_to", 1)),
       fused_attention=bool(dec.get("fused_attention", False)),
+      score_kernel=bool(dec.get("score_kernel", False)), approx_tanh=bool(dec.get("approx_tanh", False)),
       late_projected_grad=bool(dec.get("late_projected_grad", False)))
 
 

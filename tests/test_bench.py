@@ -81,3 +81,29 @@ def test_time_calls_warms_up_for_warmup_s_before_timing():
   calls.clear()
   common.time_calls(call, repeats=2, warmup=0, warmup_s=0.05)  # no warm-up asked: none
   assert len(calls) == 2
+
+
+def _flag_names(module: str) -> set[str]:
+  """The absl flags `bench.<module>` defines (a process each: the bench scripts share names)."""
+  code = f"from bench import {module}; from absl import flags; print(' '.join(flags.FLAGS))"
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                        cwd=REPO_ROOT, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return set(done.stdout.split())
+
+
+def test_the_gpu_calls_flags_exist_and_ask_for_the_probes_decoder_options():
+  """Every flag choose_gpu9 hands bench/beam_search.py or bench/training.py is one that script
+  defines, and a beam variant's flags ask for the `Decoder` options the probe timed it with."""
+  pytest.importorskip("torch")
+  from bench import choose_gpu9, probe_gpu9  # pylint: disable=g-import-not-at-top
+  for table, module in ((choose_gpu9.BEAM, "beam_search"), (choose_gpu9.TRAIN, "training")):
+    defined = _flag_names(module)
+    for variant, text in table.items():
+      for token in text.split():
+        name = token[2:].split("=")[0]
+        assert name in defined or (name.startswith("no") and name[2:] in defined), (variant, token)
+  for variant, text in choose_gpu9.BEAM.items():
+    assert variant in probe_gpu9.BEAM_VARIANTS, variant
+    for option, value in probe_gpu9.BEAM_DECODER_OPTIONS.get(variant, {}).items():
+      assert (f"--{option}" if value is True else f"--{option}={value}") in text.split(), variant
