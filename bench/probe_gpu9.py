@@ -75,7 +75,8 @@ cut-off run still returns what it measured). In one process, on the issue's work
   profile   jax.profiler traces of the --profile_variants train steps (batch 512 bf16; main), summed
             per GPU kernel: $OUT/profile_train_<variant>.txt. The beam256 part ends with traces of
             --beam_profile_variants (main, scorek_approx): $OUT/profile_beam256_<variant>.txt,
-            per search, which time the Pallas kernels themselves.
+            per search, which time the Pallas kernels themselves, and their compiled HLO,
+            $OUT/hlo_beam256_<variant>.txt, where the profile's fusion names are defined.
   grads     for each train variant timed: loss and gradients at --grad_batch against main's.
 
 The parts run in the order of --parts (beam256, beam1, train_bf16, train_fp32, profile, grads: the
@@ -544,6 +545,8 @@ def beam_part(record: Record, name: str, sizes, batch: int, variants, *, repeats
         row.update(vs_main=row["rate"] / main[0]["rate"], **agreement(result, main[1]))
       record.add(row)
       searches[variant] = search
+      if variant in profile_variants:  # the fusions the profile names (traced as timed, here)
+        write_hlo(record, f"{name}_{variant}", lambda: search.lower(params, features))
     except Exception as e:  # pylint: disable=broad-except
       record.error(f"{name} {variant}", e)
     finally:
@@ -566,6 +569,15 @@ def beam_part(record: Record, name: str, sizes, batch: int, variants, *, repeats
 
 
 # -- kernel profile -----------------------------------------------------------------------------------
+
+
+def write_hlo(record: Record, label: str, lower):
+  """Writes the compiled HLO text of `lower()` (a `Lowered`) to $OUT/hlo_<label>.txt."""
+  try:
+    text = lower().compile().as_text()
+    (record.out_dir / f"hlo_{label.replace('+', '_')}.txt").write_text(text)
+  except Exception as e:  # pylint: disable=broad-except
+    record.error(f"hlo {label}", e)
 
 
 def profile(record: Record, label: str, run, *, header: str, calls: int = 3):
