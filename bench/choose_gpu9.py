@@ -21,7 +21,8 @@ BEAM = {"main": "", "flat": "--candidate_top_k=flat", "kernel": "--candidate_top
                                  "--fused_attention",
         "scorek": "--score_kernel", "scorek_approx": "--score_kernel --approx_tanh",
         "scorek_approx+pad8": "--score_kernel --approx_tanh --pad_columns_to=8",
-        "fused_approx": "--fused_attention --approx_tanh"}
+        "fused_approx": "--fused_attention --approx_tanh", "noproj": "--project_context=off",
+        "scorek_approx+noproj": "--score_kernel --approx_tanh --project_context=off"}
 TRAIN = {"main": "", "no_recompute": "--norecompute_attention", "recompute": "--recompute_attention", "pad8": "--pad_columns_to=8",
          "bf16_features": "--feature_dtype=bfloat16",
          "bf16_features+recompute": "--feature_dtype=bfloat16 --recompute_attention",

@@ -49,6 +49,10 @@ cut-off run still returns what it measured). In one process, on the issue's work
         scorek_approx(+pad8), fused_approx  with `approx_tanh`: the kernel's tanh one
                          `tanh.approx.f32` instead of ~20 float32 operations (XLA's score fusion,
                          34.9 us a step in round 5, is bound by that arithmetic)
+        noproj, scorek_approx+noproj  `decoding.search(project_context=False)`: each step reads the
+                         features (32 MB at batch 256) for the context, then multiplies the context
+                         by the LSTM's and L_z's weights, instead of reading the grid's projections
+                         through them (64 MB, more than the H100's 50 MB L2; the 29.6 us GEMM fusion?)
         stop_while+kseg(1024, 4096)  the kernel on segments of 2,048 (1,024, 4,096) candidates
         rounds           10 rounds of argmax over the 13,000 candidates: 10 reductions, no TopK kernel
         chunks_barrier   chunk maxima, the chosen entries written out before the final ranking
@@ -190,7 +194,8 @@ BEAM_VARIANTS = {"main": (None, 1, None), "flat": ("flat", 1, None), "rounds": (
                  "fused": (None, 1, None), "stop_while+kseg+fused": ("kernel_segments", 1, "while"),
                  "stop_while+fused": (None, 1, "while"), "fused+pad8": (None, 1, None),
                  "scorek": (None, 1, None), "scorek_approx": (None, 1, None),
-                 "scorek_approx+pad8": (None, 1, None), "fused_approx": (None, 1, None)}
+                 "scorek_approx+pad8": (None, 1, None), "fused_approx": (None, 1, None),
+                 "noproj": (None, 1, None), "scorek_approx+noproj": (None, 1, None)}
 # `top_k.KERNEL_NUM_WARPS` of the kernel variants that set it (8 otherwise, at these sizes).
 BEAM_KERNEL_WARPS = {"kernel_w4": 4, "kernel_w16": 16, "stop_while+kernel_w4": 4}
 # `top_k.KERNEL_SEGMENT` of the "kernel_segments" variants that set it (2,048 otherwise).
@@ -206,7 +211,12 @@ BEAM_DECODER_OPTIONS = {"pad8": {"pad_columns_to": 8}, "pad128": {"pad_columns_t
                         "scorek_approx": {"score_kernel": True, "approx_tanh": True},
                         "scorek_approx+pad8": {"score_kernel": True, "approx_tanh": True,
                                                "pad_columns_to": 8},
-                        "fused_approx": {"fused_attention": True, "approx_tanh": True}}
+                        "fused_approx": {"fused_attention": True, "approx_tanh": True},
+                        "scorek_approx+noproj": {"score_kernel": True, "approx_tanh": True}}
+
+# `decoding.search` options of the beam search variants that have any.
+BEAM_SEARCH_OPTIONS = {"noproj": {"project_context": False},
+                       "scorek_approx+noproj": {"project_context": False}}
 
 # Seconds a part's item takes on an H200 (compilation + timing), for the budget; rough.
 ESTIMATED_S = {"train": 16, "grads": 8, "beam": 6, "beam_unrolled": 12, "profile": 12}
@@ -521,10 +531,12 @@ def beam_part(record: Record, name: str, sizes, batch: int, variants, *, repeats
                        ESTIMATED_S["beam_unrolled" if unroll > 1 else "beam"]):
       continue
     options = BEAM_DECODER_OPTIONS.get(variant, {})
-    search = jax.jit(lambda p, f, unroll=unroll, early_stop=early_stop, options=options:
+    search = jax.jit(lambda p, f, unroll=unroll, early_stop=early_stop, options=options,
+                     search_options=BEAM_SEARCH_OPTIONS.get(variant, {}):
                      decoding.search(make_decoder(sizes, "bfloat16", dropout=0.0, **options), p, f,
                                      beam_size=beam, max_len=max_len, unroll=unroll,
-                                     word_gate_table=table, early_stop=early_stop))
+                                     word_gate_table=table, early_stop=early_stop,
+                                     **search_options))
     top_k_lib.CANDIDATE_TOP_K = method  # read while tracing (the first call), as is:
     top_k_lib.KERNEL_NUM_WARPS = BEAM_KERNEL_WARPS.get(variant)
     top_k_lib.KERNEL_SEGMENT = BEAM_KERNEL_SEGMENT.get(variant, default_segment)
@@ -535,6 +547,7 @@ def beam_part(record: Record, name: str, sizes, batch: int, variants, *, repeats
              "min_ms": timing.min_s * 1e3, "first_s": first_s, "timing": timing.as_dict(),
              "candidate_top_k": top_k_lib.candidate_top_k_method(batch), "unroll": unroll,
              "kernel_num_warps": top_k_lib.KERNEL_NUM_WARPS, "decoder_options": options,
+             "search_options": BEAM_SEARCH_OPTIONS.get(variant, {}),
              "kernel_segment": top_k_lib.KERNEL_SEGMENT,
              "early_stop": step_loop.loop_for(early_stop) or "off",
              "steps": int(result.steps),
@@ -639,7 +652,7 @@ def parse_args():
   parser.add_argument("--fp32_variants", default="main,late_grad,bf16_features,late_grad+bf16_features")
   parser.add_argument("--beam256_variants",
                       default="main,scorek_approx,pad8,scorek,fused_approx,scorek_approx+pad8,"
-                              "stop_while4,kernel,stop_cond,flat",
+                              "noproj,scorek_approx+noproj,stop_while4,kernel,stop_cond,flat",
                       help="the defaults are those bench/beam_search.py has flags for (kernel_w4 and "
                            "kernel_w16 need a code change to become the default: ask for them)")
   parser.add_argument("--beam1_variants",

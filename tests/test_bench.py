@@ -92,9 +92,10 @@ def _flag_names(module: str) -> set[str]:
   return set(done.stdout.split())
 
 
-def test_the_gpu_calls_flags_exist_and_ask_for_the_probes_decoder_options():
+def test_the_gpu_calls_flags_exist_and_ask_for_the_probes_options():
   """Every flag choose_gpu9 hands bench/beam_search.py or bench/training.py is one that script
-  defines, and a beam variant's flags ask for the `Decoder` options the probe timed it with."""
+  defines, and a beam variant's flags ask for the `Decoder` and search options the probe timed it
+  with."""
   pytest.importorskip("torch")
   from bench import choose_gpu9, probe_gpu9  # pylint: disable=g-import-not-at-top
   for table, module in ((choose_gpu9.BEAM, "beam_search"), (choose_gpu9.TRAIN, "training")):
@@ -107,3 +108,5 @@ def test_the_gpu_calls_flags_exist_and_ask_for_the_probes_decoder_options():
     assert variant in probe_gpu9.BEAM_VARIANTS, variant
     for option, value in probe_gpu9.BEAM_DECODER_OPTIONS.get(variant, {}).items():
       assert (f"--{option}" if value is True else f"--{option}={value}") in text.split(), variant
+    if probe_gpu9.BEAM_SEARCH_OPTIONS.get(variant, {}).get("project_context") is False:
+      assert "--project_context=off" in text.split(), variant
