@@ -76,8 +76,11 @@ cut-off run still returns what it measured). In one process, on the issue's work
                          (hidden_proj's 2,561 -> 2,568 or 2,688: bf16 rows 16-byte aligned)
         stop_while+kernel+pad8  all three
       A row: captions/s, and the share of images whose K hypotheses (tokens) are main's.
-  profile   jax.profiler traces of the --profile_variants train steps (batch 512 bf16; main), summed
-            per GPU kernel: $OUT/profile_train_<variant>.txt. The beam256 part ends with traces of
+  profile   jax.profiler traces of the --profile_variants train steps (batch 512 bf16; main,
+            late_grad), summed per GPU kernel: $OUT/profile_train_<variant>.txt, and of the
+            --fp32_profile_variants (batch 128 fp32; main): profile_train_float32_<variant>.txt;
+            their compiled HLO: hlo_train(_float32)_<variant>.txt.
+            The beam256 part ends with traces of
             --beam_profile_variants (main, scorek_approx): $OUT/profile_beam256_<variant>.txt,
             per search, which time the Pallas kernels themselves, and their compiled HLO,
             $OUT/hlo_beam256_<variant>.txt, where the profile's fusion names are defined.
@@ -559,7 +562,7 @@ def beam_part(record: Record, name: str, sizes, batch: int, variants, *, repeats
       record.add(row)
       searches[variant] = search
       if variant in profile_variants:  # the fusions the profile names (traced as timed, here)
-        write_hlo(record, f"{name}_{variant}", lambda: search.lower(params, features))
+        write_hlo(record, f"{name}_{variant}", lambda: search.lower(params, features).compile())
     except Exception as e:  # pylint: disable=broad-except
       record.error(f"{name} {variant}", e)
     finally:
@@ -584,10 +587,10 @@ def beam_part(record: Record, name: str, sizes, batch: int, variants, *, repeats
 # -- kernel profile -----------------------------------------------------------------------------------
 
 
-def write_hlo(record: Record, label: str, lower):
-  """Writes the compiled HLO text of `lower()` (a `Lowered`) to $OUT/hlo_<label>.txt."""
+def write_hlo(record: Record, label: str, compiled):
+  """Writes the HLO text of `compiled()` (a `Compiled`) to $OUT/hlo_<label>.txt."""
   try:
-    text = lower().compile().as_text()
+    text = compiled().as_text()
     (record.out_dir / f"hlo_{label.replace('+', '_')}.txt").write_text(text)
   except Exception as e:  # pylint: disable=broad-except
     record.error(f"hlo {label}", e)
@@ -626,7 +629,9 @@ def profile_part(record: Record, case: TrainCase, variants, calls: int = 3):
       holder["state"], sums = step(holder["state"], case.device_batch, case.table)
       jax.block_until_ready(sums)
 
-    profile(record, f"train_{variant}", run, calls=calls,
+    prefix = "train" if case.dtype == "bfloat16" else f"train_{case.dtype}"
+    write_hlo(record, f"{prefix}_{variant}", lambda step=step: step)
+    profile(record, f"{prefix}_{variant}", run, calls=calls,
             header=f"train step, {case.dtype}, batch {case.batch}, variant {variant}; per step")
   record.save()
 
@@ -657,7 +662,9 @@ def parse_args():
                            "kernel_w16 need a code change to become the default: ask for them)")
   parser.add_argument("--beam1_variants",
                       default="main,scorek_approx,stop_while4,pad8,kernel")
-  parser.add_argument("--profile_variants", default="main",
+  parser.add_argument("--fp32_profile_variants", default="main",
+                      help="train variants (batch 128 fp32) the profile part traces")
+  parser.add_argument("--profile_variants", default="main,late_grad",
                       help="train variants (batch 512 bf16) whose kernels the profile part traces")
   parser.add_argument("--beam_profile_variants", default="main,scorek_approx",
                       help="beam variants traced after beam256's timings (kernel time per search)")
@@ -671,7 +678,8 @@ def parse_args():
                       help="skip what would end after this many seconds (300; quick: no limit)")
   args = parser.parse_args()
   for flag, known in (("bf16_variants", TRAIN_VARIANTS), ("fp32_variants", TRAIN_VARIANTS),
-                      ("profile_variants", TRAIN_VARIANTS), ("beam256_variants", BEAM_VARIANTS),
+                      ("profile_variants", TRAIN_VARIANTS), ("fp32_profile_variants", TRAIN_VARIANTS),
+                      ("beam256_variants", BEAM_VARIANTS),
                       ("beam1_variants", BEAM_VARIANTS), ("beam_profile_variants", BEAM_VARIANTS),
                       ("parts", ("beam256", "beam1", "train_bf16", "train_fp32", "profile", "grads"))):
     unknown = [name for name in getattr(args, flag).split(",") if name and name not in known]
@@ -723,6 +731,8 @@ def main():
     elif part == "profile":
       if cases.get("train_bf16"):
         profile_part(record, cases["train_bf16"], variants(args.profile_variants))
+      if cases.get("train_fp32"):
+        profile_part(record, cases["train_fp32"], variants(args.fp32_profile_variants))
   print()
   common.print_table(record.payload["rows"], COLUMNS, title=(
       f"probe_gpu9: train = images/s (train_lib.train_step, tutorial sizes), beam = captions/s "
