@@ -43,7 +43,7 @@ import jax.numpy as jnp
 ATTENTION_TILE = 32
 CONTEXT_TILE = 128
 MIN_DOT = 16  # Triton's smallest product dimension: the beams are padded to it for the context
-# `attention_scores`: positions per program and entries of A per step of its (unrolled) loop.
+# `attention_scores`: positions per program, and entries of A per pass of its loop.
 SCORE_BLOCK_P = 16
 SCORE_TILE = 64
 
