@@ -4,6 +4,9 @@
 #   run(command="bash bench/gpu9_call.sh", carry=[".whl"], timeout_s=600); then give_back.
 # Rounds 1-4 ran on an H200 (the kind a plain run got), round 5 on the H100 the targets name:
 # kind="nvidia-h100-x1" (530 s of the call; the fine-tuning row alone ~170 s: SKIP_FULL=1 drops it).
+# Round 6 (prepared in session 24): SKIP_FULL=1 bash bench/gpu9_call.sh, since the fine-tuning target
+# was met with its torch ratio in round 5; the time goes to the probe's new score-kernel, noproj and
+# profile items, and to a second probe with XLA's GEMMs by cuBLAS (SKIP_CUBLAS=1: not).
 # .whl holds ml_collections (configs/default.py and flaxcap/checkpoints.py import it; the device has none)
 # and efficientnet_lite_pytorch (the torch reference of the fine-tuning row; 23 KB):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
@@ -49,6 +52,12 @@ run 60 $R --batch_sizes=${TS:-128} --dtypes=float32 $T128 --output=$P/training_g
 if [ -z "${SKIP_FULL:-}" ]; then  # Lite0 fine-tuned end to end at 224 px (compiles ~80 s); SKIP_FULL=1: not
   run 190 bench/training.py --parts=full --full_batch_sizes=${FB:-128} --dtypes=bfloat16 --steps=10 \
     --output=$P/training_gpu9_full.json
+fi
+if [ -z "${SKIP_CUBLAS:-}" ]; then  # a second probe with XLA's GEMMs by cuBLAS, not its Triton emitter
+  # (a beam step's 29.6 and 23.4 us gemm_fusion kernels): probe_gpu9_cublas.json, its profile and HLO
+  XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_triton_gemm=false" OUT=$P \
+    run 90 bench/probe_gpu9.py --tag=cublas --parts=beam256,train_bf16 --budget_s=80 \
+    --beam256_variants=main,scorek_approx --bf16_variants=main --beam_profile_variants=main
 fi
 grep -h -A30 -E '^(beam search from|train step \(fwd)' $LOG | grep -v '^--$' | cut -c1-170
 echo "done [$(el)s]"

@@ -232,15 +232,21 @@ COLUMNS = [common.Column("part", "part"), common.Column("variant", "variant"),
 
 
 class Record:
-  """The probe's rows, time budget and JSON file ($OUT/probe_gpu9[_<tag>].json)."""
+  """The probe's rows, time budget and files: $OUT/probe_gpu9[_<tag>].json, and `path`'s profiles and
+  HLO texts."""
 
   def __init__(self, out_dir: pathlib.Path, budget_s: float, args):
     self.out_dir, self.budget_s, self.start = out_dir, budget_s, time.perf_counter()
-    self.json_path = out_dir / f"probe_gpu9{'_' + args.tag if args.tag else ''}.json"
+    self.suffix = f"_{args.tag}" if args.tag else ""
+    self.json_path = out_dir / f"probe_gpu9{self.suffix}.json"
     self.payload = {"probe": "bench/probe_gpu9.py", "args": vars(args),
                     "machine": common.machine(torch_too=False),
                     "xla_flags": os.environ.get("XLA_FLAGS", ""), "rows": [], "errors": [],
                     "skipped": [], "profiles": {}}
+
+  def path(self, kind: str, label: str) -> pathlib.Path:
+    """$OUT/<kind>_<label>[_<tag>].txt ("+" in a variant's name as "_")."""
+    return self.out_dir / f"{kind}_{label.replace('+', '_')}{self.suffix}.txt"
 
   def elapsed(self) -> float:
     return time.perf_counter() - self.start
@@ -591,7 +597,7 @@ def write_hlo(record: Record, label: str, compiled):
   """Writes the HLO text of `compiled()` (a `Compiled`) to $OUT/hlo_<label>.txt."""
   try:
     text = compiled().as_text()
-    (record.out_dir / f"hlo_{label.replace('+', '_')}.txt").write_text(text)
+    record.path("hlo", label).write_text(text)
   except Exception as e:  # pylint: disable=broad-except
     record.error(f"hlo {label}", e)
 
@@ -611,7 +617,7 @@ def profile(record: Record, label: str, run, *, header: str, calls: int = 3):
     finally:  # a failed call must not leave the trace open (every later start_trace would fail)
       jax.profiler.stop_trace()
     lines, summary = hlo_kernels.trace_kernel_summary(trace_dir, calls)
-    path = record.out_dir / f"profile_{label.replace('+', '_')}.txt"
+    path = record.path("profile", label)
     path.write_text(f"{header} (mean of {calls})\n" + "\n".join(lines) + "\n")
     record.payload["profiles"][label] = summary
     log(f"--- profile {label} (top of {path})")
@@ -672,7 +678,8 @@ def parse_args():
   parser.add_argument("--repeats", type=int, default=None, help="timed searches (20; quick 2)")
   parser.add_argument("--grad_batch", type=int, default=None, help="images (32; quick 2)")
   parser.add_argument("--tag", default="",
-                      help="names the JSON probe_gpu9_<tag>.json (a second run in the same call, e.g. "
+                      help="names the JSON probe_gpu9_<tag>.json and ends the profiles' and HLO "
+                           "files' names (a second run in the same call, e.g. "
                            "under other XLA_FLAGS, keeps the first's file)")
   parser.add_argument("--budget_s", type=float, default=None,
                       help="skip what would end after this many seconds (300; quick: no limit)")
