@@ -56,7 +56,7 @@ fi
 if [ -z "${SKIP_CUBLAS:-}" ]; then  # a second probe with XLA's GEMMs by cuBLAS, not its Triton emitter
   # (a beam step's 29.6 and 23.4 us gemm_fusion kernels): probe_gpu9_cublas.json, its profile and HLO
   XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_triton_gemm=false" OUT=$P \
-    run 90 bench/probe_gpu9.py --tag=cublas --parts=beam256,train_bf16 --budget_s=80 \
+    run 90 bench/probe_gpu9.py ${PROBE_ARGS:-} --tag=cublas --parts=beam256,train_bf16 --budget_s=80 \
     --beam256_variants=main,scorek_approx --bf16_variants=main --beam_profile_variants=main
 fi
 grep -h -A30 -E '^(beam search from|train step \(fwd)' $LOG | grep -v '^--$' | cut -c1-170
