@@ -6,7 +6,8 @@
 # kind="nvidia-h100-x1" (530 s of the call; the fine-tuning row alone ~170 s: SKIP_FULL=1 drops it).
 # Round 6 (prepared in session 24): SKIP_FULL=1 bash bench/gpu9_call.sh, since the fine-tuning target
 # was met with its torch ratio in round 5; the time goes to the probe's new score-kernel, noproj and
-# profile items, and to a second probe with XLA's GEMMs by cuBLAS (SKIP_CUBLAS=1: not).
+# profile items, the train step's peak device memory (SKIP_MEMORY=1: not), and a second probe with
+# XLA's GEMMs by cuBLAS (SKIP_CUBLAS=1: not).
 # .whl holds ml_collections (configs/default.py and flaxcap/checkpoints.py import it; the device has none)
 # and efficientnet_lite_pytorch (the torch reference of the fine-tuning row; 23 KB):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
@@ -52,6 +53,11 @@ run 60 $R --batch_sizes=${TS:-128} --dtypes=float32 $T128 --output=$P/training_g
 if [ -z "${SKIP_FULL:-}" ]; then  # Lite0 fine-tuned end to end at 224 px (compiles ~80 s); SKIP_FULL=1: not
   run 190 bench/training.py --parts=full --full_batch_sizes=${FB:-128} --dtypes=bfloat16 --steps=10 \
     --output=$P/training_gpu9_full.json
+fi
+if [ -z "${SKIP_MEMORY:-}" ]; then  # issue 8's memory row: peak device memory of a decoder train step
+  # at batch 128 (tutorial sizes), flaxcap and torch, each a fresh process (last measured in round 3)
+  run 80 bench/memory.py --memory_output=$P/memory_gpu9.json --rows=train_decoder_flaxcap_float32,\
+train_decoder_torch_float32,train_decoder_flaxcap_bfloat16,train_decoder_torch_bfloat16
 fi
 if [ -z "${SKIP_CUBLAS:-}" ]; then  # a second probe with XLA's GEMMs by cuBLAS, not its Triton emitter
   # (a beam step's 29.6 and 23.4 us gemm_fusion kernels): probe_gpu9_cublas.json, its profile and HLO
