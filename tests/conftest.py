@@ -5,6 +5,7 @@ import atexit
 import os
 import pathlib
 import shutil
+import subprocess
 import sys
 import tempfile
 
@@ -21,14 +22,40 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 # already in XLA_FLAGS is kept, so
 #   XLA_FLAGS="--xla_backend_optimization_level=3 --xla_llvm_disable_expensive_passes=false
 #              --xla_cpu_use_fusion_emitters=true"
-# runs the suite on the code users run.
+# runs the suite on the code users run. XLA aborts the process on a flag it does not know (jax 0.11,
+# on Python 3.12, no longer has the emitter flag), so the flags are tried once, in a child process,
+# and the ones this jaxlib rejects are left out; pytest-xdist's workers inherit the result.
 _TEST_XLA_FLAGS = {"--xla_force_host_platform_device_count": "4",
                    "--xla_backend_optimization_level": "0",
                    "--xla_llvm_disable_expensive_passes": "true",
                    "--xla_cpu_use_fusion_emitters": "false"}
-for _flag, _value in _TEST_XLA_FLAGS.items():
-  if _flag not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}={_value}".strip()
+_UNKNOWN_FLAGS_VARIABLE = "FLAXCAP_TESTS_UNKNOWN_XLA_FLAGS"  # set by the first process that tried
+
+
+def _xla_accepts(flags: list[str]) -> bool:
+  """Whether this jaxlib starts its CPU backend with XLA_FLAGS = `flags`."""
+  code = "import jax; jax.numpy.zeros(1).block_until_ready()"
+  environment = {**os.environ, "XLA_FLAGS": " ".join(flags), "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True,
+                        timeout=300, check=False).returncode == 0
+
+
+def _add_test_xla_flags() -> None:
+  """Adds `_TEST_XLA_FLAGS` not already set, and known to this XLA, to XLA_FLAGS."""
+  wanted = [f"{flag}={value}" for flag, value in _TEST_XLA_FLAGS.items()
+            if flag not in os.environ.get("XLA_FLAGS", "")
+            and flag not in os.environ.get(_UNKNOWN_FLAGS_VARIABLE, "").split()]
+  if not wanted:
+    return
+  if _UNKNOWN_FLAGS_VARIABLE not in os.environ and not _xla_accepts(wanted):
+    rejected = [flag for flag in wanted if not _xla_accepts([flag])]
+    wanted = [flag for flag in wanted if flag not in rejected]
+    os.environ[_UNKNOWN_FLAGS_VARIABLE] = " ".join(flag.split("=")[0] for flag in rejected)
+  os.environ.setdefault(_UNKNOWN_FLAGS_VARIABLE, "")
+  os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *wanted]).strip()
+
+
+_add_test_xla_flags()
 # Every training run builds a new optimizer, so its pmapped step is traced and compiled anew, though
 # the program is the same (as are the encoder and search that Captioner.load, infer.py and app.py
 # compile). JAX's persistent cache, keyed by the compiled program, lets this process and the CLIs it

@@ -82,8 +82,13 @@ def _backward_scan_carry_shapes(decoder, params, features, tokens):
   assert backward, [eqn.params.get("reverse") for eqn in scans]
   shapes = []
   for eqn in backward:
-    first, count = eqn.params["num_consts"], eqn.params["num_carry"]
-    shapes += [tuple(v.aval.shape) for v in eqn.invars[first:first + count]]
+    if "num_carry" in eqn.params:  # jax < 0.11: the carry's position among the inputs
+      first, count = eqn.params["num_consts"], eqn.params["num_carry"]
+      shapes += [tuple(v.aval.shape) for v in eqn.invars[first:first + count]]
+    else:  # the outputs: the carry as it is, each per-step output with the scan's length (TIME,
+      # distinct from the other sizes) in front
+      shapes += [tuple(v.aval.shape) for v in eqn.outvars
+                 if v.aval.ndim == 0 or v.aval.shape[0] != eqn.params["length"]]
   return shapes
 
 
