@@ -28,7 +28,15 @@ TRAIN = {"main": "", "no_recompute": "--norecompute_attention", "recompute": "--
          "bf16_features+recompute": "--feature_dtype=bfloat16 --recompute_attention",
          "recompute+pad8": "--recompute_attention --pad_columns_to=8",
          "late_grad": "--late_projected_grad", "late_grad+pad8": "--late_projected_grad --pad_columns_to=8",
-         "late_grad+bf16_features": "--late_projected_grad --feature_dtype=bfloat16"}
+         "late_grad+bf16_features": "--late_projected_grad --feature_dtype=bfloat16",
+         "score_vjp": "--recompute_attention --score_vjp",
+         "score_vjp+late_grad": "--recompute_attention --score_vjp --late_projected_grad",
+         "score_vjp+late_grad+pad8": "--recompute_attention --score_vjp --late_projected_grad "
+                                     "--pad_columns_to=8",
+         "score_vjp+late_grad+bf16_features": "--recompute_attention --score_vjp "
+                                              "--late_projected_grad --feature_dtype=bfloat16",
+         "score_vjp+late_grad+scorek_approx": "--recompute_attention --score_vjp "
+                                              "--late_projected_grad --score_kernel --approx_tanh"}
 
 
 def choose(rows, part):

@@ -26,6 +26,15 @@ cut-off run still returns what it measured). In one process, on the issue's work
         late_grad(+pad8, +bf16_features)  late_projected_grad: the projected features' gradient
                                  summed in one pass after the backward scan instead of in a running
                                  sum each step reads and writes (206 MB a step at batch 512 bf16)
+        score_vjp(+late_grad, +pad8, +bf16_features)  score_vjp: the recomputed scores' backward
+                                 pass by `attention_grad.recomputed_scores` (session 25): the
+                                 activation recomputed inside each of its two sums over P, where
+                                 autodiff of the remat wrote it out in float32 and read it back
+                                 (compiled for an H100 by bench/gpu_aot.py: the backward scan's
+                                 kernels move 1,118 MB an iteration with late_grad, against
+                                 1,825 for main's; not yet timed); +scorek_approx: its forward
+                                 scores by the Pallas score kernel with `tanh.approx.f32` (main's
+                                 score fusion took 154 us a step in round 5's profile)
         jax_tanh                 the attention's tanh as jnp.tanh (main before session 16: its gradient
                                  rule kept y and 1 - y a step, `layers.tanh` keeps y): what the
                                  change gained against the 20.5k / 9.8k images/s of round 3
@@ -77,8 +86,8 @@ cut-off run still returns what it measured). In one process, on the issue's work
         stop_while+kernel+pad8  all three
       A row: captions/s, and the share of images whose K hypotheses (tokens) are main's.
   profile   jax.profiler traces of the --profile_variants train steps (batch 512 bf16; main,
-            late_grad), summed per GPU kernel: $OUT/profile_train_<variant>.txt, and of the
-            --fp32_profile_variants (batch 128 fp32; main): profile_train_float32_<variant>.txt;
+            score_vjp+late_grad), summed per GPU kernel: $OUT/profile_train_<variant>.txt, and of the
+            --fp32_profile_variants (the same at batch 128 fp32): profile_train_float32_<variant>.txt;
             their compiled HLO: hlo_train(_float32)_<variant>.txt.
             The beam256 part ends with traces of
             --beam_profile_variants (main, scorek_approx): $OUT/profile_beam256_<variant>.txt,
@@ -164,6 +173,19 @@ TRAIN_VARIANTS = {
     "late_grad": {"late_projected_grad": True},
     "late_grad+pad8": {"late_projected_grad": True, "pad_columns_to": 8},
     "late_grad+bf16_features": {"late_projected_grad": True, "feature_dtype": jnp.bfloat16},
+    # The recomputed scores' backward pass written out (`attention_grad.recomputed_scores`; session 25).
+    "score_vjp": {"recompute_attention": True, "score_vjp": True},
+    "score_vjp+late_grad": {"recompute_attention": True, "score_vjp": True,
+                            "late_projected_grad": True},
+    "score_vjp+late_grad+pad8": {"recompute_attention": True, "score_vjp": True,
+                                 "late_projected_grad": True, "pad_columns_to": 8},
+    "score_vjp+late_grad+bf16_features": {"recompute_attention": True, "score_vjp": True,
+                                          "late_projected_grad": True,
+                                          "feature_dtype": jnp.bfloat16},
+    # ... and the forward scores by the Pallas score kernel with the GPU's tanh instruction.
+    "score_vjp+late_grad+scorek_approx": {"recompute_attention": True, "score_vjp": True,
+                                          "late_projected_grad": True, "score_kernel": True,
+                                          "approx_tanh": True},
 }
 # The attention's tanh of the train variants that change it (read while tracing): jax_tanh is main's
 # decoder before session 16, whose tanh kept y and 1 - y for the backward pass (`layers.tanh`: y).
@@ -659,18 +681,22 @@ def parse_args():
   parser.add_argument("--quick", action="store_true", help="tiny shapes: every code path on a CPU")
   parser.add_argument("--parts", default="beam256,beam1,train_bf16,train_fp32,profile,grads",
                       help="in this order (most wanted first: the budget skips the last)")
-  parser.add_argument("--bf16_variants", default="main,late_grad,pad8,late_grad+pad8")
-  parser.add_argument("--fp32_variants", default="main,late_grad,bf16_features,late_grad+bf16_features")
+  parser.add_argument("--bf16_variants",
+                      default="main,score_vjp+late_grad,score_vjp+late_grad+scorek_approx,late_grad,"
+                              "score_vjp,score_vjp+late_grad+pad8")
+  parser.add_argument("--fp32_variants",
+                      default="main,score_vjp+late_grad,score_vjp+late_grad+scorek_approx,late_grad,"
+                              "bf16_features,score_vjp+late_grad+bf16_features")
   parser.add_argument("--beam256_variants",
                       default="main,scorek_approx,pad8,scorek,fused_approx,scorek_approx+pad8,"
-                              "noproj,scorek_approx+noproj,stop_while4,kernel,stop_cond,flat",
+                              "noproj,scorek_approx+noproj,stop_while4",
                       help="the defaults are those bench/beam_search.py has flags for (kernel_w4 and "
                            "kernel_w16 need a code change to become the default: ask for them)")
   parser.add_argument("--beam1_variants",
                       default="main,scorek_approx,stop_while4,pad8,kernel")
-  parser.add_argument("--fp32_profile_variants", default="main",
+  parser.add_argument("--fp32_profile_variants", default="main,score_vjp+late_grad",
                       help="train variants (batch 128 fp32) the profile part traces")
-  parser.add_argument("--profile_variants", default="main,late_grad",
+  parser.add_argument("--profile_variants", default="main,score_vjp+late_grad",
                       help="train variants (batch 512 bf16) whose kernels the profile part traces")
   parser.add_argument("--beam_profile_variants", default="main,scorek_approx",
                       help="beam variants traced after beam256's timings (kernel time per search)")

@@ -77,6 +77,12 @@ _PAD_COLUMNS_TO = flags.DEFINE_integer("pad_columns_to", 1, "flaxcap: pad the de
 _LATE_PROJECTED_GRAD = flags.DEFINE_bool("late_projected_grad", False, "flaxcap: the projected "
                                          "features' gradient in one pass after the backward scan "
                                          "(config.decoder.late_projected_grad).")
+_SCORE_VJP = flags.DEFINE_bool("score_vjp", False, "flaxcap: the recomputed attention scores' "
+                               "backward pass written out (config.decoder.score_vjp).")
+_SCORE_KERNEL = flags.DEFINE_bool("score_kernel", False, "flaxcap: with --score_vjp, the forward "
+                                  "scores by the Pallas score kernel (config.decoder.score_kernel).")
+_APPROX_TANH = flags.DEFINE_bool("approx_tanh", False, "flaxcap: that kernel's tanh by the GPU's "
+                                 "tanh.approx.f32 (config.decoder.approx_tanh).")
 _OUTPUT = flags.DEFINE_string("output", "training", "JSON path, or a name under bench/results/.")
 
 
@@ -243,7 +249,8 @@ def main(argv):
   decoder_options = {"unroll": _DECODER_UNROLL.value,
                      "recompute_attention": "auto" if recompute is None else str(recompute).lower(),
                      "feature_dtype": _FEATURE_DTYPE.value, "pad_columns_to": _PAD_COLUMNS_TO.value,
-                     "late_projected_grad": _LATE_PROJECTED_GRAD.value}
+                     "late_projected_grad": _LATE_PROJECTED_GRAD.value, "score_vjp": _SCORE_VJP.value,
+                     "score_kernel": _SCORE_KERNEL.value, "approx_tanh": _APPROX_TANH.value}
   warmup = _WARMUP.value or default_warmup()
   common.configure_torch()
   info = common.machine()

@@ -86,6 +86,8 @@ def get_config():
   #   rounded at 2^-11; exact tanh off the GPU)
   config.decoder.late_projected_grad = False  # training: the projected features' gradient in one
   #   pass after the backward scan, not summed in every step (flaxcap/attention_grad.py; speed only)
+  config.decoder.score_vjp = False  # training with recompute_attention: the scores' backward pass
+  #   written out, the activation recomputed into each sum, never stored (attention_grad.py)
 
   config.loss = ml_collections.ConfigDict()
   config.loss.alpha_c = 1.0  # doubly stochastic attention weight

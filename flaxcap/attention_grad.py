@@ -17,12 +17,23 @@ over steps is float32, where the scan adds in the compute dtype.
 
     outputs = scan_with_late_projected_grad(apply_scan, params, carry, encoded, word_gates,
                                             dtype=dtype, activation="tanh")
+
+`recomputed_scores` is the other half: a step's scores whose backward pass recomputes the
+activation and takes every gradient from it in one pass over [batch, K, P, A] (the score kernel's
+and the query's are both sums over P), where autodiff of the same function under `nn.remat` wrote
+the recomputed activation out in float32 and read it back (compiled for an H100,
+bench/gpu_aot.py).
+
+    scores = recomputed_scores(projected_features, query, score_kernel, "tanh")   # [batch, K, P]
 """
 
+import functools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+
+from flaxcap import layers
 
 Array = jax.Array
 
@@ -43,19 +54,97 @@ def projected_features_grad(projected_features: Array, queries: Array, score_gra
     the compute dtype; the activation's gradient in float32 from its rounded output, as
     `layers.tanh`; the steps summed in float32.
   """
-  dtype = projected_features.dtype
   summed = projected_features[:, None] + queries[:, :, None]  # [batch, T, P, A]
-  # The activation's cotangent, rounded to the compute dtype as autodiff of the score rounds it.
+  _, summed_grads = _activation_and_grads(summed, score_grads, score_kernel, activation)
+  return jnp.sum(summed_grads, axis=1).astype(projected_features.dtype)
+
+
+def _activation_and_grads(summed: Array, score_grads: Array, score_kernel: Array, activation: str
+                          ) -> tuple[Array, Array]:
+  """act(summed) and the scores' gradient with respect to `summed`, float32 [..., P, A] each.
+
+  summed: pf + q in the compute dtype, [..., P, A]; score_grads: float32 [..., P]; score_kernel: w_a
+  [A] in the compute dtype. Rounded as autodiff of the score rounds them: the activation's cotangent
+  in the compute dtype, its slope in float32 from the rounded output (`layers.tanh`).
+  """
+  dtype = summed.dtype
   hidden_grads = (score_grads[..., None] * score_kernel.astype(jnp.float32)).astype(dtype)
   hidden_grads = hidden_grads.astype(jnp.float32)
   if activation == "tanh":
     activated = jnp.tanh(summed).astype(jnp.float32)
     slopes = (1.0 - activated) * (1.0 + activated)
   elif activation == "relu":
+    activated = jax.nn.relu(summed).astype(jnp.float32)
     slopes = (summed > 0).astype(jnp.float32)
   else:
     raise ValueError(f"activation must be tanh or relu, got {activation!r}")
-  return jnp.sum(hidden_grads * slopes, axis=1).astype(dtype)
+  return activated, hidden_grads * slopes
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def recomputed_scores(projected_features: Array, query: Array, score_kernel: Array,
+                      activation: str, by_kernel: bool = False, approx_tanh: bool = False) -> Array:
+  """The additive attention's scores w_a . act(pf + q), float32 [batch, K, P], as
+  `Decoder._scores(..., by_sum=True)`, keeping only the inputs for the backward pass.
+
+  Args:
+    projected_features: pf [batch, P, A], the compute dtype.
+    query: q [batch, K, A], the same dtype.
+    score_kernel: w_a [A] (the parameter's dtype; rounded to the compute dtype as the score's
+      product rounds it).
+    activation: a name in `layers.ATTENTION_ACTIVATIONS`.
+    by_kernel: the forward pass by `attention_kernel.attention_scores` (a Pallas kernel; interpreted
+      off the GPU), with `approx_tanh` its tanh by the GPU's `tanh.approx.f32`
+      (`attention_kernel.kernel_activation`). The backward pass is the same.
+
+  The backward pass recomputes act(pf + q) and takes from it, in float32 sums over P, the kernel's
+  gradient (sum of ds * act) and the query's (sum of d(pf + q)), and the projected features'
+  (summed over K); XLA can fuse the two sums over P into one pass over the recomputed activation,
+  which nothing writes out. The same gradients as autodiff up to rounding (the sums in float32).
+  """
+  if by_kernel:
+    from flaxcap import attention_kernel  # pylint: disable=g-import-not-at-top  (Pallas: opt-in)
+    interpret = jax.default_backend() != "gpu"
+    return attention_kernel.attention_scores(
+        projected_features, query, score_kernel, interpret=interpret,
+        activation=attention_kernel.kernel_activation(activation, approx_tanh=approx_tanh,
+                                                      interpret=interpret))
+  hidden = layers.ATTENTION_ACTIVATIONS[activation](
+      projected_features[:, None, :, :] + query[:, :, None, :])  # [batch, K, P, A]
+  weights = score_kernel.astype(projected_features.dtype).astype(jnp.float32)
+  return jnp.sum(hidden.astype(jnp.float32) * weights, axis=-1)
+
+
+def _recomputed_scores_forward(projected_features, query, score_kernel, activation, by_kernel,
+                               approx_tanh):
+  scores = recomputed_scores(projected_features, query, score_kernel, activation, by_kernel,
+                             approx_tanh)
+  return scores, (projected_features, query, score_kernel)
+
+
+def _recomputed_scores_backward(activation, by_kernel, approx_tanh, residuals, score_grads):
+  del by_kernel, approx_tanh  # the forward pass's implementation; the gradients are the same
+  projected_features, query, score_kernel = residuals
+  dtype = projected_features.dtype
+  score_kernel_c = score_kernel.astype(dtype)
+
+  def activation_and_grads(projected_features, query):
+    summed = projected_features[:, None, :, :] + query[:, :, None, :]  # [batch, K, P, A]
+    return _activation_and_grads(summed, score_grads, score_kernel_c, activation)
+
+  # Each gradient recomputes the activation itself: XLA does not fuse an expensive producer (tanh)
+  # into two consumers, so one shared activation would be written out in float32 and read back
+  # (2 x 205 MB a step at batch 512). The barrier keeps CSE from merging the two recomputations.
+  activated, _ = activation_and_grads(projected_features, query)
+  kernel_grads = jnp.sum(score_grads[..., None] * activated, axis=(0, 1, 2))
+  kernel_grads = kernel_grads.astype(dtype).astype(score_kernel.dtype)
+  _, summed_grads = activation_and_grads(*jax.lax.optimization_barrier((projected_features, query)))
+  query_grads = jnp.sum(summed_grads, axis=2).astype(query.dtype)
+  feature_grads = jnp.sum(summed_grads.astype(dtype), axis=1)  # as autodiff: rounded, then over K
+  return feature_grads, query_grads, kernel_grads
+
+
+recomputed_scores.defvjp(_recomputed_scores_forward, _recomputed_scores_backward)
 
 
 def scan_with_late_projected_grad(apply_scan: Callable[..., Any], params: Any, carry: Any,

@@ -134,10 +134,13 @@ class Decoder(nn.Module):
       per image (`attention_kernel.attend`; interpreted off the GPU). On an H100 a loss.
     score_kernel: a decoding `step`'s scores alone in a Pallas kernel
       (`attention_kernel.attention_scores`), softmax and context XLA's; over `fused_attention`.
+      With `score_vjp`, teacher forcing's scores too.
     approx_tanh: those kernels' tanh by the GPU's `tanh.approx.f32` (relative error below 2^-10.9,
       under bfloat16's rounding; the exact tanh off the GPU).
     late_projected_grad: teacher forcing's gradient of the projected features in one pass after
       the backward scan instead of a running sum in every step (`attention_grad`).
+    score_vjp: the recomputed scores (`recompute_attention`) by `attention_grad.recomputed_scores`,
+      whose backward pass takes every gradient from one recomputation, not written out.
   """
   vocab_size: int
   embed_dim: int = 512
@@ -158,6 +161,7 @@ class Decoder(nn.Module):
   score_kernel: bool = False
   approx_tanh: bool = False
   late_projected_grad: bool = False
+  score_vjp: bool = False
 
   def setup(self):
     if self.attention_activation not in layers.ATTENTION_ACTIVATIONS:
@@ -279,6 +283,10 @@ class Decoder(nn.Module):
                                        activation=activation, interpret=interpret)
       scores = attention_kernel.attention_scores(encoded.projected_features, query, score_weights,
                                                  activation=activation, interpret=interpret)
+    elif recompute_scores and self.score_vjp and not self.is_initializing():
+      scores = attention_grad.recomputed_scores(
+          encoded.projected_features, query, self.attention_score.variables["params"]["kernel"][:, 0],
+          self.attention_activation, self.score_kernel, self.approx_tanh)
     elif recompute_scores:
       scores = _recomputed_scores_by_sum(self, encoded.projected_features, query)
     else:

@@ -129,7 +129,8 @@ def create_decoder(config, vocab_size: int) -> decoder_lib.Decoder:
       pad_columns_to=int(dec.get("pad_columns_to", 1)),
       fused_attention=bool(dec.get("fused_attention", False)),
       score_kernel=bool(dec.get("score_kernel", False)), approx_tanh=bool(dec.get("approx_tanh", False)),
-      late_projected_grad=bool(dec.get("late_projected_grad", False)))
+      late_projected_grad=bool(dec.get("late_projected_grad", False)),
+      score_vjp=bool(dec.get("score_vjp", False)))
 
 
 def create_encoder(config, *, feature_stage: int | None = None, start_stage: int = 0) -> nn.Module:

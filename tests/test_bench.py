@@ -110,3 +110,13 @@ def test_the_gpu_calls_flags_exist_and_ask_for_the_probes_options():
       assert (f"--{option}" if value is True else f"--{option}={value}") in text.split(), variant
     if probe_gpu9.BEAM_SEARCH_OPTIONS.get(variant, {}).get("project_context") is False:
       assert "--project_context=off" in text.split(), variant
+  flag_of = {"late_projected_grad": "--late_projected_grad", "score_vjp": "--score_vjp",
+             "recompute_attention": "--recompute_attention",
+             "pad_columns_to": "--pad_columns_to={}", "feature_dtype": "--feature_dtype=bfloat16",
+             "score_kernel": "--score_kernel", "approx_tanh": "--approx_tanh"}
+  for variant, text in choose_gpu9.TRAIN.items():
+    for option, value in probe_gpu9.TRAIN_VARIANTS[variant].items():
+      if option in flag_of:
+        flag = flag_of[option].format(value)
+        assert (flag if value is not False else f"--no{flag[2:]}") in text.split(), variant
+
