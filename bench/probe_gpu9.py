@@ -62,6 +62,11 @@ cut-off run still returns what it measured). In one process, on the issue's work
                          features (32 MB at batch 256) for the context, then multiplies the context
                          by the LSTM's and L_z's weights, instead of reading the grid's projections
                          through them (64 MB, more than the H100's 50 MB L2; the 29.6 us GEMM fusion?)
+        kseg_padded, scorek_approx+kseg_padded  the segments' kernel reading int32 keys that a
+                         pass before it writes, padded to whole segments (main before session 25:
+                         that pass took 6.6 us a step in round 5's profile); main's programs read
+                         their segments of the float32 candidates in place
+                         (`top_k.KERNEL_READS_VALUES`)
         stop_while+kseg(1024, 4096)  the kernel on segments of 2,048 (1,024, 4,096) candidates
         rounds           10 rounds of argmax over the 13,000 candidates: 10 reductions, no TopK kernel
         chunks_barrier   chunk maxima, the chosen entries written out before the final ranking
@@ -220,7 +225,8 @@ BEAM_VARIANTS = {"main": (None, 1, None), "flat": ("flat", 1, None), "rounds": (
                  "stop_while+fused": (None, 1, "while"), "fused+pad8": (None, 1, None),
                  "scorek": (None, 1, None), "scorek_approx": (None, 1, None),
                  "scorek_approx+pad8": (None, 1, None), "fused_approx": (None, 1, None),
-                 "noproj": (None, 1, None), "scorek_approx+noproj": (None, 1, None)}
+                 "noproj": (None, 1, None), "scorek_approx+noproj": (None, 1, None),
+                 "kseg_padded": (None, 1, None), "scorek_approx+kseg_padded": (None, 1, None)}
 # `top_k.KERNEL_NUM_WARPS` of the kernel variants that set it (8 otherwise, at these sizes).
 BEAM_KERNEL_WARPS = {"kernel_w4": 4, "kernel_w16": 16, "stop_while+kernel_w4": 4}
 # `top_k.KERNEL_SEGMENT` of the "kernel_segments" variants that set it (2,048 otherwise).
@@ -237,11 +243,33 @@ BEAM_DECODER_OPTIONS = {"pad8": {"pad_columns_to": 8}, "pad128": {"pad_columns_t
                         "scorek_approx+pad8": {"score_kernel": True, "approx_tanh": True,
                                                "pad_columns_to": 8},
                         "fused_approx": {"fused_attention": True, "approx_tanh": True},
-                        "scorek_approx+noproj": {"score_kernel": True, "approx_tanh": True}}
+                        "scorek_approx+noproj": {"score_kernel": True, "approx_tanh": True},
+                        "scorek_approx+kseg_padded": {"score_kernel": True, "approx_tanh": True}}
 
 # `decoding.search` options of the beam search variants that have any.
 BEAM_SEARCH_OPTIONS = {"noproj": {"project_context": False},
                        "scorek_approx+noproj": {"project_context": False}}
+
+# The beam variants whose segments' kernel reads keys padded by a pass before it
+# (`top_k.KERNEL_READS_VALUES` off: main before session 25).
+BEAM_KEYS_PADDED = {"kseg_padded", "scorek_approx+kseg_padded"}
+
+
+@contextlib.contextmanager
+def top_k_settings(variant: str):
+  """`flaxcap.top_k`'s module settings for a beam variant (read while tracing its search)."""
+  saved = (top_k_lib.CANDIDATE_TOP_K, top_k_lib.KERNEL_NUM_WARPS, top_k_lib.KERNEL_SEGMENT,
+           top_k_lib.KERNEL_READS_VALUES)
+  top_k_lib.CANDIDATE_TOP_K = BEAM_VARIANTS[variant][0]
+  top_k_lib.KERNEL_NUM_WARPS = BEAM_KERNEL_WARPS.get(variant)
+  top_k_lib.KERNEL_SEGMENT = BEAM_KERNEL_SEGMENT.get(variant, saved[2])
+  top_k_lib.KERNEL_READS_VALUES = variant not in BEAM_KEYS_PADDED
+  try:
+    yield
+  finally:
+    (top_k_lib.CANDIDATE_TOP_K, top_k_lib.KERNEL_NUM_WARPS, top_k_lib.KERNEL_SEGMENT,
+     top_k_lib.KERNEL_READS_VALUES) = saved
+
 
 # Seconds a part's item takes on an H200 (compilation + timing), for the budget; rough.
 ESTIMATED_S = {"train": 16, "grads": 8, "beam": 6, "beam_unrolled": 12, "profile": 12}
@@ -554,10 +582,9 @@ def beam_part(record: Record, name: str, sizes, batch: int, variants, *, repeats
     record.error(f"{name} set-up", e)
     return
   main = None  # (row, result, search)
-  default_segment = top_k_lib.KERNEL_SEGMENT
   searches = {}  # variant -> its compiled search (for the profiles)
   for variant in variants:
-    method, unroll, early_stop = BEAM_VARIANTS[variant]
+    _, unroll, early_stop = BEAM_VARIANTS[variant]
     if not record.fits(f"{name} {variant}",
                        ESTIMATED_S["beam_unrolled" if unroll > 1 else "beam"]):
       continue
@@ -568,34 +595,30 @@ def beam_part(record: Record, name: str, sizes, batch: int, variants, *, repeats
                                      beam_size=beam, max_len=max_len, unroll=unroll,
                                      word_gate_table=table, early_stop=early_stop,
                                      **search_options))
-    top_k_lib.CANDIDATE_TOP_K = method  # read while tracing (the first call), as is:
-    top_k_lib.KERNEL_NUM_WARPS = BEAM_KERNEL_WARPS.get(variant)
-    top_k_lib.KERNEL_SEGMENT = BEAM_KERNEL_SEGMENT.get(variant, default_segment)
-    try:
-      result, first_s, timing = time_search(search, params, features, repeats)
-      row = {"part": name, "variant": variant, "batch": batch, "dtype": "bfloat16", "beam": beam,
-             "ms": timing.median_s * 1e3, "rate": batch / timing.median_s,
-             "min_ms": timing.min_s * 1e3, "first_s": first_s, "timing": timing.as_dict(),
-             "candidate_top_k": top_k_lib.candidate_top_k_method(batch), "unroll": unroll,
-             "kernel_num_warps": top_k_lib.KERNEL_NUM_WARPS, "decoder_options": options,
-             "search_options": BEAM_SEARCH_OPTIONS.get(variant, {}),
-             "kernel_segment": top_k_lib.KERNEL_SEGMENT,
-             "early_stop": step_loop.loop_for(early_stop) or "off",
-             "steps": int(result.steps),
-             "mean_length": float(np.mean(result.lengths[:, 0]))}
-      if variant == "main":
-        main = (row, result, search)
-      elif main:
-        row.update(vs_main=row["rate"] / main[0]["rate"], **agreement(result, main[1]))
-      record.add(row)
-      searches[variant] = search
-      if variant in profile_variants:  # the fusions the profile names (traced as timed, here)
-        write_hlo(record, f"{name}_{variant}", lambda: search.lower(params, features).compile())
-    except Exception as e:  # pylint: disable=broad-except
-      record.error(f"{name} {variant}", e)
-    finally:
-      top_k_lib.CANDIDATE_TOP_K, top_k_lib.KERNEL_NUM_WARPS = None, None
-      top_k_lib.KERNEL_SEGMENT = default_segment
+    with top_k_settings(variant):  # read while tracing (the first call), as is:
+      try:
+        result, first_s, timing = time_search(search, params, features, repeats)
+        row = {"part": name, "variant": variant, "batch": batch, "dtype": "bfloat16", "beam": beam,
+               "ms": timing.median_s * 1e3, "rate": batch / timing.median_s,
+               "min_ms": timing.min_s * 1e3, "first_s": first_s, "timing": timing.as_dict(),
+               "candidate_top_k": top_k_lib.candidate_top_k_method(batch), "unroll": unroll,
+               "kernel_num_warps": top_k_lib.KERNEL_NUM_WARPS, "decoder_options": options,
+               "search_options": BEAM_SEARCH_OPTIONS.get(variant, {}),
+               "kernel_segment": top_k_lib.KERNEL_SEGMENT,
+               "kernel_reads_values": top_k_lib.KERNEL_READS_VALUES,
+               "early_stop": step_loop.loop_for(early_stop) or "off",
+               "steps": int(result.steps),
+               "mean_length": float(np.mean(result.lengths[:, 0]))}
+        if variant == "main":
+          main = (row, result, search)
+        elif main:
+          row.update(vs_main=row["rate"] / main[0]["rate"], **agreement(result, main[1]))
+        record.add(row)
+        searches[variant] = search
+        if variant in profile_variants:  # the fusions the profile names (traced as timed, here)
+          write_hlo(record, f"{name}_{variant}", lambda: search.lower(params, features).compile())
+      except Exception as e:  # pylint: disable=broad-except
+        record.error(f"{name} {variant}", e)
   if main and len(variants) > 1:
     try:
       _, _, timing = time_search(main[2], params, features, repeats)  # compiled: no tracing
@@ -688,7 +711,8 @@ def parse_args():
                       default="main,score_vjp+late_grad,score_vjp+late_grad+scorek_approx,late_grad,"
                               "bf16_features,score_vjp+late_grad+bf16_features")
   parser.add_argument("--beam256_variants",
-                      default="main,scorek_approx,pad8,scorek,fused_approx,scorek_approx+pad8,"
+                      default="main,scorek_approx,kseg_padded,pad8,scorek,fused_approx,"
+                              "scorek_approx+pad8,"
                               "noproj,scorek_approx+noproj,stop_while4",
                       help="the defaults are those bench/beam_search.py has flags for (kernel_w4 and "
                            "kernel_w16 need a code change to become the default: ask for them)")

@@ -83,6 +83,10 @@ KERNEL_NUM_WARPS: int | None = None
 # The row length `top_k_of_candidates`' "kernel_segments" cuts the candidates into (`MAX_CHUNKED_BATCH`
 # gives the measurements).
 KERNEL_SEGMENT = 1024
+# Whether the kernel's programs read their segments of the float32 candidates in place (session 25),
+# or a pass before it writes the rows' keys padded to whole segments (as measured on the GPU: on an
+# H100 that pass took 6.6 us of a ~250 us beam step at batch 256). The same result. Read while tracing.
+KERNEL_READS_VALUES = True
 
 
 def top_k_by_kernel(values: jax.Array, k: int, segment: int | None = None
@@ -90,8 +94,9 @@ def top_k_by_kernel(values: jax.Array, k: int, segment: int | None = None
   """`lax.top_k` over the last axis (values as float32) by `top_k_kernel.row_top_k` over their
   `order_keys`: one Pallas program per row; interpreted off the GPU (Triton is GPU only).
 
-  `segment`: each row is cut into segments of this many entries (the last padded), the kernel takes
+  `segment`: each row is cut into segments of this many entries (the last shorter), the kernel takes
   the k best of every segment, one program each, and `rank_top_k` merges those, ties by position.
+  Its programs read the floats in place (`KERNEL_READS_VALUES`).
   One program per row reads a long row alone (at batch 256 of 13,000 candidates: 256 programs on 132
   SMs); segments spread a row over more programs for the price of a small second kernel.
   """
@@ -100,11 +105,19 @@ def top_k_by_kernel(values: jax.Array, k: int, segment: int | None = None
   from flaxcap import top_k_kernel  # pylint: disable=g-import-not-at-top
   row_top_k = functools.partial(top_k_kernel.row_top_k, num_warps=KERNEL_NUM_WARPS,
                                 interpret=jax.default_backend() != "gpu")
-  keys = order_keys(values)
-  length = keys.shape[-1]
+  length = values.shape[-1]
   if segment is None or segment >= length:
-    top_keys, indices = row_top_k(keys, k)
+    top_keys, indices = row_top_k(order_keys(values), k)
     return values_of_keys(top_keys), indices
+  if KERNEL_READS_VALUES:  # each program reads its segment of the floats in place
+    segment_keys, positions = row_top_k(values.astype(jnp.float32), min(k, segment),
+                                        segment=segment)  # [..., segments, k]
+    segment_keys = segment_keys.reshape(*segment_keys.shape[:-2], -1)
+    positions = positions.reshape(segment_keys.shape)
+    pick = rank_top_k(segment_keys, k, tie_order=positions)
+    return values_of_keys(jnp.take_along_axis(segment_keys, pick, axis=-1)), \
+        jnp.take_along_axis(positions, pick, axis=-1)
+  keys = order_keys(values)
   segments = -(-length // segment)
   # Padding: the lowest key at positions past the row, so it ranks after every entry (k <= length).
   keys = jnp.pad(keys, [(0, 0)] * (keys.ndim - 1) + [(0, segments * segment - length)],

@@ -36,11 +36,16 @@ def test_top_k_matches_lax_top_k_with_ties_and_infinities(top_k, width):
     np.testing.assert_array_equal(indices[:4], order[:4])
 
 
-@pytest.mark.parametrize("method", top_k_lib.CANDIDATE_METHODS)
+@pytest.mark.parametrize("method", top_k_lib.CANDIDATE_METHODS + ("kernel_segments_padded",))
 def test_top_k_of_candidates_matches_lax_top_k_of_the_flat_candidates(method, monkeypatch):
   """Every way of taking the 2K best of [batch, K, V] gives lax.top_k's values and indices, ties
-  (to the lower flat index) and infinities included, for vocabularies the chunks divide or not."""
+  (to the lower flat index) and infinities included, for vocabularies the chunks divide or not.
+  "kernel_segments_padded": the segments' kernel reading keys padded by a pass before it
+  (`KERNEL_READS_VALUES` off), not the floats in place."""
   monkeypatch.setattr(top_k_lib, "KERNEL_SEGMENT", 24)  # segments that divide some rows, not others
+  if method == "kernel_segments_padded":
+    monkeypatch.setattr(top_k_lib, "KERNEL_READS_VALUES", False)
+    method = "kernel_segments"
   rng = np.random.default_rng(11)
   top_k = jax.jit(top_k_lib.top_k_of_candidates, static_argnums=(1, 2))
   for k, vocab in [(1, 2), (2, 3), (3, 7), (4, 50), (5, 97), (5, 260), (3, 1000)]:
