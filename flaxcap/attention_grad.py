@@ -134,10 +134,12 @@ def _recomputed_scores_backward(activation, by_kernel, approx_tanh, residuals, s
 
   # Each gradient recomputes the activation itself: XLA does not fuse an expensive producer (tanh)
   # into two consumers, so one shared activation would be written out in float32 and read back
-  # (2 x 205 MB a step at batch 512). The barrier keeps CSE from merging the two recomputations.
+  # (2 x 205 MB a step at batch 512). The barriers keep CSE from merging the two recomputations and
+  # the kernel's sum over (batch, K) from merging with its sum over P, so that both are sums over P
+  # of the same shape, which XLA can fuse into one pass.
   activated, _ = activation_and_grads(projected_features, query)
-  kernel_grads = jnp.sum(score_grads[..., None] * activated, axis=(0, 1, 2))
-  kernel_grads = kernel_grads.astype(dtype).astype(score_kernel.dtype)
+  kernel_grads = jax.lax.optimization_barrier(jnp.sum(score_grads[..., None] * activated, axis=2))
+  kernel_grads = jnp.sum(kernel_grads, axis=(0, 1)).astype(dtype).astype(score_kernel.dtype)
   _, summed_grads = activation_and_grads(*jax.lax.optimization_barrier((projected_features, query)))
   query_grads = jnp.sum(summed_grads, axis=2).astype(query.dtype)
   feature_grads = jnp.sum(summed_grads.astype(dtype), axis=1)  # as autodiff: rounded, then over K
