@@ -31,10 +31,11 @@ cut-off run still returns what it measured). In one process, on the issue's work
                                  activation recomputed inside each of its two sums over P, where
                                  autodiff of the remat wrote it out in float32 and read it back
                                  (compiled for an H100 by bench/gpu_aot.py: the backward scan's
-                                 kernels move 1,118 MB an iteration with late_grad, against
-                                 1,825 for main's; not yet timed); +scorek_approx: its forward
-                                 scores by the Pallas score kernel with `tanh.approx.f32` (main's
-                                 score fusion took 154 us a step in round 5's profile)
+                                 kernels move 802 MB an iteration with late_grad, against
+                                 1,519 for main's; not yet timed); +scorek_approx: the forward
+                                 scores by the Pallas score kernel and the backward pass's two
+                                 sums by `attention_kernel.score_grads` (one recomputation, one
+                                 pass: 699 MB), their tanh by `tanh.approx.f32`
         jax_tanh                 the attention's tanh as jnp.tanh (main before session 16: its gradient
                                  rule kept y and 1 - y a step, `layers.tanh` keeps y): what the
                                  change gained against the 20.5k / 9.8k images/s of round 3

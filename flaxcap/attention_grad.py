@@ -67,18 +67,29 @@ def _activation_and_grads(summed: Array, score_grads: Array, score_kernel: Array
   [A] in the compute dtype. Rounded as autodiff of the score rounds them: the activation's cotangent
   in the compute dtype, its slope in float32 from the rounded output (`layers.tanh`).
   """
-  dtype = summed.dtype
-  hidden_grads = (score_grads[..., None] * score_kernel.astype(jnp.float32)).astype(dtype)
-  hidden_grads = hidden_grads.astype(jnp.float32)
-  if activation == "tanh":
-    activated = jnp.tanh(summed).astype(jnp.float32)
-    slopes = (1.0 - activated) * (1.0 + activated)
-  elif activation == "relu":
-    activated = jax.nn.relu(summed).astype(jnp.float32)
-    slopes = (summed > 0).astype(jnp.float32)
-  else:
+  activated, slopes = activation_and_slopes(summed, activation)
+  return activated, hidden_grads(score_grads[..., None], score_kernel, summed.dtype) * slopes
+
+
+def activation_and_slopes(summed: Array, activation: str, activate=None) -> tuple[Array, Array]:
+  """act(summed) rounded to summed's dtype, and act's slope there, both float32.
+
+  activation: "tanh" or "relu"; `activate`: the function computing it (float32 in and out; by
+  default jnp's), e.g. a kernel's `tanh.approx.f32`. The slope of tanh from its rounded output.
+  """
+  if activation not in ("tanh", "relu"):
     raise ValueError(f"activation must be tanh or relu, got {activation!r}")
-  return activated, hidden_grads * slopes
+  activate = activate or (jnp.tanh if activation == "tanh" else jax.nn.relu)
+  activated = activate(summed.astype(jnp.float32)).astype(summed.dtype).astype(jnp.float32)
+  if activation == "tanh":
+    return activated, (1.0 - activated) * (1.0 + activated)
+  return activated, (summed > 0).astype(jnp.float32)
+
+
+def hidden_grads(score_grads: Array, score_kernel: Array, dtype) -> Array:
+  """The activation's cotangent ds * w_a (score_grads broadcast against score_kernel [A]), rounded
+  to the compute dtype as autodiff of the score rounds it; float32."""
+  return (score_grads * score_kernel.astype(jnp.float32)).astype(dtype).astype(jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -93,9 +104,10 @@ def recomputed_scores(projected_features: Array, query: Array, score_kernel: Arr
     score_kernel: w_a [A] (the parameter's dtype; rounded to the compute dtype as the score's
       product rounds it).
     activation: a name in `layers.ATTENTION_ACTIVATIONS`.
-    by_kernel: the forward pass by `attention_kernel.attention_scores` (a Pallas kernel; interpreted
-      off the GPU), with `approx_tanh` its tanh by the GPU's `tanh.approx.f32`
-      (`attention_kernel.kernel_activation`). The backward pass is the same.
+    by_kernel: the forward pass by `attention_kernel.attention_scores` and the query's and the
+      kernel's gradients by `attention_kernel.score_grads` (Pallas kernels; interpreted off the
+      GPU), with `approx_tanh` their tanh by the GPU's `tanh.approx.f32`
+      (`attention_kernel.kernel_activation`).
 
   The backward pass recomputes act(pf + q) and takes from it, in float32 sums over P, the kernel's
   gradient (sum of ds * act) and the query's (sum of d(pf + q)), and the projected features'
@@ -123,7 +135,6 @@ def _recomputed_scores_forward(projected_features, query, score_kernel, activati
 
 
 def _recomputed_scores_backward(activation, by_kernel, approx_tanh, residuals, score_grads):
-  del by_kernel, approx_tanh  # the forward pass's implementation; the gradients are the same
   projected_features, query, score_kernel = residuals
   dtype = projected_features.dtype
   score_kernel_c = score_kernel.astype(dtype)
@@ -131,6 +142,18 @@ def _recomputed_scores_backward(activation, by_kernel, approx_tanh, residuals, s
   def activation_and_grads(projected_features, query):
     summed = projected_features[:, None, :, :] + query[:, :, None, :]  # [batch, K, P, A]
     return _activation_and_grads(summed, score_grads, score_kernel_c, activation)
+
+  def projected_features_grads(summed_grads):  # not computed where unused (under stop_gradient)
+    return jnp.sum(summed_grads.astype(dtype), axis=1)  # as autodiff: rounded, then over K
+
+  if by_kernel:  # both sums from one recomputation, in one pass (attention_kernel.score_grads)
+    from flaxcap import attention_kernel  # pylint: disable=g-import-not-at-top  (Pallas: opt-in)
+    query_grads, kernel_grads = attention_kernel.score_grads(
+        projected_features, query, score_grads, score_kernel, activation=activation,
+        approx_tanh=approx_tanh, interpret=jax.default_backend() != "gpu")
+    kernel_grads = jnp.sum(kernel_grads, axis=0).astype(dtype).astype(score_kernel.dtype)
+    summed_grads = activation_and_grads(projected_features, query)[1]
+    return projected_features_grads(summed_grads), query_grads.astype(query.dtype), kernel_grads
 
   # Each gradient recomputes the activation itself: XLA does not fuse an expensive producer (tanh)
   # into two consumers, so one shared activation would be written out in float32 and read back
@@ -142,8 +165,7 @@ def _recomputed_scores_backward(activation, by_kernel, approx_tanh, residuals, s
   kernel_grads = jnp.sum(kernel_grads, axis=(0, 1)).astype(dtype).astype(score_kernel.dtype)
   _, summed_grads = activation_and_grads(*jax.lax.optimization_barrier((projected_features, query)))
   query_grads = jnp.sum(summed_grads, axis=2).astype(query.dtype)
-  feature_grads = jnp.sum(summed_grads.astype(dtype), axis=1)  # as autodiff: rounded, then over K
-  return feature_grads, query_grads, kernel_grads
+  return projected_features_grads(summed_grads), query_grads, kernel_grads
 
 
 recomputed_scores.defvjp(_recomputed_scores_forward, _recomputed_scores_backward)

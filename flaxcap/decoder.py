@@ -134,7 +134,7 @@ class Decoder(nn.Module):
       per image (`attention_kernel.attend`; interpreted off the GPU). On an H100 a loss.
     score_kernel: a decoding `step`'s scores alone in a Pallas kernel
       (`attention_kernel.attention_scores`), softmax and context XLA's; over `fused_attention`.
-      With `score_vjp`, teacher forcing's scores too.
+      With `score_vjp`, teacher forcing's scores and their gradients too (`score_grads`).
     approx_tanh: those kernels' tanh by the GPU's `tanh.approx.f32` (relative error below 2^-10.9,
       under bfloat16's rounding; the exact tanh off the GPU).
     late_projected_grad: teacher forcing's gradient of the projected features in one pass after
