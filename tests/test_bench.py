@@ -120,3 +120,53 @@ def test_the_gpu_calls_flags_exist_and_ask_for_the_probes_options():
         flag = flag_of[option].format(value)
         assert (flag if value is not False else f"--no{flag[2:]}") in text.split(), variant
 
+
+# A while loop of two kernels, as XLA prints compiled HLO: a reduction fusion reading a [4, 16] bf16
+# loop input, and a fusion writing one row of a [20, 8] history in place (a dynamic-update-slice).
+_LOOP_HLO = """
+%fused_reduce (param_0.1: bf16[4,16]) -> f32[4] {
+  %param_0.1 = bf16[4,16]{1,0} parameter(0)
+  %convert.1 = f32[4,16]{1,0} convert(%param_0.1)
+  %constant.1 = f32[] constant(0)
+  ROOT %reduce.1 = f32[4]{0} reduce(%convert.1, %constant.1), dimensions={1}, to_apply=%add
+}
+
+%fused_dus (param_0: f32[20,8], param_0.2: f32[8], param_2: s32[]) -> f32[20,8] {
+  %param_0 = f32[20,8]{1,0} parameter(0)
+  %param_0.2 = f32[8]{0} parameter(1)
+  %bitcast.1 = f32[1,8]{1,0} bitcast(%param_0.2)
+  %param_2 = s32[] parameter(2)
+  %constant.2 = s32[] constant(0)
+  ROOT %dynamic-update-slice.1 = f32[20,8]{1,0} dynamic-update-slice(%param_0, %bitcast.1, %param_2, %constant.2)
+}
+
+%body (loop: (s32[], f32[20,8], bf16[4,16], f32[8])) -> (s32[], f32[20,8], bf16[4,16], f32[8]) {
+  %loop = (s32[], f32[20,8]{1,0}, bf16[4,16]{1,0}, f32[8]{0}) parameter(0)
+  %gte.0 = s32[] get-tuple-element(%loop), index=0
+  %gte.1 = f32[20,8]{1,0} get-tuple-element(%loop), index=1
+  %gte.2 = bf16[4,16]{1,0} get-tuple-element(%loop), index=2
+  %gte.3 = f32[8]{0} get-tuple-element(%loop), index=3
+  %input_reduce_fusion = f32[4]{0} fusion(%gte.2), kind=kInput, calls=%fused_reduce
+  %loop_dynamic_update_slice_fusion = f32[20,8]{1,0} fusion(%gte.1, %gte.3, %gte.0), kind=kLoop, calls=%fused_dus
+  ROOT %tuple.1 = (s32[], f32[20,8]{1,0}, bf16[4,16]{1,0}, f32[8]{0}) tuple(%gte.0, %loop_dynamic_update_slice_fusion, %gte.2, %gte.3)
+}
+
+ENTRY %main (input: (s32[], f32[20,8], bf16[4,16], f32[8])) -> (s32[], f32[20,8], bf16[4,16], f32[8]) {
+  %input = (s32[], f32[20,8]{1,0}, bf16[4,16]{1,0}, f32[8]{0}) parameter(0)
+  %copy.1 = (s32[], f32[20,8]{1,0}, bf16[4,16]{1,0}, f32[8]{0}) copy(%input)
+  ROOT %while.1 = (s32[], f32[20,8]{1,0}, bf16[4,16]{1,0}, f32[8]{0}) while(%copy.1), condition=%cond, body=%body
+}
+"""
+
+
+def test_gpu_aot_counts_a_loops_kernels_and_the_bytes_they_must_move():
+  """bench/gpu_aot.py's reading of compiled HLO: 2 kernels an iteration; the reduction moves its
+  [4, 16] bf16 input and [4] float32 output (144 bytes), the in-place row write its row, index and
+  update (32 + 4 + 32 bytes), not the [20, 8] history it updates."""
+  from bench import gpu_aot  # pylint: disable=g-import-not-at-top
+  row = gpu_aot.kernel_row("beam256", "main", _LOOP_HLO)
+  assert row["loop_kernel_counts"] == [2] and row["entry_kernels"] == 1
+  assert gpu_aot.loop_bytes(_LOOP_HLO) == [4 * 16 * 2 + 4 * 4 + 8 * 4 + 4 + 8 * 4]
+  listing = gpu_aot.loop_kernels(_LOOP_HLO)
+  assert listing[0] == "while body body:" and len(listing) == 3
+  assert "%loop_dynamic_update_slice_fusion" in listing[2] and "f32[20,8]" in listing[2]
