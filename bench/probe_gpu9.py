@@ -34,7 +34,7 @@ cut-off run still returns what it measured). In one process, on the issue's work
                                  kernels move 802 MB an iteration with late_grad, against
                                  1,519 for main's; not yet timed); +scorek_approx: the forward
                                  scores by the Pallas score kernel and the backward pass's two
-                                 sums by `attention_kernel.score_grads` (one recomputation, one
+                                 sums by `attention_grad_kernel.score_grads` (one recomputation, one
                                  pass: 699 MB), their tanh by `tanh.approx.f32`
         jax_tanh                 the attention's tanh as jnp.tanh (main before session 16: its gradient
                                  rule kept y and 1 - y a step, `layers.tanh` keeps y): what the
@@ -92,8 +92,9 @@ cut-off run still returns what it measured). In one process, on the issue's work
         stop_while+kernel+pad8  all three
       A row: captions/s, and the share of images whose K hypotheses (tokens) are main's.
   profile   jax.profiler traces of the --profile_variants train steps (batch 512 bf16; main,
-            score_vjp+late_grad), summed per GPU kernel: $OUT/profile_train_<variant>.txt, and of the
-            --fp32_profile_variants (the same at batch 128 fp32): profile_train_float32_<variant>.txt;
+            score_vjp+late_grad+scorek_approx), summed per GPU kernel:
+            $OUT/profile_train_<variant>.txt, and of the --fp32_profile_variants (batch 128 fp32;
+            main, score_vjp+late_grad): profile_train_float32_<variant>.txt;
             their compiled HLO: hlo_train(_float32)_<variant>.txt.
             The beam256 part ends with traces of
             --beam_profile_variants (main, scorek_approx): $OUT/profile_beam256_<variant>.txt,
@@ -721,7 +722,7 @@ def parse_args():
                       default="main,scorek_approx,stop_while4,pad8,kernel")
   parser.add_argument("--fp32_profile_variants", default="main,score_vjp+late_grad",
                       help="train variants (batch 128 fp32) the profile part traces")
-  parser.add_argument("--profile_variants", default="main,score_vjp+late_grad",
+  parser.add_argument("--profile_variants", default="main,score_vjp+late_grad+scorek_approx",
                       help="train variants (batch 512 bf16) whose kernels the profile part traces")
   parser.add_argument("--beam_profile_variants", default="main,scorek_approx",
                       help="beam variants traced after beam256's timings (kernel time per search)")

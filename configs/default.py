@@ -88,7 +88,7 @@ def get_config():
   #   pass after the backward scan, not summed in every step (flaxcap/attention_grad.py; speed only)
   config.decoder.score_vjp = False  # training with recompute_attention: the scores' backward pass
   #   written out, the activation recomputed into each sum, never stored (attention_grad.py); with
-  #   score_kernel, the scores and their gradients by Pallas kernels (attention_kernel.py)
+  #   score_kernel, the scores and their gradients by Pallas kernels (attention_grad_kernel.py)
 
   config.loss = ml_collections.ConfigDict()
   config.loss.alpha_c = 1.0  # doubly stochastic attention weight

@@ -105,7 +105,7 @@ def recomputed_scores(projected_features: Array, query: Array, score_kernel: Arr
       product rounds it).
     activation: a name in `layers.ATTENTION_ACTIVATIONS`.
     by_kernel: the forward pass by `attention_kernel.attention_scores` and the query's and the
-      kernel's gradients by `attention_kernel.score_grads` (Pallas kernels; interpreted off the
+      kernel's gradients by `attention_grad_kernel.score_grads` (Pallas kernels; interpreted off the
       GPU), with `approx_tanh` their tanh by the GPU's `tanh.approx.f32`
       (`attention_kernel.kernel_activation`).
 
@@ -146,9 +146,9 @@ def _recomputed_scores_backward(activation, by_kernel, approx_tanh, residuals, s
   def projected_features_grads(summed_grads):  # not computed where unused (under stop_gradient)
     return jnp.sum(summed_grads.astype(dtype), axis=1)  # as autodiff: rounded, then over K
 
-  if by_kernel:  # both sums from one recomputation, in one pass (attention_kernel.score_grads)
-    from flaxcap import attention_kernel  # pylint: disable=g-import-not-at-top  (Pallas: opt-in)
-    query_grads, kernel_grads = attention_kernel.score_grads(
+  if by_kernel:  # both sums from one recomputation, in one pass (attention_grad_kernel)
+    from flaxcap import attention_grad_kernel  # pylint: disable=g-import-not-at-top  (Pallas: opt-in)
+    query_grads, kernel_grads = attention_grad_kernel.score_grads(
         projected_features, query, score_grads, score_kernel, activation=activation,
         approx_tanh=approx_tanh, interpret=jax.default_backend() != "gpu")
     kernel_grads = jnp.sum(kernel_grads, axis=0).astype(dtype).astype(score_kernel.dtype)
@@ -173,7 +173,8 @@ recomputed_scores.defvjp(_recomputed_scores_forward, _recomputed_scores_backward
 
 def scan_with_late_projected_grad(apply_scan: Callable[..., Any], params: Any, carry: Any,
                                   encoded: Any, word_gates: Array, *, dtype: Any,
-                                  activation: str) -> Any:
+                                  activation: str, by_kernel: bool = False,
+                                  approx_tanh: bool = False) -> Any:
   """`apply_scan`'s outputs, with the projected features' gradient taken after the backward scan.
 
   Args:
@@ -184,6 +185,8 @@ def scan_with_late_projected_grad(apply_scan: Callable[..., Any], params: Any, c
     params: the decoder's parameters (`params["attention_score"]["kernel"]`: w_a [A, 1]).
     carry, encoded, word_gates: the scan's other inputs ([batch, T, 4H] word gates).
     dtype: the compute dtype; activation: "tanh" or "relu".
+    by_kernel: the sum over steps by `attention_grad_kernel.projected_features_grad` (a Pallas kernel;
+      interpreted off the GPU), its tanh by `tanh.approx.f32` with `approx_tanh`.
 
   Returns:
     `apply_scan`'s outputs; under autodiff the same gradients as the plain scan up to rounding.
@@ -232,9 +235,16 @@ def scan_with_late_projected_grad(apply_scan: Callable[..., Any], params: Any, c
     params_grads, carry_grads, encoded_grads, word_gate_grads = jax.tree_util.tree_unflatten(
         treedef, grads)
     if encoded_grads.projected_features is not None:
+      if by_kernel:
+        from flaxcap import attention_grad_kernel  # pylint: disable=g-import-not-at-top
+        late_grads = attention_grad_kernel.projected_features_grad(
+            projected_features, queries, score_grads, score_kernel, activation=activation,
+            approx_tanh=approx_tanh, interpret=jax.default_backend() != "gpu")
+      else:
+        late_grads = projected_features_grad(projected_features, queries, score_grads,
+                                             score_kernel, activation)
       encoded_grads = encoded_grads._replace(
-          projected_features=encoded_grads.projected_features + projected_features_grad(
-              projected_features, queries, score_grads, score_kernel, activation))
+          projected_features=encoded_grads.projected_features + late_grads)
     return params_grads, carry_grads, encoded_grads, word_gate_grads
 
   run.defvjp(forward, backward, symbolic_zeros=True)

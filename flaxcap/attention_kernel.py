@@ -29,6 +29,8 @@ XLA's rational tanh some 20 float32 operations each, where the projected feature
 in bf16) fit in the H100's L2. `kernel_activation(..., approx_tanh=True)` takes the tanh from the
 GPU's special-function unit (PTX `tanh.approx.f32`, one instruction, relative error below 2^-10.9;
 bfloat16 rounds to 2^-9): an option for either kernel, not a default.
+
+Teacher forcing's gradient kernels are in `attention_grad_kernel`.
 """
 
 import functools
@@ -38,8 +40,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
-
-from flaxcap import attention_grad
 
 # Entries of A the score loop takes at once, and columns of C a context product takes.
 ATTENTION_TILE = 32
@@ -234,92 +234,3 @@ def attention_scores(projected_features: jax.Array, query: jax.Array, score_weig
   score_weights = score_weights.astype(projected_features.dtype)
   return jax.vmap(call, in_axes=(0, 0, None))(projected_features, query, score_weights)
 
-
-# `score_grads`: entries of A a program takes, and positions per pass of its loop.
-GRAD_TILE = 64
-GRAD_BLOCK_P = 32
-
-
-def _score_grads_kernel(features_ref, query_ref, score_grads_ref, score_weights_ref,
-                        query_grads_ref, weight_grads_ref, *, activation: str, activate,
-                        block_p: int, tile: int):
-  """One image's tile of A: features_ref [P, A], query_ref [K, A], score_grads_ref [K, P] (float32),
-  score_weights_ref [A] -> query_grads_ref [K, A], weight_grads_ref [A] (float32) at the tile's
-  entries: sum over P of d act(f_p + q_k) / d(f_p + q_k) * ds_kp w_a, and of ds_kp act(f_p + q_k)
-  (over K too)."""
-  positions, attention_dim = features_ref.shape
-  beams = query_ref.shape[0]
-  compute_dtype = features_ref.dtype
-  first_a = pl.program_id(0) * tile
-  entry_ok = first_a + jnp.arange(tile, dtype=jnp.int32) < attention_dim
-  columns = pl.ds(first_a, tile)
-  score_weights = plgpu.load(score_weights_ref.at[columns], mask=entry_ok, other=0)[None, :]
-  queries = [plgpu.load(query_ref.at[pl.ds(beam, 1), columns], mask=entry_ok[None, :], other=0)
-             for beam in range(beams)]  # [1, tile] each
-  position_ids = jnp.arange(block_p, dtype=jnp.int32)
-
-  def add_block(block, sums):  # sums: K query gradients and the weights' gradient, [tile] each
-    first_p = block * block_p
-    position_ok = first_p + position_ids < positions
-    features = plgpu.load(features_ref.at[pl.ds(first_p, block_p), columns],
-                          mask=position_ok[:, None] & entry_ok[None, :], other=0)
-    new_sums = list(sums)
-    for beam in range(beams):  # every beam from one load of the block
-      grads = plgpu.load(score_grads_ref.at[pl.ds(beam, 1), pl.ds(first_p, block_p)],
-                         mask=position_ok[None, :], other=0.0).T  # [block_p, 1]; 0 past P
-      summed = (features.astype(jnp.float32) + queries[beam].astype(jnp.float32)).astype(compute_dtype)
-      activated, slopes = attention_grad.activation_and_slopes(summed, activation, activate)
-      summed_grads = attention_grad.hidden_grads(grads, score_weights, compute_dtype) * slopes
-      new_sums[beam] = sums[beam] + jnp.sum(summed_grads, axis=0)
-      new_sums[beams] = new_sums[beams] + jnp.sum(grads * activated, axis=0)
-    return tuple(new_sums)
-
-  sums = lax.fori_loop(0, pl.cdiv(positions, block_p), add_block,
-                       tuple(jnp.zeros((tile,), jnp.float32) for _ in range(beams + 1)))
-  for beam in range(beams):
-    plgpu.store(query_grads_ref.at[pl.ds(beam, 1), columns], sums[beam][None, :],
-                mask=entry_ok[None, :])
-  plgpu.store(weight_grads_ref.at[columns], sums[beams], mask=entry_ok)
-
-
-@functools.partial(jax.jit, static_argnames=("activation", "approx_tanh", "interpret", "num_warps"))
-def score_grads(projected_features: jax.Array, query: jax.Array, score_grads_: jax.Array,
-                score_weights: jax.Array, *, activation: str = "tanh", approx_tanh: bool = False,
-                interpret: bool = False, num_warps: int = 4) -> tuple[jax.Array, jax.Array]:
-  """The additive attention scores' gradients with respect to the query and to w_a, in one pass.
-
-  Recomputes act(W_f f_p + W_ha h_k) (rounded as `Decoder._scores`) once per element and takes
-  both sums over P from it: a program per image and `GRAD_TILE` entries of A, reading the image's
-  projected features once for all K beams (`attention_grad.recomputed_scores`' backward pass).
-
-  Args:
-    projected_features: W_f f, [batch, P, A] in the compute dtype.
-    query: W_ha h, [batch, K, A], the same dtype.
-    score_grads_: the scores' cotangents ds, [batch, K, P] float32.
-    score_weights: w_a, [A] (cast to the compute dtype, as the decoder's product casts it).
-    activation: "tanh" or "relu"; approx_tanh: tanh by `tanh.approx.f32` where compiled for a GPU.
-    interpret: Pallas' interpreter (any backend; the CPU tests).
-    num_warps: the Triton program's warps.
-
-  Returns:
-    (the query's gradient [batch, K, A], the weights' gradient per image [batch, A]), float32:
-    sum_p ds w_a act'(...) and sum_{k, p} ds act(...), the activation's cotangent rounded to the
-    compute dtype as autodiff rounds it.
-  """
-  positions, attention_dim = projected_features.shape[1:]
-  beams = query.shape[1]
-  if query.dtype != projected_features.dtype:
-    raise TypeError(f"score_grads: query {query.dtype} and projected features "
-                    f"{projected_features.dtype} differ.")
-  activate = kernel_activation(activation, approx_tanh=approx_tanh, interpret=interpret)
-  kernel = functools.partial(_score_grads_kernel, activation=activation, activate=activate,
-                             block_p=GRAD_BLOCK_P, tile=GRAD_TILE)
-  call = pl.pallas_call(
-      kernel, grid=(pl.cdiv(attention_dim, GRAD_TILE),),
-      out_shape=(jax.ShapeDtypeStruct((beams, attention_dim), jnp.float32),
-                 jax.ShapeDtypeStruct((attention_dim,), jnp.float32)),
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
-      interpret=interpret)
-  score_weights = score_weights.astype(projected_features.dtype)
-  return jax.vmap(call, in_axes=(0, 0, 0, None))(projected_features, query, score_grads_,
-                                                 score_weights)

@@ -134,7 +134,7 @@ class Decoder(nn.Module):
       per image (`attention_kernel.attend`; interpreted off the GPU). On an H100 a loss.
     score_kernel: a decoding `step`'s scores alone in a Pallas kernel
       (`attention_kernel.attention_scores`), softmax and context XLA's; over `fused_attention`.
-      With `score_vjp`, teacher forcing's scores and their gradients too (`score_grads`).
+      With `score_vjp`, teacher forcing's scores too, and their gradients (`attention_grad_kernel`).
     approx_tanh: those kernels' tanh by the GPU's `tanh.approx.f32` (relative error below 2^-10.9,
       under bfloat16's rounding; the exact tanh off the GPU).
     late_projected_grad: teacher forcing's gradient of the projected features in one pass after
@@ -436,7 +436,8 @@ class Decoder(nn.Module):
                                                          method=Decoder._teacher_forced_scan)
       hidden, context, attention = attention_grad.scan_with_late_projected_grad(
           apply_scan, self.variables["params"], carry, encoded, word_gates, dtype=self.dtype,
-          activation=self.attention_activation)
+          activation=self.attention_activation, by_kernel=self.score_vjp and self.score_kernel,
+          approx_tanh=self.approx_tanh)
     else:
       (hidden, context, attention), _ = self._teacher_forced_scan(carry, encoded, word_gates)
     logits = self._deep_output(hidden, context, embedded, deterministic)  # [batch, T, V]

@@ -1,7 +1,6 @@
 """flaxcap/attention_kernel.py: the fused attention of a decoding step and the score kernel
-(interpreted on the CPU) give the decoder's XLA attention, the score gradients' kernel autodiff's;
-each lowers to one Triton kernel for a GPU (with `tanh.approx.f32` where asked); a search with
-either gives the same captions."""
+(interpreted on the CPU) give the decoder's XLA attention; each lowers to one Triton kernel for a GPU
+(with `tanh.approx.f32` where asked); a search with either gives the same captions."""
 
 import functools
 
@@ -12,7 +11,6 @@ import pytest
 
 import gpu_export
 from configs import default as default_config
-from flaxcap import attention_grad
 from flaxcap import attention_kernel
 from flaxcap import decoding
 from flaxcap import model
@@ -79,53 +77,6 @@ def test_attention_scores_equal_the_xla_scores(dtype, shape, activation):
   assert scores.shape == expected.shape == (shape[0], shape[3], shape[1])
   assert scores.dtype == jnp.float32
   np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("shape", [(2, 49, 72, 3),    # P past a block, A past a tile, 3 beams
-                                   (3, 196, 130, 1),  # the tutorial's grid, teacher forcing
-                                   (1, 5, 10, 2),     # less than a block and a tile
-                                   (2, 32, 64, 1)])   # exactly a block and a tile
-@pytest.mark.parametrize("activation", ["tanh", "relu"])
-def test_score_grads_equal_autodiffs_of_the_xla_scores(dtype, shape, activation):
-  """The query's and w_a's gradients of sum(ds * scores), random ds, against jax.grad of the XLA
-  path's scores (with `layers.tanh`, as the decoder), to float32 summation order."""
-  projected_features, query, score_weights = _random_inputs(dtype, *shape, seed=sum(shape))
-  batch, positions, _, beams = shape
-  cotangents = jnp.asarray(np.random.default_rng(1).normal(size=(batch, beams, positions)),
-                           jnp.float32)
-  function = attention_grad.layers.ATTENTION_ACTIVATIONS[activation]
-  expected_query, expected_weights = jax.grad(
-      lambda q, w: jnp.sum(_xla_scores(projected_features, q, w, function) * cotangents),
-      argnums=(0, 1))(query, score_weights)
-  query_grads, weight_grads = attention_kernel.score_grads(
-      projected_features, query, cotangents, score_weights, activation=activation, interpret=True)
-  assert query_grads.shape == query.shape and weight_grads.shape == (batch, shape[2])
-  assert query_grads.dtype == weight_grads.dtype == jnp.float32
-  # autodiff sums the query's gradient in its dtype: bf16 rounding of a sum of P terms
-  tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
-  scale = float(jnp.max(jnp.abs(expected_query.astype(jnp.float32))))
-  np.testing.assert_allclose(query_grads, expected_query.astype(jnp.float32), rtol=tolerance,
-                             atol=tolerance * scale)
-  # and w_a's rounded to the compute dtype (the kernel's cast to it)
-  weights_tolerance = 1e-4 if dtype == jnp.float32 else 1e-2
-  np.testing.assert_allclose(jnp.sum(weight_grads, axis=0), expected_weights,
-                             rtol=weights_tolerance,
-                             atol=weights_tolerance * float(jnp.max(jnp.abs(expected_weights))))
-
-
-def test_score_grads_lower_to_one_triton_kernel_without_a_gpu():
-  """At teacher forcing's tutorial sizes (batch 512, 14x14 grid, A 512, one query, bf16): 8 x 512
-  programs of 64 entries of A, the tanh an instruction where asked."""
-  shapes = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in [
-      ((512, 196, 512), jnp.bfloat16), ((512, 1, 512), jnp.bfloat16), ((512, 1, 196), jnp.float32),
-      ((512,), jnp.float32)]]
-  for approx_tanh in (False, True):
-    grads = functools.partial(attention_kernel.score_grads, approx_tanh=approx_tanh)
-    module = gpu_export.export_for_cuda(jax.jit(grads), *shapes)
-    assert module.count("stablehlo.custom_call @__gpu$xla.gpu.triton") == 1
-    assert "grid_x = 8 : i32, grid_y = 512 : i32" in module
-    assert ("tanh.approx.f32" in module) == approx_tanh
 
 
 def test_kernel_activation():
