@@ -26,12 +26,10 @@ How the work is laid out, so that a train step is a few large matmuls plus a lea
     matrix-vector products.
   * In `step`, off the CPU, the attention score w_a . tanh(...) is a multiply and a sum
     (`layers.AttentionScore`), which fuses into the activation; teacher forcing keeps it a product
-    with the [A, 1] kernel, and autodiff keeps one [batch, P, A] tensor of every step for the backward
-    pass, tanh's output (`layers.tanh`: jax's own tanh would keep 1 - output too; at batch 128, fp32,
-    the tutorial's sizes, that took a train step's compiled temporary memory on the CPU from 2,399 to
-    1,370 MiB, bench/train_memory.py). With `recompute_attention` teacher forcing takes the sum too, under
-    `nn.remat`: nothing of the attention's size is kept, the backward pass recomputes the activation
-    from the projected features and the query.
+    with the [A, 1] kernel, and autodiff keeps tanh's output [batch, P, A] of every step for the
+    backward pass (`layers.tanh`). With `recompute_attention` teacher forcing takes the sum too and
+    keeps nothing of the attention's size: the backward pass recomputes the activation (under
+    `nn.remat`, or by `attention_grad.recomputed_scores` with `score_vjp`).
   * The context enters the step only through linear layers (the LSTM's context gates and L_z), so
     `encode(..., project_context=True)` can push the grid through them once per image; a step then takes
     the attention-weighted sum of those projections, [P, 4H + E] per image, instead of multiplying each

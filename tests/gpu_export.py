@@ -22,3 +22,12 @@ def export_for_cuda(function, *args) -> str:
       disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
   with jax.sharding.use_abstract_mesh(mesh):
     return exporter(*args).mlir_module()
+
+
+def assert_one_triton_kernel(module: str, grid: str, approx_tanh: bool | None = None):
+  """`module` (export_for_cuda's text) holds one Triton call, its grid as `grid` says ("grid_x = 4 :
+  i32, grid_y = 256 : i32"), and `tanh.approx.f32` exactly when `approx_tanh` (None: not checked)."""
+  assert module.count("stablehlo.custom_call @__gpu$xla.gpu.triton") == 1
+  assert grid in module
+  if approx_tanh is not None:
+    assert ("tanh.approx.f32" in module) == approx_tanh

@@ -56,10 +56,8 @@ def test_score_grads_lower_to_one_triton_kernel_without_a_gpu():
       ((512,), jnp.float32)]]
   for approx_tanh in (False, True):
     grads = functools.partial(attention_grad_kernel.score_grads, approx_tanh=approx_tanh)
-    module = gpu_export.export_for_cuda(jax.jit(grads), *shapes)
-    assert module.count("stablehlo.custom_call @__gpu$xla.gpu.triton") == 1
-    assert "grid_x = 8 : i32, grid_y = 512 : i32" in module
-    assert ("tanh.approx.f32" in module) == approx_tanh
+    gpu_export.assert_one_triton_kernel(gpu_export.export_for_cuda(jax.jit(grads), *shapes),
+                                       "grid_x = 8 : i32, grid_y = 512 : i32", approx_tanh)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -93,5 +91,4 @@ def test_projected_features_grad_kernel_lowers_to_one_triton_kernel_without_a_gp
       ((512, 196, 512), jnp.bfloat16), ((512, 21, 512), jnp.bfloat16), ((512, 21, 196), jnp.float32),
       ((512,), jnp.float32)]]
   module = gpu_export.export_for_cuda(jax.jit(attention_grad_kernel.projected_features_grad), *shapes)
-  assert module.count("stablehlo.custom_call @__gpu$xla.gpu.triton") == 1
-  assert "grid_x = 7 : i32, grid_y = 8 : i32, grid_z = 512 : i32" in module
+  gpu_export.assert_one_triton_kernel(module, "grid_x = 7 : i32, grid_y = 8 : i32, grid_z = 512 : i32")

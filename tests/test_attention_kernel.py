@@ -128,10 +128,8 @@ def test_attention_scores_lower_to_one_triton_kernel_without_a_gpu(approx_tanh):
       ((256, 49, 512), jnp.bfloat16), ((256, 5, 512), jnp.bfloat16), ((512,), jnp.float32)]]
   activation = attention_kernel.kernel_activation("tanh", approx_tanh=approx_tanh)
   scores = functools.partial(attention_kernel.attention_scores, activation=activation)
-  module = gpu_export.export_for_cuda(jax.jit(scores), *shapes)
-  assert module.count("stablehlo.custom_call @__gpu$xla.gpu.triton") == 1
-  assert "grid_x = 4 : i32, grid_y = 256 : i32" in module
-  assert ("tanh.approx.f32" in module) == approx_tanh
+  gpu_export.assert_one_triton_kernel(gpu_export.export_for_cuda(jax.jit(scores), *shapes),
+                                     "grid_x = 4 : i32, grid_y = 256 : i32", approx_tanh)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
