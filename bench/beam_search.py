@@ -48,6 +48,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from bench import common  # noqa: E402
+from bench import decoder_flags  # noqa: E402
 from bench import roofline  # noqa: E402
 from bench import workloads  # noqa: E402
 from flaxcap import decoding  # noqa: E402
@@ -83,15 +84,8 @@ _EARLY_STOP = flags.DEFINE_list("early_stop", ["auto"],
                                  "flaxcap: `decoding.search(early_stop=...)`, one row each: auto (the "
                                  "library's choice: cond on the CPU, while on a GPU), off, cond, while; "
                                  "e.g. off,cond,while.")
-_PAD_COLUMNS_TO = flags.DEFINE_integer("pad_columns_to", 1, "flaxcap: pad the decoder's kernels with "
-                                       "zero columns to a multiple of this inside each product "
-                                       "(config.decoder.pad_columns_to; the same values).")
 _FUSED_ATTENTION = flags.DEFINE_bool("fused_attention", False, "flaxcap: each step's attention in "
                                      "one Pallas kernel (config.decoder.fused_attention).")
-_SCORE_KERNEL = flags.DEFINE_bool("score_kernel", False, "flaxcap: each step's attention scores in a "
-                                  "Pallas kernel (config.decoder.score_kernel).")
-_APPROX_TANH = flags.DEFINE_bool("approx_tanh", False, "flaxcap: the Pallas kernels' tanh by "
-                                 "tanh.approx.f32 (config.decoder.approx_tanh).")
 _METHODS = flags.DEFINE_list("methods", ["flaxcap", "torch_batched", "torch_loop"], "What to time.")
 _OUTPUT = flags.DEFINE_string("output", "beam_search", "JSON path, or a name under bench/results/.")
 
@@ -140,9 +134,8 @@ def main(argv):
   top_k_lib.CANDIDATE_TOP_K = None if _CANDIDATE_TOP_K.value == "auto" else _CANDIDATE_TOP_K.value
   rows = []
   for dtype in dtypes:
-    decoder = workloads.decoder_for(sizes, dtype, pad_columns_to=_PAD_COLUMNS_TO.value,
-                                    fused_attention=_FUSED_ATTENTION.value,
-                                    score_kernel=_SCORE_KERNEL.value, approx_tanh=_APPROX_TANH.value)
+    decoder = workloads.decoder_for(sizes, dtype, fused_attention=_FUSED_ATTENTION.value,
+                                    **decoder_flags.options())
     params = workloads.init_decoder_params(decoder, sizes)
     if _CAPTION_LENGTH.value:
       params = workloads.end_captions_near(params, length=_CAPTION_LENGTH.value)
@@ -189,9 +182,8 @@ def main(argv):
           lengths = np.asarray(result.lengths)
           steps = int(result.steps)
           row = dict(row_key, method="flaxcap", unroll=_UNROLL.value,
-                     project_context=_PROJECT_CONTEXT.value, pad_columns_to=_PAD_COLUMNS_TO.value,
-                     fused_attention=_FUSED_ATTENTION.value, score_kernel=_SCORE_KERNEL.value,
-                     approx_tanh=_APPROX_TANH.value,
+                     project_context=_PROJECT_CONTEXT.value, fused_attention=_FUSED_ATTENTION.value,
+                     **decoder_flags.options(),
                      candidate_top_k=(top_k_lib.candidate_top_k_method(batch) if beam > 1
                                       else None),
                      early_stop=stop, steps=steps, timing=timing.as_dict(),

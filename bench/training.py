@@ -43,6 +43,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from bench import common  # noqa: E402
+from bench import decoder_flags  # noqa: E402
 from bench import roofline  # noqa: E402
 from bench import workloads  # noqa: E402
 from flaxcap import model as model_lib  # noqa: E402
@@ -71,18 +72,11 @@ _RECOMPUTE_ATTENTION = flags.DEFINE_bool("recompute_attention", None, "flaxcap: 
 _FEATURE_DTYPE = flags.DEFINE_enum("feature_dtype", "", ["", "bfloat16", "float32"],
                                    "flaxcap: the dtype the decoder keeps the features in "
                                    "(config.decoder.feature_dtype; '': the compute dtype).")
-_PAD_COLUMNS_TO = flags.DEFINE_integer("pad_columns_to", 1, "flaxcap: pad the decoder's kernels with "
-                                       "zero columns to a multiple of this inside each product "
-                                       "(config.decoder.pad_columns_to; the same values).")
 _LATE_PROJECTED_GRAD = flags.DEFINE_bool("late_projected_grad", False, "flaxcap: the projected "
                                          "features' gradient in one pass after the backward scan "
                                          "(config.decoder.late_projected_grad).")
 _SCORE_VJP = flags.DEFINE_bool("score_vjp", False, "flaxcap: the recomputed attention scores' "
                                "backward pass written out (config.decoder.score_vjp).")
-_SCORE_KERNEL = flags.DEFINE_bool("score_kernel", False, "flaxcap: with --score_vjp, the forward "
-                                  "scores by the Pallas score kernel (config.decoder.score_kernel).")
-_APPROX_TANH = flags.DEFINE_bool("approx_tanh", False, "flaxcap: that kernel's tanh by the GPU's "
-                                 "tanh.approx.f32 (config.decoder.approx_tanh).")
 _OUTPUT = flags.DEFINE_string("output", "training", "JSON path, or a name under bench/results/.")
 
 
@@ -248,9 +242,9 @@ def main(argv):
   recompute = _RECOMPUTE_ATTENTION.value
   decoder_options = {"unroll": _DECODER_UNROLL.value,
                      "recompute_attention": "auto" if recompute is None else str(recompute).lower(),
-                     "feature_dtype": _FEATURE_DTYPE.value, "pad_columns_to": _PAD_COLUMNS_TO.value,
+                     "feature_dtype": _FEATURE_DTYPE.value,
                      "late_projected_grad": _LATE_PROJECTED_GRAD.value, "score_vjp": _SCORE_VJP.value,
-                     "score_kernel": _SCORE_KERNEL.value, "approx_tanh": _APPROX_TANH.value}
+                     **decoder_flags.options()}
   warmup = _WARMUP.value or default_warmup()
   common.configure_torch()
   info = common.machine()
