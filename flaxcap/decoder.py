@@ -70,7 +70,8 @@ class Encoded(NamedTuple):
 
 
 class LSTMCarry(NamedTuple):
-  """The recurrent state, float32: each [batch, H], or [batch, beam, H] when decoding K beams."""
+  """The recurrent state, each [batch, H], or [batch, beam, H] when decoding K beams: float32 (a
+  search may keep h in the compute dtype, which each use of h casts it to: `decoding`)."""
   c: Array
   h: Array
 

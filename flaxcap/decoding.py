@@ -34,7 +34,8 @@ def _step_fn(decoder: decoder_lib.Decoder, decoder_params, features, *, steps_pe
   if project_context is None:
     project_context = steps_per_image > grid_locations
   encoded = decoder.apply(variables, features, project_context, method=decoder_lib.Decoder.encode)
-  carry = decoder.apply(variables, encoded, method=decoder_lib.Decoder.initial_carry)
+  carry = _narrow_hidden(decoder, decoder.apply(variables, encoded,
+                                                method=decoder_lib.Decoder.initial_carry))
   batch = jax.tree_util.tree_leaves(carry)[0].shape[0]
 
   def step_fn(flat_carry, flat_tokens):
@@ -50,9 +51,17 @@ def _step_fn(decoder: decoder_lib.Decoder, decoder_params, features, *, steps_pe
       banned = jnp.asarray(eos_banned_after)[flat_tokens]
       log_probs = log_probs.at[:, vocab_lib.EOS].set(
           jnp.where(banned, -1e9, log_probs[:, vocab_lib.EOS]))
-    return log_probs, jax.tree_util.tree_map(flatten, new_carry), flatten(attention)
+    return log_probs, jax.tree_util.tree_map(flatten, _narrow_hidden(decoder, new_carry)), \
+        flatten(attention)
 
   return step_fn, carry
+
+
+def _narrow_hidden(decoder: decoder_lib.Decoder, carry: decoder_lib.LSTMCarry):
+  """The carry with h in the decoder's compute dtype: every use of h casts it to that dtype first
+  (the step's h projection, the deep output), so the search's results are the same, and with
+  bfloat16 each step reorders half the bytes of h and converts none (c stays float32)."""
+  return carry._replace(h=carry.h.astype(decoder.dtype))
 
 
 def search(decoder: decoder_lib.Decoder, decoder_params, features, *, beam_size: int, max_len: int,

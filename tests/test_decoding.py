@@ -61,6 +61,27 @@ def test_search_equals_plain_beam_search(beam_size, max_len):
   assert len(set(map(tuple, np.asarray(result.tokens)[:, 0]))) > 1  # not a degenerate model
 
 
+def test_a_bfloat16_search_keeps_h_in_bfloat16_with_the_plain_searchs_results():
+  """`decoding.search` carries h in the compute dtype (every use of h casts it to that dtype
+  first): the plain search, whose carry keeps h in float32, finds the same captions and scores."""
+  decoder = Decoder(vocab_size=VOCAB, embed_dim=12, hidden_dim=16, attention_dim=10, dropout_rate=0.0,
+                    dtype=jnp.bfloat16)
+  rng = np.random.default_rng(6)
+  features = jnp.asarray(rng.normal(size=(BATCH, GRID_H, GRID_W, CHANNELS)), jnp.float32)
+  params = _init(decoder, 1, features, jnp.zeros((BATCH, 3), jnp.int32))
+  params = jax.tree.map(lambda x: 3.0 * x, params)
+  step_fn, carry = decoding._step_fn(decoder, params, features, steps_per_image=6)
+  assert carry.h.dtype == jnp.bfloat16 and carry.c.dtype == jnp.float32
+  assert step_fn(carry, jnp.full((BATCH,), vocab_lib.BOS))[1].h.dtype == jnp.bfloat16
+  search = functools.partial(decoding.search, decoder, beam_size=2, max_len=3)  # 2 x 3 = P: plain
+  result = jax.jit(search)(params, features)
+  reference = jax.jit(functools.partial(_plain_search, decoder, beam_size=2, max_len=3))(
+      params, features)
+  np.testing.assert_array_equal(result.tokens, reference.tokens)
+  np.testing.assert_allclose(result.scores, reference.scores, rtol=1e-6)
+  np.testing.assert_allclose(result.aux, reference.aux, atol=1e-6)
+
+
 def test_project_context_can_be_forced_either_way():
   """`project_context` overrides the choice by shape (beam 2 x 3 steps < P = 6 would not project);
   the search is the same up to rounding."""
