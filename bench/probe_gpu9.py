@@ -67,7 +67,12 @@ cut-off run still returns what it measured). In one process, on the issue's work
                          pass before it writes, padded to whole segments (main before session 25:
                          that pass took 6.6 us a step in round 5's profile); main's programs read
                          their segments of the float32 candidates in place
-                         (`top_k.KERNEL_READS_VALUES`)
+                         (`top_k.KERNEL_READS_VALUES`; the padded keys also take the XLA
+                         selection below)
+        xla_select, scorek_approx+xla_select  the step's new live and finished sets by XLA's
+                         fusions (5, and 3 copies of the finished set: main before session 26)
+                         instead of one Pallas program per image from the segments' winners
+                         (`beam_select_kernel`, `top_k.SELECT_BY_KERNEL`)
         stop_while+kseg(1024, 4096)  the kernel on segments of 2,048 (1,024, 4,096) candidates
         rounds           10 rounds of argmax over the 13,000 candidates: 10 reductions, no TopK kernel
         chunks_barrier   chunk maxima, the chosen entries written out before the final ranking
@@ -87,6 +92,10 @@ cut-off run still returns what it measured). In one process, on the issue's work
         kernel_w4, kernel_w16  the kernel's programs with 4 or 16 warps instead of 8 (4: 255
                          registers a thread, 2 programs an SM; 16: 89 registers, 1;
                          bench/triton_compile.py)
+        kseg_w1, kseg_w2  main's segment programs (1,024 candidates each, 3,328 at batch 256) with
+                         1 or 2 warps instead of 4: each program's 10 rounds of a maximum and a
+                         minimum are latency, and with fewer warps no barrier joins them (round 5:
+                         the kernel took 22.1 us a step to read 13 MB)
         pad8, pad128     `Decoder(pad_columns_to=...)`: the layers' kernels padded with zero columns
                          (hidden_proj's 2,561 -> 2,568 or 2,688: bf16 rows 16-byte aligned)
         stop_while+kernel+pad8  all three
@@ -228,9 +237,12 @@ BEAM_VARIANTS = {"main": (None, 1, None), "flat": ("flat", 1, None), "rounds": (
                  "scorek": (None, 1, None), "scorek_approx": (None, 1, None),
                  "scorek_approx+pad8": (None, 1, None), "fused_approx": (None, 1, None),
                  "noproj": (None, 1, None), "scorek_approx+noproj": (None, 1, None),
-                 "kseg_padded": (None, 1, None), "scorek_approx+kseg_padded": (None, 1, None)}
+                 "kseg_padded": (None, 1, None), "scorek_approx+kseg_padded": (None, 1, None),
+                 "xla_select": (None, 1, None), "scorek_approx+xla_select": (None, 1, None),
+                 "kseg_w1": (None, 1, None), "kseg_w2": (None, 1, None)}
 # `top_k.KERNEL_NUM_WARPS` of the kernel variants that set it (8 otherwise, at these sizes).
-BEAM_KERNEL_WARPS = {"kernel_w4": 4, "kernel_w16": 16, "stop_while+kernel_w4": 4}
+BEAM_KERNEL_WARPS = {"kernel_w4": 4, "kernel_w16": 16, "stop_while+kernel_w4": 4, "kseg_w1": 1,
+                     "kseg_w2": 2}
 # `top_k.KERNEL_SEGMENT` of the "kernel_segments" variants that set it (2,048 otherwise).
 BEAM_KERNEL_SEGMENT = {"stop_while+kseg1024": 1024, "stop_while+kseg4096": 4096}
 # `Decoder` options of the beam search variants that have any.
@@ -246,7 +258,8 @@ BEAM_DECODER_OPTIONS = {"pad8": {"pad_columns_to": 8}, "pad128": {"pad_columns_t
                                                "pad_columns_to": 8},
                         "fused_approx": {"fused_attention": True, "approx_tanh": True},
                         "scorek_approx+noproj": {"score_kernel": True, "approx_tanh": True},
-                        "scorek_approx+kseg_padded": {"score_kernel": True, "approx_tanh": True}}
+                        "scorek_approx+kseg_padded": {"score_kernel": True, "approx_tanh": True},
+                        "scorek_approx+xla_select": {"score_kernel": True, "approx_tanh": True}}
 
 # `decoding.search` options of the beam search variants that have any.
 BEAM_SEARCH_OPTIONS = {"noproj": {"project_context": False},
@@ -255,22 +268,26 @@ BEAM_SEARCH_OPTIONS = {"noproj": {"project_context": False},
 # The beam variants whose segments' kernel reads keys padded by a pass before it
 # (`top_k.KERNEL_READS_VALUES` off: main before session 25).
 BEAM_KEYS_PADDED = {"kseg_padded", "scorek_approx+kseg_padded"}
+# The beam variants whose steps take the new live and finished sets by XLA's fusions
+# (`top_k.SELECT_BY_KERNEL` off: main before session 26) instead of `beam_select_kernel`'s kernel.
+BEAM_XLA_SELECT = {"xla_select", "scorek_approx+xla_select"}
 
 
 @contextlib.contextmanager
 def top_k_settings(variant: str):
   """`flaxcap.top_k`'s module settings for a beam variant (read while tracing its search)."""
   saved = (top_k_lib.CANDIDATE_TOP_K, top_k_lib.KERNEL_NUM_WARPS, top_k_lib.KERNEL_SEGMENT,
-           top_k_lib.KERNEL_READS_VALUES)
+           top_k_lib.KERNEL_READS_VALUES, top_k_lib.SELECT_BY_KERNEL)
   top_k_lib.CANDIDATE_TOP_K = BEAM_VARIANTS[variant][0]
   top_k_lib.KERNEL_NUM_WARPS = BEAM_KERNEL_WARPS.get(variant)
   top_k_lib.KERNEL_SEGMENT = BEAM_KERNEL_SEGMENT.get(variant, saved[2])
   top_k_lib.KERNEL_READS_VALUES = variant not in BEAM_KEYS_PADDED
+  top_k_lib.SELECT_BY_KERNEL = variant not in BEAM_XLA_SELECT
   try:
     yield
   finally:
     (top_k_lib.CANDIDATE_TOP_K, top_k_lib.KERNEL_NUM_WARPS, top_k_lib.KERNEL_SEGMENT,
-     top_k_lib.KERNEL_READS_VALUES) = saved
+     top_k_lib.KERNEL_READS_VALUES, top_k_lib.SELECT_BY_KERNEL) = saved
 
 
 # Seconds a part's item takes on an H200 (compilation + timing), for the budget; rough.
@@ -608,6 +625,7 @@ def beam_part(record: Record, name: str, sizes, batch: int, variants, *, repeats
                "search_options": BEAM_SEARCH_OPTIONS.get(variant, {}),
                "kernel_segment": top_k_lib.KERNEL_SEGMENT,
                "kernel_reads_values": top_k_lib.KERNEL_READS_VALUES,
+               "select_by_kernel": top_k_lib.SELECT_BY_KERNEL,
                "early_stop": step_loop.loop_for(early_stop) or "off",
                "steps": int(result.steps),
                "mean_length": float(np.mean(result.lengths[:, 0]))}
@@ -713,13 +731,14 @@ def parse_args():
                       default="main,score_vjp+late_grad,score_vjp+late_grad+scorek_approx,late_grad,"
                               "bf16_features,score_vjp+late_grad+bf16_features")
   parser.add_argument("--beam256_variants",
-                      default="main,scorek_approx,kseg_padded,pad8,scorek,fused_approx,"
-                              "scorek_approx+pad8,"
-                              "noproj,scorek_approx+noproj,stop_while4",
+                      default="main,scorek_approx,xla_select,scorek_approx+xla_select,"
+                              "kseg_w1,kseg_w2,pad8,noproj,scorek_approx+noproj",
                       help="the defaults are those bench/beam_search.py has flags for (kernel_w4 and "
                            "kernel_w16 need a code change to become the default: ask for them)")
   parser.add_argument("--beam1_variants",
-                      default="main,scorek_approx,stop_while4,pad8,kernel")
+                      default="main,stop_while+kseg,scorek_approx,pad8,kernel",
+                      help="stop_while+kseg: since session 26 also the selection kernel, 20 kernels "
+                           "a step against main's 33 (bench/gpu_aot.py)")
   parser.add_argument("--fp32_profile_variants", default="main,score_vjp+late_grad",
                       help="train variants (batch 128 fp32) the profile part traces")
   parser.add_argument("--profile_variants", default="main,score_vjp+late_grad+scorek_approx",

@@ -38,7 +38,9 @@ Beam search (the algorithm of the Flax WMT example, with fixed shapes and a `lax
     speed, never the result (`top_k.top_k_of_candidates`): `lax.top_k` (on the CPU by rounds of
     argmax), or for small batches off the CPU, from the maxima of short chunks of the candidates. Off
     the CPU the merges of the 2K with the live and finished sets rank their few entries by counting
-    (`top_k.top_k_by_rank`).
+    (`top_k.top_k_by_rank`). On a GPU, where the candidates are ranked on segments by a Pallas
+    kernel, the rest of the step's ranking is one more kernel (`beam_select_kernel`, without a
+    length penalty; `select` is the same in XLA).
   * A candidate ending in <eos> joins the finished set (the K best finished so far) if it ranks in
     the top K of the 2K; the remaining non-<eos> candidates, best first, fill the K live slots. (The
     Flax example admits <eos> candidates from all 2K ranks; with the top-K rule, as in Hugging
@@ -159,6 +161,41 @@ def _check_log_probs(log_probs: jax.Array, rows: int, eos_id) -> int:
   return vocab
 
 
+def select(top_scores, top_index, done_scores, done_steps, done_slots, step, *, vocab: int,
+           eos_id, length_penalty=0.0):
+  """A beam search step's new live and finished sets from its 2K best candidates.
+
+  Args:
+    top_scores, top_index: [batch, 2K], the candidates best first, flat index slot * vocab + token.
+    done_scores, done_steps, done_slots: the finished set, [batch, K] each.
+    step: this step (0-based).
+
+  Returns:
+    (live_scores, tokens, parents, done_scores, done_steps, done_slots), [batch, K] each, best first.
+    (`beam_select_kernel.select_step` is the same in one GPU kernel, from the candidates' segment
+    winners, without a length penalty.)
+  """
+  k = done_scores.shape[1]
+  neg_inf = jnp.float32(-jnp.inf)
+  top_slots = (top_index // vocab).astype(jnp.int32)
+  top_tokens = (top_index % vocab).astype(jnp.int32)
+  ends = top_tokens == eos_id
+
+  # Finished set: <eos> candidates among the top K ranks compete with the K finished so far.
+  new_done = jnp.where(ends[:, :k], _penalize(top_scores[:, :k], step + 1, length_penalty), neg_inf)
+  done_scores, pick = top_k_lib.top_k(jnp.concatenate([done_scores, new_done], axis=1), k)
+  done_steps = jnp.take_along_axis(
+      jnp.concatenate([done_steps, jnp.full_like(done_steps, step)], axis=1), pick, axis=1)
+  done_slots = jnp.take_along_axis(
+      jnp.concatenate([done_slots, top_slots[:, :k]], axis=1), pick, axis=1)
+
+  # Live set: the K best candidates that did not end.
+  live_scores, pick = top_k_lib.top_k(jnp.where(ends, neg_inf, top_scores), k)
+  parents = jnp.take_along_axis(top_slots, pick, axis=1)  # [batch, K]
+  tokens = jnp.take_along_axis(top_tokens, pick, axis=1)  # [batch, K]
+  return live_scores, tokens, parents, done_scores, done_steps, done_slots
+
+
 def beam_search(step_fn: StepFn, init_state: PyTree, *, beam_size: int, max_len: int,
                 bos_id: int, eos_id: int, length_penalty=0.0, unroll: int = 1,
                 early_stop: bool | str | None = None) -> BeamSearchResult:
@@ -197,24 +234,18 @@ def beam_search(step_fn: StepFn, init_state: PyTree, *, beam_size: int, max_len:
       raise ValueError("beam_search needs a vocabulary of at least 2 tokens.")
     # [batch, K * vocab] candidates; flat index = parent slot * vocab + token.
     candidates = live_scores[:, :, None] + log_probs.astype(jnp.float32).reshape(batch, k, vocab)
-    top_scores, top_index = top_k_lib.top_k_of_candidates(candidates, 2 * k)  # [batch, 2K]
-    top_slots = (top_index // vocab).astype(jnp.int32)
-    top_tokens = (top_index % vocab).astype(jnp.int32)
-    ends = top_tokens == eos_id
-
-    # Finished set: <eos> candidates among the top K ranks compete with the K finished so far.
-    new_done = jnp.where(ends[:, :k], _penalize(top_scores[:, :k], step + 1, length_penalty),
-                         neg_inf)
-    done_scores, pick = top_k_lib.top_k(jnp.concatenate([done_scores, new_done], axis=1), k)
-    done_steps = jnp.take_along_axis(
-        jnp.concatenate([done_steps, jnp.full_like(done_steps, step)], axis=1), pick, axis=1)
-    done_slots = jnp.take_along_axis(
-        jnp.concatenate([done_slots, top_slots[:, :k]], axis=1), pick, axis=1)
-
-    # Live set: the K best candidates that did not end.
-    live_scores, pick = top_k_lib.top_k(jnp.where(ends, neg_inf, top_scores), k)
-    parents = jnp.take_along_axis(top_slots, pick, axis=1)  # [batch, K]
-    tokens = jnp.take_along_axis(top_tokens, pick, axis=1)  # [batch, K]
+    if top_k_lib.selects_by_kernel(batch, length_penalty, eos_id):
+      from flaxcap import beam_select_kernel  # pylint: disable=g-import-not-at-top  (Pallas)
+      live_scores, tokens, parents, done_scores, done_steps, done_slots = \
+          beam_select_kernel.select_step(
+              *top_k_lib.segment_winners(candidates.reshape(batch, k * vocab), 2 * k),
+              done_scores, done_steps, done_slots, step, vocab=vocab, eos_id=eos_id,
+              interpret=jax.default_backend() != "gpu")
+    else:
+      top_scores, top_index = top_k_lib.top_k_of_candidates(candidates, 2 * k)  # [batch, 2K]
+      live_scores, tokens, parents, done_scores, done_steps, done_slots = select(
+          top_scores, top_index, done_scores, done_steps, done_slots, step, vocab=vocab,
+          eos_id=eos_id, length_penalty=length_penalty)
     state = _take_rows(new_state, (batch_offsets + parents).reshape(-1))
     aux = jax.tree.map(lambda a: a.reshape(batch, k, *a.shape[1:]), aux)
     carry = (state, tokens.reshape(-1), live_scores, done_scores, done_steps, done_slots)

@@ -110,10 +110,7 @@ def top_k_by_kernel(values: jax.Array, k: int, segment: int | None = None
     top_keys, indices = row_top_k(order_keys(values), k)
     return values_of_keys(top_keys), indices
   if KERNEL_READS_VALUES:  # each program reads its segment of the floats in place
-    segment_keys, positions = row_top_k(values.astype(jnp.float32), min(k, segment),
-                                        segment=segment)  # [..., segments, k]
-    segment_keys = segment_keys.reshape(*segment_keys.shape[:-2], -1)
-    positions = positions.reshape(segment_keys.shape)
+    segment_keys, positions = segment_winners(values, k, segment)
     pick = rank_top_k(segment_keys, k, tie_order=positions)
     return values_of_keys(jnp.take_along_axis(segment_keys, pick, axis=-1)), \
         jnp.take_along_axis(positions, pick, axis=-1)
@@ -130,6 +127,35 @@ def top_k_by_kernel(values: jax.Array, k: int, segment: int | None = None
   pick = rank_top_k(segment_keys, k, tie_order=positions)
   indices = jnp.take_along_axis(positions, pick, axis=-1)
   return jnp.take_along_axis(values, indices, axis=-1), indices
+
+
+def segment_winners(values: jax.Array, k: int, segment: int | None = None
+                    ) -> tuple[jax.Array, jax.Array]:
+  """The k best of each segment of the last axis (`segment` entries, default `KERNEL_SEGMENT`; the
+  last one shorter), by `top_k_kernel.row_top_k` reading the float32 values in place: (their
+  `order_keys`, their positions), int32 [..., segments * k] each, segment by segment."""
+  from flaxcap import top_k_kernel  # pylint: disable=g-import-not-at-top  (as top_k_by_kernel)
+  segment_keys, positions = top_k_kernel.row_top_k(
+      values.astype(jnp.float32), min(k, segment or KERNEL_SEGMENT),
+      segment=segment or KERNEL_SEGMENT, num_warps=KERNEL_NUM_WARPS,
+      interpret=jax.default_backend() != "gpu")  # [..., segments, k]
+  segment_keys = segment_keys.reshape(*segment_keys.shape[:-2], -1)
+  return segment_keys, positions.reshape(segment_keys.shape)
+
+
+# Whether beam search's step takes its new live and finished sets from the candidates' segment
+# winners in one kernel (`beam_select_kernel`) where it ranks the candidates by "kernel_segments":
+# the same result. Read while tracing.
+SELECT_BY_KERNEL = True
+
+
+def selects_by_kernel(batch: int, length_penalty, eos_id) -> bool:
+  """Whether a beam search step of `batch` images uses `beam_select_kernel` (`SELECT_BY_KERNEL`,
+  "kernel_segments" reading the values in place, no length penalty, a static <eos> id)."""
+  return (SELECT_BY_KERNEL and KERNEL_READS_VALUES
+          and candidate_top_k_method(batch) == "kernel_segments"
+          and isinstance(length_penalty, (int, float)) and length_penalty == 0
+          and isinstance(eos_id, int))
 
 
 def rank_top_k(keys: jax.Array, k: int, tie_order: jax.Array | None = None) -> jax.Array:

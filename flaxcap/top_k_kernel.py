@@ -33,7 +33,7 @@ _INT32_MIN = jnp.iinfo(jnp.int32).min
 _INT32_MAX = jnp.iinfo(jnp.int32).max
 
 
-def _tile_best(keys, positions, last_key, last_position):
+def best_after(keys, positions, last_key, last_position):
   """The largest key ordered after (last_key, last_position), and its lowest position.
 
   Order: larger keys first, equal keys by position. keys, positions: [tile] int32; the others
@@ -80,11 +80,11 @@ def _row_top_k_kernel(keys_ref, top_keys_ref, top_positions_ref, *, k: int, tile
   def round_(slot, carry):
     top_keys, top_positions, last_key, last_position = carry
     if whole_row is not None:
-      best = _tile_best(*whole_row, last_key, last_position)
+      best = best_after(*whole_row, last_key, last_position)
     else:
       best = lax.fori_loop(
           0, num_tiles,
-          lambda t, best: _later(best, _tile_best(*load_tile(t * tile), last_key, last_position)),
+          lambda t, best: _later(best, best_after(*load_tile(t * tile), last_key, last_position)),
           (jnp.int32(_INT32_MIN), jnp.int32(_INT32_MAX)))
     top_keys = jnp.where(slots == slot, best[0], top_keys)
     top_positions = jnp.where(slots == slot, best[1], top_positions)

@@ -180,6 +180,31 @@ def test_beam_search_with_any_candidate_top_k_gives_the_same_results(monkeypatch
     assert_same_results(search(method), flat)
 
 
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_the_select_kernel_gives_the_same_search(monkeypatch, beam_size):
+  """With the candidates ranked on segments ("kernel_segments"), a step's new live and finished sets
+  from `beam_select_kernel` (interpreted here) give the search `beam_search.select`'s results."""
+  table, embed = random_tables(SEEDS[1], vocab=40)
+  step_fn = markov_step_fn(jnp.asarray(table), jnp.asarray(embed))
+  monkeypatch.setattr(top_k_lib, "CANDIDATE_TOP_K", "kernel_segments")
+  monkeypatch.setattr(top_k_lib, "KERNEL_SEGMENT", 16)  # several segments an image
+
+  def search(by_kernel):
+    monkeypatch.setattr(top_k_lib, "SELECT_BY_KERNEL", by_kernel)  # read while tracing
+    run = functools.partial(bs.beam_search, step_fn, beam_size=beam_size, max_len=MAX_LEN,
+                            bos_id=BOS, eos_id=EOS)
+    kernels = str(jax.make_jaxpr(run)(markov_init_state(table))).count("pallas_call")
+    return to_numpy(jax.jit(run)(markov_init_state(table))), kernels
+
+  (by_kernel, kernels), (plain, plain_kernels) = search(True), search(False)
+  assert (kernels, plain_kernels) == (2, 1)  # the segments' top-k, then the selection
+  assert_same_results(by_kernel, plain)
+  for row in range(BATCH):
+    reference = reference_beam_search(markov_model(table, row), beam_size=beam_size,
+                                      max_len=MAX_LEN, eos_id=EOS, alpha=0.0)
+    np.testing.assert_allclose(by_kernel.scores[row], [score for score, _ in reference], rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------
 # Beam search.
 

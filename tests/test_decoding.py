@@ -146,7 +146,7 @@ def test_no_caption_ends_on_a_banned_word(beam_size):
 def test_the_gpu_code_paths_of_a_search_lower_for_a_gpu(monkeypatch, method, early_stop):
   """With jax.default_backend() saying "gpu", the branches the CPU never traces (the score as a
   sum, the merges by counting, the candidates' top-k by chunks or by the Pallas kernel, bf16
-  matrices cast once) lower for a "cuda" target, the kernel as one Triton call inside the loop."""
+  matrices cast once) lower for a "cuda" target, each Pallas kernel one Triton call inside the loop."""
   decoder = Decoder(vocab_size=VOCAB, embed_dim=12, hidden_dim=16, attention_dim=10, dropout_rate=0.0,
                     dtype=jnp.bfloat16)
   features = jax.ShapeDtypeStruct((BATCH, GRID_H, GRID_W, CHANNELS), jnp.float32)
@@ -158,7 +158,8 @@ def test_the_gpu_code_paths_of_a_search_lower_for_a_gpu(monkeypatch, method, ear
   search = jax.jit(lambda p, f: decoding.search(decoder, p, f, beam_size=3, max_len=5,
                                                 early_stop=early_stop))
   module = gpu_export.export_for_cuda(search, params, features)
-  assert module.count("@__gpu$xla.gpu.triton") == (method or "").startswith("kernel")
+  # "kernel_segments": the segments' top-k, then the new live and finished sets (beam_select_kernel).
+  assert module.count("@__gpu$xla.gpu.triton") == {"kernel": 1, "kernel_segments": 2}.get(method, 0)
 
 
 BATCH, GRID_H, GRID_W, CHANNELS, VOCAB = 4, 2, 3, 8, 23
