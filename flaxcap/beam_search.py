@@ -56,11 +56,12 @@ Beam search (the algorithm of the Flax WMT example, with fixed shapes and a `lax
 Ancestry: the scan carries only [batch, beam] vectors (scores, and for finished hypotheses the
 end step and the slot fed into that step) plus the model state, which is gathered once per step
 with a single `take` along the flat batch*beam axis. Each step emits the chosen token and parent
-slot of every live beam and the step's aux. After the scan, the parent pointers of the K returned
-hypotheses are followed backwards on [batch, beam] indices, and their tokens and aux are gathered
-once, straight into the [batch, beam, max_len, ...] layout. That reads O(max_len * batch * beam *
-aux) once; carrying token and aux histories in the scan and re-gathering them every step (as the
-Flax example does for tokens) would move O(max_len**2 * batch * beam * aux).
+slot of every live beam (as one int32, token * K + parent) and the step's aux. After the scan,
+the parent pointers of the K returned hypotheses are followed backwards on [batch, beam]
+indices, and their tokens and aux are gathered once, straight into the [batch, beam, max_len,
+...] layout. That reads O(max_len * batch * beam * aux) once; carrying token and aux histories in
+the scan and re-gathering them every step (as the Flax example does for tokens) would move
+O(max_len**2 * batch * beam * aux).
 
 All K beams of an image start from the same state, so beams 1..K-1 start at score -inf and the
 first step only expands beam 0.
@@ -249,7 +250,7 @@ def beam_search(step_fn: StepFn, init_state: PyTree, *, beam_size: int, max_len:
     state = _take_rows(new_state, (batch_offsets + parents).reshape(-1))
     aux = jax.tree.map(lambda a: a.reshape(batch, k, *a.shape[1:]), aux)
     carry = (state, tokens.reshape(-1), live_scores, done_scores, done_steps, done_slots)
-    return carry, (tokens, parents, aux)
+    return carry, (tokens * k + parents, aux)  # one history for both: one write a step
 
   live_scores = jnp.tile(jnp.array([0.0] + [-jnp.inf] * (k - 1), jnp.float32), (batch, 1))
   carry = (_repeat_rows(init_state, k), jnp.full((batch * k,), bos_id, jnp.int32), live_scores,
@@ -285,9 +286,9 @@ def _back_trace(history, slots, end_steps, valid, *, eos_id):
   """Follows parent pointers from the returned hypotheses back to step 0.
 
   Args:
-    history: (tokens [T, batch, K], parents [T, batch, K], aux leaves [T, batch, K, ...]), where
-      step t's tokens/parents describe the live slots after step t and aux[t] belongs to the
-      slots fed into step t.
+    history: (token * K + parent [T, batch, K], aux leaves [T, batch, K, ...]), where step t's
+      tokens/parents describe the live slots after step t and aux[t] belongs to the slots fed
+      into step t.
     slots: [batch, K]; for a finished hypothesis the slot fed into its <eos> step, for one live at
       the end its live slot after the last step.
     end_steps: [batch, K], the step of the <eos>, or T for hypotheses without one.
@@ -297,8 +298,9 @@ def _back_trace(history, slots, end_steps, valid, *, eos_id):
   Returns:
     tokens int32 [batch, K, T] and aux leaves [batch, K, T, ...].
   """
-  step_tokens, step_parents, step_aux = history
-  max_len, batch, k = step_tokens.shape
+  step_choices, step_aux = history
+  max_len, batch, k = step_choices.shape
+  step_tokens, step_parents = step_choices // k, step_choices % k
 
   # Walk the parent pointers backwards on [batch, K] indices only (tiny; unrolled, max_len static).
   def trace_step(cursor, step_and_parents):
