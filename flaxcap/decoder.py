@@ -63,10 +63,13 @@ class Encoded(NamedTuple):
     projected_features: the features in the attention space, W_f f + b, [batch, P, A].
     context_projections: None, or the features through the context's layers, [batch, P, 4H (+ E)]:
       the LSTM's context gates, then L_z when ctx2out (see `Decoder.encode`).
+    score_weights: None, or w_a [A] rounded to the compute dtype, as float32: a decoding loop
+      computes it once outside (`decoding`), so that no step's sum converts it again.
   """
   features: Array
   projected_features: Array
   context_projections: Array | None = None
+  score_weights: Array | None = None
 
 
 class LSTMCarry(NamedTuple):
@@ -239,14 +242,15 @@ class Decoder(nn.Module):
 
   # -- the recurrence ----------------------------------------------------------------------------------
 
-  def _scores(self, projected_features: Array, query: Array, by_sum: bool) -> Array:
+  def _scores(self, projected_features: Array, query: Array, by_sum: bool,
+              score_weights: Array | None = None) -> Array:
     """The additive attention's scores w_a . act(projected_features + query), float32 [batch, K, P].
 
     projected_features [batch, P, A], query [batch, K, A]; `by_sum`: see `layers.AttentionScore`.
     """
     activation = layers.ATTENTION_ACTIVATIONS[self.attention_activation]
     hidden = activation(projected_features[:, None, :, :] + query[:, :, None, :])  # [b, K, P, A]
-    return self.attention_score(hidden, by_sum)
+    return self.attention_score(hidden, by_sum, score_weights)
 
   def _attend(self, encoded: Encoded, query: Array, score_by_sum: bool = False,
               recompute_scores: bool = False, kernels: bool = False,
@@ -289,7 +293,8 @@ class Decoder(nn.Module):
     elif recompute_scores:
       scores = _recomputed_scores_by_sum(self, encoded.projected_features, query)
     else:
-      scores = self._scores(encoded.projected_features, query, score_by_sum)  # [b, K, P], float32
+      scores = self._scores(encoded.projected_features, query, score_by_sum,
+                            encoded.score_weights)  # [batch, K, P], float32
     if score_offset is not None:
       scores = scores + score_offset
     attention = jax.nn.softmax(scores, axis=-1)

@@ -120,11 +120,14 @@ class AttentionScore(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, hidden: Array, by_sum: bool = False) -> Array:
+  def __call__(self, hidden: Array, by_sum: bool = False, weights: Array | None = None) -> Array:
+    """`weights`: None, or the kernel's column [A] rounded to `dtype`, as float32, computed outside
+    a loop (the sum then uses it as it is)."""
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (hidden.shape[-1], 1), jnp.float32)
     kernel = kernel.astype(self.dtype)
     if by_sum:
-      return jnp.sum(hidden.astype(jnp.float32) * kernel[:, 0].astype(jnp.float32), axis=-1)
+      weights = kernel[:, 0].astype(jnp.float32) if weights is None else weights
+      return jnp.sum(hidden.astype(jnp.float32) * weights, axis=-1)
     return few_rows_dot_general(hidden.astype(self.dtype), kernel,
                                  (((hidden.ndim - 1,), (0,)), ((), ())),
                                  preferred_element_type=jnp.float32)[..., 0]

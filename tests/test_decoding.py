@@ -61,9 +61,13 @@ def test_search_equals_plain_beam_search(beam_size, max_len):
   assert len(set(map(tuple, np.asarray(result.tokens)[:, 0]))) > 1  # not a degenerate model
 
 
-def test_a_bfloat16_search_keeps_h_in_bfloat16_with_the_plain_searchs_results():
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_a_bfloat16_search_keeps_h_in_bfloat16_with_the_plain_searchs_results(monkeypatch, backend):
   """`decoding.search` carries h in the compute dtype (every use of h casts it to that dtype
-  first): the plain search, whose carry keeps h in float32, finds the same captions and scores."""
+  first) and converts w_a once outside its loop: the plain search, whose carry keeps h in float32
+  and whose steps convert w_a, finds the same captions and scores. "gpu": the GPU's paths (the
+  attention's sum, the merges by counting), traced as on a GPU and run here."""
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
   decoder = Decoder(vocab_size=VOCAB, embed_dim=12, hidden_dim=16, attention_dim=10, dropout_rate=0.0,
                     dtype=jnp.bfloat16)
   rng = np.random.default_rng(6)
@@ -80,6 +84,31 @@ def test_a_bfloat16_search_keeps_h_in_bfloat16_with_the_plain_searchs_results():
   np.testing.assert_array_equal(result.tokens, reference.tokens)
   np.testing.assert_allclose(result.scores, reference.scores, rtol=1e-6)
   np.testing.assert_allclose(result.aux, reference.aux, atol=1e-6)
+
+
+def test_score_weights_computed_outside_the_loop_give_the_steps_scores(monkeypatch):
+  """A bfloat16 step's attention sum (the GPU's: `layers.AttentionScore(by_sum=True)`) with w_a
+  converted once outside the loop (`Encoded.score_weights`, as `decoding` passes it) gives the
+  step's own logits and attention; w_a not rounded to bfloat16 first would not."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # the step sums (traced, run here)
+  decoder = Decoder(vocab_size=VOCAB, embed_dim=12, hidden_dim=16, attention_dim=10, dropout_rate=0.0,
+                    dtype=jnp.bfloat16)
+  rng = np.random.default_rng(7)
+  features = jnp.asarray(rng.normal(size=(BATCH, GRID_H, GRID_W, CHANNELS)), jnp.float32)
+  params = _init(decoder, 2, features, jnp.zeros((BATCH, 3), jnp.int32))
+  variables = {"params": params}
+  encoded = decoder.apply(variables, features, method=Decoder.encode)
+  carry = decoder.apply(variables, encoded, 3, method=Decoder.initial_carry)
+  tokens = jnp.asarray(rng.integers(0, VOCAB, size=(BATCH, 3)), jnp.int32)
+  step = jax.jit(lambda e: decoder.apply(variables, e, carry, tokens, method=Decoder.step))
+  kernel = params["attention_score"]["kernel"][:, 0]
+  logits, _, attention = step(encoded)
+  hoisted_logits, _, hoisted_attention = step(
+      encoded._replace(score_weights=kernel.astype(jnp.bfloat16).astype(jnp.float32)))
+  np.testing.assert_allclose(hoisted_logits, logits, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(hoisted_attention, attention, rtol=1e-6, atol=1e-7)
+  _, _, unrounded_attention = step(encoded._replace(score_weights=kernel))
+  assert np.max(np.abs(unrounded_attention - attention)) > 1e-5
 
 
 def test_project_context_can_be_forced_either_way():
