@@ -36,7 +36,15 @@ TRAIN = {"main": "", "no_recompute": "--norecompute_attention", "recompute": "--
          "score_vjp+late_grad+bf16_features": "--recompute_attention --score_vjp "
                                               "--late_projected_grad --feature_dtype=bfloat16",
          "score_vjp+late_grad+scorek_approx": "--recompute_attention --score_vjp "
-                                              "--late_projected_grad --score_kernel --approx_tanh"}
+                                              "--late_projected_grad --score_kernel --approx_tanh",
+         "score_vjp+late_grads": "--recompute_attention --score_vjp --late_projected_grad "
+                                 "--late_weight_grad",
+         "score_vjp+late_grads+scorek_approx": "--recompute_attention --score_vjp "
+                                               "--late_projected_grad --late_weight_grad "
+                                               "--score_kernel --approx_tanh",
+         "score_vjp+late_grads+bf16_features": "--recompute_attention --score_vjp "
+                                               "--late_projected_grad --late_weight_grad "
+                                               "--feature_dtype=bfloat16"}
 
 
 def choose(rows, part):

@@ -36,6 +36,12 @@ cut-off run still returns what it measured). In one process, on the issue's work
                                  scores by the Pallas score kernel and the backward pass's two
                                  sums by `attention_grad_kernel.score_grads` (one recomputation, one
                                  pass: 699 MB), their tanh by `tanh.approx.f32`
+        score_vjp+late_grads(+scorek_approx, +bf16_features)  late_weight_grad too (session 27):
+                                 the kernels of hidden_proj and context_gates get their gradient in
+                                 one GEMM each after the backward scan, where each backward step
+                                 read and wrote their float32 running sums (compiled: 626 MB and 21
+                                 kernels a backward iteration with the kernels at batch 512 bf16,
+                                 against 699 and 25; 345 MB and 21 against 388 and 23 at 128 fp32)
         jax_tanh                 the attention's tanh as jnp.tanh (main before session 16: its gradient
                                  rule kept y and 1 - y a step, `layers.tanh` keeps y): what the
                                  change gained against the 20.5k / 9.8k images/s of round 3
@@ -202,6 +208,15 @@ TRAIN_VARIANTS = {
     "score_vjp+late_grad+scorek_approx": {"recompute_attention": True, "score_vjp": True,
                                           "late_projected_grad": True, "score_kernel": True,
                                           "approx_tanh": True},
+    # ... and the weights inside a step, late too (`late_grads`; session 27).
+    "score_vjp+late_grads": {"recompute_attention": True, "score_vjp": True,
+                             "late_projected_grad": True, "late_weight_grad": True},
+    "score_vjp+late_grads+scorek_approx": {"recompute_attention": True, "score_vjp": True,
+                                           "late_projected_grad": True, "late_weight_grad": True,
+                                           "score_kernel": True, "approx_tanh": True},
+    "score_vjp+late_grads+bf16_features": {"recompute_attention": True, "score_vjp": True,
+                                           "late_projected_grad": True, "late_weight_grad": True,
+                                           "feature_dtype": jnp.bfloat16},
 }
 # The attention's tanh of the train variants that change it (read while tracing): jax_tanh is main's
 # decoder before session 16, whose tanh kept y and 1 - y for the backward pass (`layers.tanh`: y).
@@ -725,11 +740,12 @@ def parse_args():
   parser.add_argument("--parts", default="beam256,beam1,train_bf16,train_fp32,profile,grads",
                       help="in this order (most wanted first: the budget skips the last)")
   parser.add_argument("--bf16_variants",
-                      default="main,score_vjp+late_grad,score_vjp+late_grad+scorek_approx,late_grad,"
-                              "score_vjp,score_vjp+late_grad+pad8")
+                      default="main,score_vjp+late_grads+scorek_approx,score_vjp+late_grad+scorek_approx,"
+                              "score_vjp+late_grads,score_vjp+late_grad,late_grad,score_vjp")
   parser.add_argument("--fp32_variants",
-                      default="main,score_vjp+late_grad,score_vjp+late_grad+scorek_approx,late_grad,"
-                              "bf16_features,score_vjp+late_grad+bf16_features")
+                      default="main,score_vjp+late_grads+scorek_approx,score_vjp+late_grad+scorek_approx,"
+                              "score_vjp+late_grads,score_vjp+late_grad,bf16_features,"
+                              "score_vjp+late_grads+bf16_features")
   parser.add_argument("--beam256_variants",
                       default="main,scorek_approx,xla_select,scorek_approx+xla_select,"
                               "kseg_w1,kseg_w2,pad8,noproj,scorek_approx+noproj",
@@ -739,9 +755,9 @@ def parse_args():
                       default="main,stop_while+kseg,scorek_approx,pad8,kernel",
                       help="stop_while+kseg: since session 26 also the selection kernel, 20 kernels "
                            "a step against main's 33 (bench/gpu_aot.py)")
-  parser.add_argument("--fp32_profile_variants", default="main,score_vjp+late_grad",
+  parser.add_argument("--fp32_profile_variants", default="main,score_vjp+late_grads+scorek_approx",
                       help="train variants (batch 128 fp32) the profile part traces")
-  parser.add_argument("--profile_variants", default="main,score_vjp+late_grad+scorek_approx",
+  parser.add_argument("--profile_variants", default="main,score_vjp+late_grads+scorek_approx",
                       help="train variants (batch 512 bf16) whose kernels the profile part traces")
   parser.add_argument("--beam_profile_variants", default="main,scorek_approx",
                       help="beam variants traced after beam256's timings (kernel time per search)")

@@ -75,6 +75,9 @@ _FEATURE_DTYPE = flags.DEFINE_enum("feature_dtype", "", ["", "bfloat16", "float3
 _LATE_PROJECTED_GRAD = flags.DEFINE_bool("late_projected_grad", False, "flaxcap: the projected "
                                          "features' gradient in one pass after the backward scan "
                                          "(config.decoder.late_projected_grad).")
+_LATE_WEIGHT_GRAD = flags.DEFINE_bool("late_weight_grad", False, "flaxcap: the gradients of the "
+                                      "kernels inside a step in one GEMM each after the backward "
+                                      "scan (config.decoder.late_weight_grad).")
 _SCORE_VJP = flags.DEFINE_bool("score_vjp", False, "flaxcap: the recomputed attention scores' "
                                "backward pass written out (config.decoder.score_vjp).")
 _OUTPUT = flags.DEFINE_string("output", "training", "JSON path, or a name under bench/results/.")
@@ -243,7 +246,8 @@ def main(argv):
   decoder_options = {"unroll": _DECODER_UNROLL.value,
                      "recompute_attention": "auto" if recompute is None else str(recompute).lower(),
                      "feature_dtype": _FEATURE_DTYPE.value,
-                     "late_projected_grad": _LATE_PROJECTED_GRAD.value, "score_vjp": _SCORE_VJP.value,
+                     "late_projected_grad": _LATE_PROJECTED_GRAD.value,
+                     "late_weight_grad": _LATE_WEIGHT_GRAD.value, "score_vjp": _SCORE_VJP.value,
                      **decoder_flags.options()}
   warmup = _WARMUP.value or default_warmup()
   common.configure_torch()

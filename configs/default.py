@@ -85,7 +85,9 @@ def get_config():
   config.decoder.approx_tanh = False  # those kernels' tanh by the GPU's tanh.approx.f32 (scores
   #   rounded at 2^-11; exact tanh off the GPU)
   config.decoder.late_projected_grad = False  # training: the projected features' gradient in one
-  #   pass after the backward scan, not summed in every step (flaxcap/attention_grad.py; speed only)
+  #   pass after the backward scan, not summed in every step (flaxcap/late_grads.py; speed only)
+  config.decoder.late_weight_grad = False  # training: the same for the kernels of hidden_proj and
+  #   context_gates, one GEMM each over all steps (flaxcap/late_grads.py; speed only)
   config.decoder.score_vjp = False  # training with recompute_attention: the scores' backward pass
   #   written out, the activation recomputed into each sum, never stored (attention_grad.py); with
   #   score_kernel, the scores and their gradients by Pallas kernels (attention_grad_kernel.py)

@@ -1,4 +1,5 @@
-"""Teacher forcing's gradient of the projected features, summed once after the backward scan.
+"""Teacher forcing's attention gradients: the projected features' summed over the steps, and the
+recomputed scores' backward pass.
 
 Autodiff of the teacher-forced scan adds every step's gradient of the projected features
 pf = W_f f + b, [batch, P, A], into a running sum that each step of the backward scan reads and
@@ -8,15 +9,10 @@ step's attention moves (`bench/roofline.py`). That gradient is
     d pf[b, p, a] = sum_t ds_t[b, p] w_a act'(pf[b, p, a] + q_t[b, a])
 
 with ds_t the cotangents of step t's attention scores, q_t its queries and w_a the score's kernel:
-the steps meet only through arrays of [batch, T, P] and [batch, T, A]. `scan_with_late_projected_grad`
-runs the scan with the projected features under `stop_gradient` and a zero offset added to each
-step's scores, so the backward scan keeps no running sum and hands out ds_t as the offsets'
-cotangent; its custom VJP then takes the sum above as one reduction over the steps, which reads the
-projected features once and writes their gradient once. The same gradient up to rounding: the sum
-over steps is float32, where the scan adds in the compute dtype.
-
-    outputs = scan_with_late_projected_grad(apply_scan, params, carry, encoded, word_gates,
-                                            dtype=dtype, activation="tanh")
+the steps meet only through arrays of [batch, T, P] and [batch, T, A]. `projected_features_grad`
+takes that sum once, after the backward scan (`late_grads.scan_with_late_grads`, which hands out
+ds_t), reading the projected features once and writing their gradient once. The same gradient up to
+rounding: the sum over steps is float32, where the scan adds in the compute dtype.
 
 `recomputed_scores` is the other half: a step's scores whose backward pass recomputes the
 activation and takes every gradient from it in one pass over [batch, K, P, A] (the score kernel's
@@ -28,7 +24,6 @@ bench/gpu_aot.py).
 """
 
 import functools
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -169,83 +164,3 @@ def _recomputed_scores_backward(activation, by_kernel, approx_tanh, residuals, s
 
 
 recomputed_scores.defvjp(_recomputed_scores_forward, _recomputed_scores_backward)
-
-
-def scan_with_late_projected_grad(apply_scan: Callable[..., Any], params: Any, carry: Any,
-                                  encoded: Any, word_gates: Array, *, dtype: Any,
-                                  activation: str, by_kernel: bool = False,
-                                  approx_tanh: bool = False) -> Any:
-  """`apply_scan`'s outputs, with the projected features' gradient taken after the backward scan.
-
-  Args:
-    apply_scan: (params, carry, encoded, word_gates, score_offsets) -> (outputs, queries), pure: the
-      teacher-forced scan, which must add score_offsets [batch, T, P] (float32) to step t's scores,
-      read `encoded.projected_features` under `stop_gradient`, and return the queries q_t
-      [batch, T, A] beside its outputs.
-    params: the decoder's parameters (`params["attention_score"]["kernel"]`: w_a [A, 1]).
-    carry, encoded, word_gates: the scan's other inputs ([batch, T, 4H] word gates).
-    dtype: the compute dtype; activation: "tanh" or "relu".
-    by_kernel: the sum over steps by `attention_grad_kernel.projected_features_grad` (a Pallas kernel;
-      interpreted off the GPU), its tanh by `tanh.approx.f32` with `approx_tanh`.
-
-  Returns:
-    `apply_scan`'s outputs; under autodiff the same gradients as the plain scan up to rounding.
-    Only the inputs being differentiated get a gradient from the scan (the features of cached
-    features are not, so their [batch, P, C] gradient is not summed either).
-  """
-  def zero_offsets(encoded, word_gates):
-    batch, steps = word_gates.shape[:2]
-    return jnp.zeros((batch, steps, encoded.projected_features.shape[1]), jnp.float32)
-
-  structure = {}  # set while tracing `forward`: the inputs' tree and which leaves are perturbed
-
-  @jax.custom_vjp
-  def run(params, carry, encoded, word_gates):
-    return apply_scan(params, carry, encoded, word_gates, zero_offsets(encoded, word_gates))[0]
-
-  def forward(params, carry, encoded, word_gates):  # leaves: CustomVJPPrimal (symbolic_zeros)
-    is_primal = lambda x: isinstance(x, jax.custom_derivatives.CustomVJPPrimal)
-    leaves, treedef = jax.tree_util.tree_flatten((params, carry, encoded, word_gates),
-                                                 is_leaf=is_primal)
-    values = [leaf.value for leaf in leaves]
-    perturbed = [bool(leaf.perturbed) for leaf in leaves]
-    structure.update(treedef=treedef, perturbed=perturbed)
-
-    def scan_of_perturbed(perturbed_values, score_offsets):
-      given = iter(perturbed_values)
-      inputs = [next(given) if p else value for value, p in zip(values, perturbed)]
-      return apply_scan(*jax.tree_util.tree_unflatten(treedef, inputs), score_offsets)
-
-    params, carry, encoded, word_gates = jax.tree_util.tree_unflatten(treedef, values)
-    outputs, vjp_fn, queries = jax.vjp(
-        scan_of_perturbed, [v for v, p in zip(values, perturbed) if p],
-        zero_offsets(encoded, word_gates), has_aux=True)
-    score_kernel = params["attention_score"]["kernel"][:, 0].astype(dtype)
-    return outputs, (vjp_fn, queries, encoded.projected_features, score_kernel)
-
-  def backward(residuals, output_grads):
-    vjp_fn, queries, projected_features, score_kernel = residuals
-    treedef, perturbed = structure["treedef"], structure["perturbed"]
-    output_grads = jax.tree.map(
-        lambda g: jnp.zeros(g.shape, g.dtype) if isinstance(g, jax.custom_derivatives.SymbolicZero)
-        else g, output_grads, is_leaf=lambda g: isinstance(g, jax.custom_derivatives.SymbolicZero))
-    perturbed_grads, score_grads = vjp_fn(output_grads)
-    given = iter(perturbed_grads)
-    grads = [next(given) if p else None for p in perturbed]
-    params_grads, carry_grads, encoded_grads, word_gate_grads = jax.tree_util.tree_unflatten(
-        treedef, grads)
-    if encoded_grads.projected_features is not None:
-      if by_kernel:
-        from flaxcap import attention_grad_kernel  # pylint: disable=g-import-not-at-top
-        late_grads = attention_grad_kernel.projected_features_grad(
-            projected_features, queries, score_grads, score_kernel, activation=activation,
-            approx_tanh=approx_tanh, interpret=jax.default_backend() != "gpu")
-      else:
-        late_grads = projected_features_grad(projected_features, queries, score_grads,
-                                             score_kernel, activation)
-      encoded_grads = encoded_grads._replace(
-          projected_features=encoded_grads.projected_features + late_grads)
-    return params_grads, carry_grads, encoded_grads, word_gate_grads
-
-  run.defvjp(forward, backward, symbolic_zeros=True)
-  return run(params, carry, encoded, word_gates)

@@ -7,7 +7,7 @@ instead of reading a stored one (`Decoder.score_vjp` with `score_kernel`, whose 
 
 The first runs in each step of the backward scan (`attention_grad.recomputed_scores`): both sums
 over P, the query's and w_a's, from one recomputation per element and one read of the projected
-features. The second runs once after it (`attention_grad.scan_with_late_projected_grad`): the
+features. The second runs once after it (`late_grads.scan_with_late_grads`): the
 projected features' gradient summed over the steps, one read of each block of the projected
 features and one write of its gradient, nothing of [batch, T, P, A] formed. Both round as autodiff
 of `Decoder._scores` rounds (`attention_grad.activation_and_slopes`, `hidden_grads`); tanh by

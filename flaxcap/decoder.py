@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxcap import attention_grad
+from flaxcap import late_grads
 from flaxcap import layers
 
 Array = jax.Array
@@ -140,7 +141,9 @@ class Decoder(nn.Module):
     approx_tanh: those kernels' tanh by the GPU's `tanh.approx.f32` (relative error below 2^-10.9,
       under bfloat16's rounding; the exact tanh off the GPU).
     late_projected_grad: teacher forcing's gradient of the projected features in one pass after
-      the backward scan instead of a running sum in every step (`attention_grad`).
+      the backward scan instead of a running sum in every step (`late_grads`).
+    late_weight_grad: the same for the kernels of `hidden_proj` and `context_gates`: one GEMM each
+      over all steps from the scan's outputs (`late_grads`).
     score_vjp: the recomputed scores (`recompute_attention`) by `attention_grad.recomputed_scores`,
       whose backward pass takes every gradient from one recomputation, not written out.
   """
@@ -163,6 +166,7 @@ class Decoder(nn.Module):
   score_kernel: bool = False
   approx_tanh: bool = False
   late_projected_grad: bool = False
+  late_weight_grad: bool = False
   score_vjp: bool = False
 
   def setup(self):
@@ -307,7 +311,7 @@ class Decoder(nn.Module):
 
   def _recur(self, encoded: Encoded, carry: LSTMCarry, word_gates: Array,
              score_by_sum: bool = False, recompute_scores: bool = False, kernels: bool = False,
-             score_offset: Array | None = None):
+             score_offset: Array | None = None, hidden_offset: Array | None = None):
     """One recurrent step on beam-shaped arrays.
 
     Args:
@@ -315,6 +319,8 @@ class Decoder(nn.Module):
       carry: c, h each [batch, K, H], float32.
       word_gates: the embedding's share of the LSTM gates, bias included, [batch, K, 4H].
       score_by_sum, recompute_scores, kernels, score_offset: see `_attend`.
+      hidden_offset: None, or [batch, K, 4H + A (+ 1)] in the compute dtype added to the product of h
+        (zeros from `late_grads`, whose cotangent is the product's).
 
     Returns:
       (new carry, (h [batch, K, H], gated context z [batch, K, C] (or its projections [batch, K, 4H
@@ -322,6 +328,8 @@ class Decoder(nn.Module):
     """
     hid, att = self.hidden_dim, self.attention_dim
     projected_h = self.hidden_proj(carry.h.astype(self.dtype))  # [batch, K, 4H + A (+ 1)]
+    if hidden_offset is not None:
+      projected_h = projected_h + hidden_offset
     hidden_gates = projected_h[..., :4 * hid]
     query = projected_h[..., 4 * hid:4 * hid + att]
     context, attention = self._attend(encoded, query, score_by_sum, recompute_scores, kernels,
@@ -397,24 +405,22 @@ class Decoder(nn.Module):
   # -- teacher forcing ---------------------------------------------------------------------------------
 
   def _teacher_forced_scan(self, carry: LSTMCarry, encoded: Encoded, word_gates: Array,
-                           score_offsets: Array | None = None):
+                           offsets: late_grads.StepOffsets = late_grads.StepOffsets()):
     """The recurrence over T steps: word_gates [batch, T, 4H] -> ((h [batch, T, H], context
-    [batch, T, C], attention [batch, T, P]), queries [batch, T, A]). With `score_offsets` [batch, T,
-    P] (`attention_grad`) they are added to the scores and the projected features are read under
-    stop_gradient."""
-    def body(module, carry, encoded, step_inputs):  # [batch, 4H], None or [batch, P]
-      word_gates_t, score_offset_t = step_inputs
-      if score_offset_t is not None:
-        encoded = encoded._replace(projected_features=jax.lax.stop_gradient(encoded.projected_features))
-        score_offset_t = score_offset_t[:, None]
+    [batch, T, C], attention [batch, T, P]), queries [batch, T, A]). `offsets` (`late_grads`): each
+    None or [batch, T, ...], added at step t to the scores and to the product of h."""
+    def body(module, carry, encoded, step_inputs):  # [batch, 4H], StepOffsets of [batch, ...]
+      word_gates_t, offsets_t = step_inputs
+      score_offset_t, hidden_offset_t = (None if offset is None else offset[:, None]
+                                         for offset in offsets_t)
       carry, (h, context, attention, query) = module._recur(
           encoded, carry, word_gates_t[:, None, :], recompute_scores=module.recomputes_attention(),
-          score_offset=score_offset_t)
+          score_offset=score_offset_t, hidden_offset=hidden_offset_t)
       return carry, (h[:, 0], context[:, 0], attention[:, 0], query[:, 0])
 
     scan = nn.scan(body, variable_broadcast="params", split_rngs={"params": False},
                    in_axes=(nn.broadcast, 1), out_axes=1, unroll=self.unroll)
-    _, (hidden, context, attention, queries) = scan(self, carry, encoded, (word_gates, score_offsets))
+    _, (hidden, context, attention, queries) = scan(self, carry, encoded, (word_gates, offsets))
     return (hidden, context, attention), queries
 
   def __call__(self, features: Array, input_tokens: Array, *,
@@ -434,13 +440,14 @@ class Decoder(nn.Module):
     embedded = self.embedding(input_tokens)  # [batch, T, E]
     word_gates = self.input_gates(embedded)  # [batch, T, 4H]: one matmul for all steps
 
-    if self.late_projected_grad and not self.is_initializing():
+    if (self.late_projected_grad or self.late_weight_grad) and not self.is_initializing():
       decoder = self.clone(parent=None)
       apply_scan = lambda params, *inputs: decoder.apply({"params": params}, *inputs,
                                                          method=Decoder._teacher_forced_scan)
-      hidden, context, attention = attention_grad.scan_with_late_projected_grad(
+      hidden, context, attention = late_grads.scan_with_late_grads(
           apply_scan, self.variables["params"], carry, encoded, word_gates, dtype=self.dtype,
-          activation=self.attention_activation, by_kernel=self.score_vjp and self.score_kernel,
+          activation=self.attention_activation, projected_features=self.late_projected_grad,
+          weights=self.late_weight_grad, by_kernel=self.score_vjp and self.score_kernel,
           approx_tanh=self.approx_tanh)
     else:
       (hidden, context, attention), _ = self._teacher_forced_scan(carry, encoded, word_gates)

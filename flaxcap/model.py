@@ -130,6 +130,7 @@ def create_decoder(config, vocab_size: int) -> decoder_lib.Decoder:
       fused_attention=bool(dec.get("fused_attention", False)),
       score_kernel=bool(dec.get("score_kernel", False)), approx_tanh=bool(dec.get("approx_tanh", False)),
       late_projected_grad=bool(dec.get("late_projected_grad", False)),
+      late_weight_grad=bool(dec.get("late_weight_grad", False)),
       score_vjp=bool(dec.get("score_vjp", False)))
 
 

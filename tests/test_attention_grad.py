@@ -1,18 +1,16 @@
-"""flaxcap/attention_grad.py: teacher forcing with the projected features' gradient taken after the
-backward scan gives the plain scan's loss and gradients, and its backward scan keeps no running sum
-of that gradient; the recomputed scores' written-out backward pass gives autodiff's gradients."""
+"""flaxcap/attention_grad.py: the projected features' gradient summed over the steps, and the
+recomputed scores' written-out backward pass, give autodiff's gradients (the scan that uses the
+first: tests/test_late_grads.py)."""
 
 import functools
 
 import jax
-from jax.extend import core as jax_core
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from flaxcap import attention_grad
-from test_decoder import (ATTN, BATCH, CHANNELS, POSITIONS, _cached_setup, _loss_and_grads,
-                          _assert_same_loss_and_grads, make_decoder, rng_key)
+from test_decoder import _cached_setup, _loss_and_grads, _assert_same_loss_and_grads, make_decoder
 
 
 def test_projected_features_grad_equals_autodiff_of_the_scores():
@@ -33,38 +31,6 @@ def test_projected_features_grad_equals_autodiff_of_the_scores():
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="tanh or relu"):
     attention_grad.projected_features_grad(projected, queries, score_grads, kernel, "gelu")
-
-
-@pytest.mark.parametrize("options", [{}, {"recompute_attention": True},
-                                     {"attention_activation": "relu"}, {"gate": False}])
-def test_late_projected_grad_gives_the_same_loss_and_gradients(options):
-  activation = options.get("attention_activation", "tanh")
-  plain, variables, features, tokens = _cached_setup(gate=options.get("gate", True),
-                                                     attention_activation=activation)
-  late = make_decoder(late_projected_grad=True, **options)
-  params = variables["params"]
-  _assert_same_loss_and_grads(_loss_and_grads(late)(params, features, tokens),
-                              _loss_and_grads(plain)(params, features, tokens))
-  same_options = make_decoder(**options)
-  logits = [decoder.apply({"params": params}, features, tokens, deterministic=True)[0]
-            for decoder in (late, same_options)]
-  np.testing.assert_array_equal(*logits)  # the forward pass is the plain one
-
-
-def test_late_projected_grad_in_bfloat16_stays_as_close_to_float32():
-  """bf16 gradients of both paths against the float32 gradients: the late sum (float32 over the
-  steps) is no further from them than the scan's running sum in bf16."""
-  plain, variables, features, tokens = _cached_setup()
-  params = variables["params"]
-  _, reference = _loss_and_grads(plain)(params, features, tokens)
-  errors = {}
-  for late in (False, True):
-    decoder = make_decoder(dtype=jnp.bfloat16, late_projected_grad=late)
-    _, grads = _loss_and_grads(decoder)(params, features, tokens)
-    assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(reference)
-    errors[late] = max(float(jnp.max(jnp.abs(g - r)) / (jnp.max(jnp.abs(r)) + 1e-12))
-                       for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(reference)))
-  assert errors[True] < 0.05 and errors[True] <= 1.5 * errors[False], errors
 
 
 def _plain_scores(projected, query, kernel, function):
@@ -134,72 +100,3 @@ def test_score_vjp_gives_the_same_loss_and_gradients(options):
   written_out = make_decoder(recompute_attention=True, score_vjp=True, **options)
   _assert_same_loss_and_grads(_loss_and_grads(written_out)(params, features, tokens),
                               _loss_and_grads(remat)(params, features, tokens))
-
-
-def _backward_scan_carry_shapes(decoder, params, features, tokens):
-  """Shapes of the loop-carried values of the backward (transposed) scan of a train step."""
-  loss = lambda p: jnp.sum(decoder.apply({"params": p}, features, tokens, deterministic=True)[0])
-  jaxpr = jax.make_jaxpr(jax.grad(loss))(params).jaxpr
-  scans = []
-
-  def collect(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "scan":
-        scans.append(eqn)
-      for sub in jax_core.jaxprs_in_params(eqn.params):
-        collect(sub)
-  collect(jaxpr)
-  backward = [eqn for eqn in scans if eqn.params.get("reverse")]
-  assert backward, [eqn.params.get("reverse") for eqn in scans]
-  shapes = []
-  for eqn in backward:
-    if "num_carry" in eqn.params:  # jax < 0.11: the carry's position among the inputs
-      first, count = eqn.params["num_consts"], eqn.params["num_carry"]
-      shapes += [tuple(v.aval.shape) for v in eqn.invars[first:first + count]]
-    else:  # the outputs: the carry as it is, each per-step output with the scan's length (TIME,
-      # distinct from the other sizes) in front
-      shapes += [tuple(v.aval.shape) for v in eqn.outvars
-                 if v.aval.ndim == 0 or v.aval.shape[0] != eqn.params["length"]]
-  return shapes
-
-
-def test_backward_scan_keeps_no_running_sum_of_the_projected_features_grad():
-  """Nor one of the features' gradient [batch, P, C], which a train step on cached features does
-  not need."""
-  plain, variables, features, tokens = _cached_setup()
-  params = variables["params"]
-  projected_shape, features_shape = (BATCH, POSITIONS, ATTN), (BATCH, POSITIONS, CHANNELS)
-  assert projected_shape in _backward_scan_carry_shapes(plain, params, features, tokens)
-  late_shapes = _backward_scan_carry_shapes(make_decoder(late_projected_grad=True), params,
-                                            features, tokens)
-  assert projected_shape not in late_shapes and features_shape not in late_shapes
-
-
-def test_late_projected_grad_gives_the_features_their_gradient():
-  """Fine-tuning the encoder differentiates the features too: the same gradient for them."""
-  plain, variables, features, tokens = _cached_setup()
-  late = make_decoder(late_projected_grad=True)
-
-  def grads_of(decoder):
-    def loss(params, features):
-      logits, attention = decoder.apply({"params": params}, features, tokens, deterministic=False,
-                                        rngs={"dropout": rng_key(3)})
-      return jnp.mean(jax.nn.log_softmax(logits)[..., 0]) + jnp.mean(attention[..., 0] ** 2)
-    return jax.jit(jax.grad(loss, argnums=(0, 1)))(variables["params"], features)
-
-  expected, actual = grads_of(plain), grads_of(late)
-  assert float(jnp.abs(expected[1]).max()) > 0
-  for grad, expected_grad in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
-    np.testing.assert_allclose(grad, expected_grad, rtol=1e-5, atol=1e-6)
-
-
-def test_late_projected_grad_leaves_decoding_steps_alone():
-  """The option is teacher forcing's: `step` gives the same logits with it."""
-  plain, variables, features, _ = _cached_setup()
-  late = make_decoder(late_projected_grad=True)
-  encoded = plain.apply(variables, features, method="encode")
-  carry = plain.apply(variables, encoded, method="initial_carry")
-  tokens = jnp.arange(BATCH, dtype=jnp.int32)
-  expected = plain.apply(variables, encoded, carry, tokens, method="step")[0]
-  np.testing.assert_array_equal(late.apply(variables, encoded, carry, tokens, method="step")[0],
-                                expected)

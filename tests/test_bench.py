@@ -111,6 +111,7 @@ def test_the_gpu_calls_flags_exist_and_ask_for_the_probes_options():
     if probe_gpu9.BEAM_SEARCH_OPTIONS.get(variant, {}).get("project_context") is False:
       assert "--project_context=off" in text.split(), variant
   flag_of = {"late_projected_grad": "--late_projected_grad", "score_vjp": "--score_vjp",
+             "late_weight_grad": "--late_weight_grad",
              "recompute_attention": "--recompute_attention",
              "pad_columns_to": "--pad_columns_to={}", "feature_dtype": "--feature_dtype=bfloat16",
              "score_kernel": "--score_kernel", "approx_tanh": "--approx_tanh"}

@@ -170,17 +170,19 @@ def test_create_model_from_config(monkeypatch):
   assert model.decoder.unroll == 1
   assert model.decoder.recompute_attention is None and model.decoder.feature_dtype is None
   assert model.decoder.pad_columns_to == 1 and not model.decoder.late_projected_grad
-  assert not model.decoder.score_vjp
+  assert not model.decoder.score_vjp and not model.decoder.late_weight_grad
   config.decoder.unroll = 3
   config.decoder.recompute_attention = "true"
   config.decoder.feature_dtype = "bfloat16"
   config.decoder.pad_columns_to = 8
   config.decoder.late_projected_grad = True
   config.decoder.score_vjp = True
+  config.decoder.late_weight_grad = True
   decoder = model_lib.create_model(config, vocab_size=VOCAB, encoder=TinyConvEncoder()).decoder
   assert decoder.unroll == 3 and decoder.recompute_attention is True
   assert decoder.feature_dtype == jnp.bfloat16
   assert decoder.pad_columns_to == 8 and decoder.late_projected_grad and decoder.score_vjp
+  assert decoder.late_weight_grad
   config.decoder.recompute_attention = "False"
   assert model_lib.create_decoder(config, VOCAB).recompute_attention is False
   config.decoder.recompute_attention = "sometimes"
