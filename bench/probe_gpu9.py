@@ -741,11 +741,10 @@ def parse_args():
                       help="in this order (most wanted first: the budget skips the last)")
   parser.add_argument("--bf16_variants",
                       default="main,score_vjp+late_grads+scorek_approx,score_vjp+late_grad+scorek_approx,"
-                              "score_vjp+late_grads,score_vjp+late_grad,late_grad,score_vjp")
+                              "score_vjp+late_grads,score_vjp+late_grad,late_grad")
   parser.add_argument("--fp32_variants",
                       default="main,score_vjp+late_grads+scorek_approx,score_vjp+late_grad+scorek_approx,"
-                              "score_vjp+late_grads,score_vjp+late_grad,bf16_features,"
-                              "score_vjp+late_grads+bf16_features")
+                              "score_vjp+late_grads,bf16_features,score_vjp+late_grads+bf16_features")
   parser.add_argument("--beam256_variants",
                       default="main,scorek_approx,xla_select,scorek_approx+xla_select,"
                               "kseg_w1,kseg_w2,pad8,noproj,scorek_approx+noproj",
