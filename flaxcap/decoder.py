@@ -221,9 +221,13 @@ class Decoder(nn.Module):
     features = flatten_features(jnp.asarray(features)).astype(self.feature_dtype or self.dtype)
     context_projections = None
     if project_context:
-      context_projections = self.context_gates(features)
+      # The barrier keeps XLA from merging these products with feature_proj's (they share the
+      # features) into one GEMM whose [batch, P, 4H (+ E)] columns it then copied out.
+      context_features = jax.lax.optimization_barrier(features)
+      context_projections = self.context_gates(context_features)
       if self.ctx2out:
-        context_projections = jnp.concatenate([context_projections, self.context_out(features)], -1)
+        context_projections = jnp.concatenate(
+            [context_projections, self.context_out(context_features)], -1)
     return Encoded(features=features, projected_features=self.feature_proj(features),
                    context_projections=context_projections)
 

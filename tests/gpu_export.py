@@ -31,3 +31,15 @@ def assert_one_triton_kernel(module: str, grid: str, approx_tanh: bool | None = 
   assert grid in module
   if approx_tanh is not None:
     assert ("tanh.approx.f32" in module) == approx_tanh
+
+
+def compile_for_h100(function, *args) -> str:
+  """The compiled HLO text of `function` (jitted) for an H100, by XLA's GPU compiler without a GPU
+  (bench/gpu_aot.py's deviceless compilation); skips the test where jax's CUDA plugin, a dev-only
+  install, is missing."""
+  from bench import gpu_aot  # pylint: disable=g-import-not-at-top
+  try:
+    target = gpu_aot.Target()
+  except SystemExit as e:
+    pytest.skip(f"no XLA GPU compiler here: {e}")
+  return target.compile(function, *args).as_text()
