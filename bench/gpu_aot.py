@@ -295,7 +295,8 @@ def loop_kernels(text: str) -> list[str]:
 def parse_args():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--parts", default="beam256,beam1,train_bf16,train_fp32")
-  for part, default in (("beam256", "main,xla_select,kseg_padded,scorek_approx,pad8,noproj"),
+  for part, default in (("beam256", "main,xla_select,kseg_padded,scorek_approx,pad8,"
+                                    "scorek_approx+pad8,noproj"),
                         ("beam1", "main,stop_while+kseg,scorek_approx"),
                         ("train_bf16", "main,late_grad,score_vjp,score_vjp+late_grad,"
                                        "score_vjp+late_grad+scorek_approx,score_vjp+late_grads,"

@@ -103,16 +103,20 @@ cut-off run still returns what it measured). In one process, on the issue's work
                          minimum are latency, and with fewer warps no barrier joins them (round 5:
                          the kernel took 22.1 us a step to read 13 MB)
         pad8, pad128     `Decoder(pad_columns_to=...)`: the layers' kernels padded with zero columns
-                         (hidden_proj's 2,561 -> 2,568 or 2,688: bf16 rows 16-byte aligned)
+                         (hidden_proj's 2,561 -> 2,568 or 2,688: bf16 rows 16-byte aligned); since
+                         session 27 hidden_proj's is padded once a search, not in every step
+                         (`Encoded.hidden_kernel`: 17 kernels a step, as main). Round 5's profile:
+                         the h projection's unaligned GEMM took 23.4 us a step, the logits' of the
+                         same FLOPs 10.0 (cuBLAS)
         stop_while+kernel+pad8  all three
       A row: captions/s, and the share of images whose K hypotheses (tokens) are main's.
   profile   jax.profiler traces of the --profile_variants train steps (batch 512 bf16; main,
-            score_vjp+late_grad+scorek_approx), summed per GPU kernel:
+            score_vjp+late_grads+scorek_approx), summed per GPU kernel:
             $OUT/profile_train_<variant>.txt, and of the --fp32_profile_variants (batch 128 fp32;
-            main, score_vjp+late_grad): profile_train_float32_<variant>.txt;
+            main, score_vjp+late_grads+scorek_approx): profile_train_float32_<variant>.txt;
             their compiled HLO: hlo_train(_float32)_<variant>.txt.
             The beam256 part ends with traces of
-            --beam_profile_variants (main, scorek_approx): $OUT/profile_beam256_<variant>.txt,
+            --beam_profile_variants (main, scorek_approx+pad8): $OUT/profile_beam256_<variant>.txt,
             per search, which time the Pallas kernels themselves, and their compiled HLO,
             $OUT/hlo_beam256_<variant>.txt, where the profile's fusion names are defined.
   grads     for each train variant timed: loss and gradients at --grad_batch against main's.
@@ -746,8 +750,8 @@ def parse_args():
                       default="main,score_vjp+late_grads+scorek_approx,score_vjp+late_grad+scorek_approx,"
                               "score_vjp+late_grads,bf16_features,score_vjp+late_grads+bf16_features")
   parser.add_argument("--beam256_variants",
-                      default="main,scorek_approx,xla_select,scorek_approx+xla_select,"
-                              "kseg_w1,kseg_w2,pad8,noproj,scorek_approx+noproj",
+                      default="main,scorek_approx,pad8,scorek_approx+pad8,xla_select,"
+                              "kseg_w1,kseg_w2,noproj,scorek_approx+noproj",
                       help="the defaults are those bench/beam_search.py has flags for (kernel_w4 and "
                            "kernel_w16 need a code change to become the default: ask for them)")
   parser.add_argument("--beam1_variants",
@@ -758,7 +762,7 @@ def parse_args():
                       help="train variants (batch 128 fp32) the profile part traces")
   parser.add_argument("--profile_variants", default="main,score_vjp+late_grads+scorek_approx",
                       help="train variants (batch 512 bf16) whose kernels the profile part traces")
-  parser.add_argument("--beam_profile_variants", default="main,scorek_approx",
+  parser.add_argument("--beam_profile_variants", default="main,scorek_approx+pad8",
                       help="beam variants traced after beam256's timings (kernel time per search)")
   parser.add_argument("--steps", type=int, default=None, help="timed train steps (10; quick 2)")
   parser.add_argument("--repeats", type=int, default=None, help="timed searches (20; quick 2)")

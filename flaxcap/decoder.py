@@ -66,11 +66,15 @@ class Encoded(NamedTuple):
       the LSTM's context gates, then L_z when ctx2out (see `Decoder.encode`).
     score_weights: None, or w_a [A] rounded to the compute dtype, as float32: a decoding loop
       computes it once outside (`decoding`), so that no step's sum converts it again.
+    hidden_kernel: None, or `Decoder.padded_hidden_kernel()`, which a decoding loop pads once outside
+      (`decoding`): XLA does not hoist a pad out of a loop (it grows the array), so each step padded
+      the kernel again.
   """
   features: Array
   projected_features: Array
   context_projections: Array | None = None
   score_weights: Array | None = None
+  hidden_kernel: Array | None = None
 
 
 class LSTMCarry(NamedTuple):
@@ -331,7 +335,12 @@ class Decoder(nn.Module):
       (+ E)] when `encoded` has them), attention [batch, K, P], the query [batch, K, A])).
     """
     hid, att = self.hidden_dim, self.attention_dim
-    projected_h = self.hidden_proj(carry.h.astype(self.dtype))  # [batch, K, 4H + A (+ 1)]
+    if encoded.hidden_kernel is None:
+      projected_h = self.hidden_proj(carry.h.astype(self.dtype))  # [batch, K, 4H + A (+ 1)]
+    else:  # the same product on the kernel padded outside the loop, cut back
+      projected_h = layers.few_rows_dot_general(
+          carry.h.astype(self.dtype), encoded.hidden_kernel,
+          (((carry.h.ndim - 1,), (0,)), ((), ())))[..., :4 * hid + att + int(self.gate)]
     if hidden_offset is not None:
       projected_h = projected_h + hidden_offset
     hidden_gates = projected_h[..., :4 * hid]
@@ -363,6 +372,13 @@ class Decoder(nn.Module):
       out = out + embedded
     out = self.dropout(jnp.tanh(out), deterministic=deterministic)
     return self.logits_out(out)
+
+  def padded_hidden_kernel(self) -> Array:
+    """`hidden_proj`'s kernel in the compute dtype with zero columns up to a multiple of
+    `pad_columns_to`, as its product pads it (`layers.few_rows_dot_general`): [H, 4H + A (+ 1)
+    rounded up]. For `Encoded.hidden_kernel`."""
+    kernel = self.hidden_proj.variables["params"]["kernel"].astype(self.dtype)
+    return jnp.pad(kernel, ((0, 0), (0, -kernel.shape[1] % self.pad_columns_to)))
 
   def word_gate_table(self) -> Array:
     """The embedding's share of the LSTM gates for every token, bias included: [V, 4H].

@@ -34,9 +34,13 @@ def _step_fn(decoder: decoder_lib.Decoder, decoder_params, features, *, steps_pe
   if project_context is None:
     project_context = steps_per_image > grid_locations
   encoded = decoder.apply(variables, features, project_context, method=decoder_lib.Decoder.encode)
-  # w_a as each step's sum uses it (rounded to the compute dtype, in float32), converted once here.
+  # w_a as each step's sum uses it (rounded to the compute dtype, in float32), converted once here;
+  # with `pad_columns_to`, the h projection's kernel padded once here.
   encoded = encoded._replace(score_weights=variables["params"]["attention_score"]["kernel"][
       :, 0].astype(decoder.dtype).astype(jnp.float32))
+  if decoder.pad_columns_to > 1:
+    encoded = encoded._replace(hidden_kernel=decoder.apply(
+        variables, method=decoder_lib.Decoder.padded_hidden_kernel))
   carry = _narrow_hidden(decoder, decoder.apply(variables, encoded,
                                                 method=decoder_lib.Decoder.initial_carry))
   batch = jax.tree_util.tree_leaves(carry)[0].shape[0]
