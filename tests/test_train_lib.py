@@ -156,6 +156,21 @@ def test_four_devices_match_one_device():
   assert _max_difference(one, first) > 0  # the later steps moved the parameters
 
 
+def test_late_gradients_on_four_devices_match_the_plain_step_on_one():
+  """The decoder's late gradients (`late_grads`: a custom VJP of the scan) under the pmapped train
+  step: the parameters after a few steps are the plain step's."""
+  config = tiny.get_config()
+  rng = np.random.default_rng(1)
+  feature_table = rng.normal(size=(32, 4, 16)).astype(np.float32)
+  batches = _random_batches(rng, config, 32)[:3]
+  plain = _run_steps(1, config, feature_table, batches)
+  config.decoder.late_projected_grad = True
+  config.decoder.late_weight_grad = True
+  late = _run_steps(4, config, feature_table, batches)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6),
+                         plain, late)
+
+
 def test_fine_tuning_on_four_devices_matches_one_device_with_synchronized_batch_norm():
   """Lite0's stage 0 (3x3 conv + BatchNorm) trained on 16x16 images, with stage 0's output as the
   feature grid: with the BatchNorm statistics reduced across devices (the default), 4 devices give
