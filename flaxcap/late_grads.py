@@ -40,6 +40,9 @@ Array = jax.Array
 # gates, then the attention's query and the gate logit) and the context's product into the gates.
 HIDDEN_KERNEL = ("hidden_proj", "kernel")
 CONTEXT_KERNEL = ("context_gates", "kernel")
+# Their paths, and the projected features', among the leaves of (params, carry, encoded, word_gates).
+_HIDDEN, _CONTEXT = (0,) + HIDDEN_KERNEL, (0,) + CONTEXT_KERNEL
+_PROJECTED = (2, "projected_features")
 
 
 class StepOffsets(NamedTuple):
@@ -87,16 +90,16 @@ def scan_with_late_grads(apply_scan: Callable[..., Any], params: Any, carry: Any
     Only the inputs being differentiated get a gradient (a train step on cached features does not
     differentiate the features, so their [batch, P, C] gradient is not summed either).
   """
-  late_paths = {path for path, chosen in (((2, "projected_features"), projected_features),
-                                          ((0,) + HIDDEN_KERNEL, weights),
-                                          ((0,) + CONTEXT_KERNEL, weights)) if chosen}
+  late_paths = {path for path, chosen in ((_PROJECTED, projected_features),
+                                          (_HIDDEN, weights),
+                                          (_CONTEXT, weights)) if chosen}
 
   def zero_offsets(params, encoded, word_gates, late):
     batch, steps = word_gates.shape[:2]
     scores = hidden = None
-    if (2, "projected_features") in late:
+    if _PROJECTED in late:
       scores = jnp.zeros((batch, steps, encoded.projected_features.shape[1]), jnp.float32)
-    if late & {(0,) + HIDDEN_KERNEL, (0,) + CONTEXT_KERNEL}:
+    if late & {_HIDDEN, _CONTEXT}:
       columns = params[HIDDEN_KERNEL[0]][HIDDEN_KERNEL[1]].shape[-1]
       hidden = jnp.zeros((batch, steps, columns), dtype)
     return StepOffsets(scores=scores, hidden=hidden)
@@ -118,7 +121,8 @@ def scan_with_late_grads(apply_scan: Callable[..., Any], params: Any, carry: Any
     # Differentiated by the scan: the perturbed inputs that are not taken late.
     scanned = [p and path not in late for path, p in zip(paths, perturbed)]
     structure.update(treedef=treedef, paths=paths, perturbed=perturbed, scanned=scanned, late=late,
-                     dtypes=[value.dtype for value in values])
+                     dtypes=[value.dtype for value in values],
+                     shapes={path: value.shape for path, value in zip(paths, values)})
 
     def scan_of_scanned(scanned_values, offsets):
       given = iter(scanned_values)
@@ -132,7 +136,7 @@ def scan_with_late_grads(apply_scan: Callable[..., Any], params: Any, carry: Any
     score_kernel = params["attention_score"]["kernel"][:, 0].astype(dtype)
     hidden, context, _ = outputs
     previous_hidden = None
-    if (0,) + HIDDEN_KERNEL in late:  # h_{t-1} as the product reads it
+    if _HIDDEN in late:  # h_{t-1} as the product reads it
       previous_hidden = jnp.concatenate([carry.h, hidden[:, :-1]], axis=1).astype(dtype)
     return outputs, (vjp_fn, queries, encoded.projected_features, score_kernel, previous_hidden,
                      context)
@@ -145,33 +149,31 @@ def scan_with_late_grads(apply_scan: Callable[..., Any], params: Any, carry: Any
         else g, output_grads, is_leaf=lambda g: isinstance(g, jax.custom_derivatives.SymbolicZero))
     scanned_grads, offset_grads = vjp_fn(output_grads)
     late_grads = {}
-    if (2, "projected_features") in late:
+    if _PROJECTED in late:
       if by_kernel:
         from flaxcap import attention_grad_kernel  # pylint: disable=g-import-not-at-top
-        late_grads[(2, "projected_features")] = attention_grad_kernel.projected_features_grad(
+        late_grads[_PROJECTED] = attention_grad_kernel.projected_features_grad(
             projected, queries, offset_grads.scores, score_kernel, activation=activation,
             approx_tanh=approx_tanh, interpret=jax.default_backend() != "gpu")
       else:
-        late_grads[(2, "projected_features")] = attention_grad.projected_features_grad(
+        late_grads[_PROJECTED] = attention_grad.projected_features_grad(
             projected, queries, offset_grads.scores, score_kernel, activation)
-    for path, inputs in (((0,) + HIDDEN_KERNEL, previous_hidden), ((0,) + CONTEXT_KERNEL, context)):
+    for path, inputs in ((_HIDDEN, previous_hidden), (_CONTEXT, context)):
       if path in late:  # [in, columns]: the kernel's columns lead the product's
-        columns = params_shapes[path][-1]
+        columns = structure["shapes"][path][-1]
         late_grads[path] = jnp.einsum("bti,btn->in", inputs, offset_grads.hidden[..., :columns],
                                       preferred_element_type=jnp.float32)
     given = iter(scanned_grads)
     grads = []
-    for path, p, s, dtype_ in zip(structure["paths"], structure["perturbed"], structure["scanned"],
-                                  structure["dtypes"]):
-      if s:
+    for path, perturbed, scanned, leaf_dtype in zip(structure["paths"], structure["perturbed"],
+                                                    structure["scanned"], structure["dtypes"]):
+      if scanned:
         grads.append(next(given))
-      elif p:  # taken late
-        grads.append(late_grads[path].astype(dtype_))
+      elif perturbed:  # taken late
+        grads.append(late_grads[path].astype(leaf_dtype))
       else:
         grads.append(None)
     return tuple(jax.tree_util.tree_unflatten(structure["treedef"], grads))
 
-  params_shapes = {(0,) + path: params[path[0]][path[1]].shape for path in (HIDDEN_KERNEL,
-                                                                            CONTEXT_KERNEL)}
   run.defvjp(forward, backward, symbolic_zeros=True)
   return run(params, carry, encoded, word_gates)
