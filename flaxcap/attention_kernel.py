@@ -171,9 +171,10 @@ def attend(projected_features: jax.Array, query: jax.Array, score_weights: jax.A
 
 
 def _score_kernel(features_ref, query_ref, score_weights_ref, scores_ref, *, activation,
-                  block_p: int, tile: int):
-  """One image's block of positions: features_ref [P, A], query_ref [K, A], score_weights_ref [A]
-  -> scores_ref [K, P] (float32) at the block's positions, w_a . act(f_p + q_k)."""
+                  block_p: int, tile: int, query_offset: int):
+  """One image's block of positions: features_ref [P, A], query_ref [K, >= query_offset + A] (the
+  query in columns query_offset...), score_weights_ref [A] -> scores_ref [K, P] (float32) at the
+  block's positions, w_a . act(f_p + q_k)."""
   positions, attention_dim = features_ref.shape
   beams = query_ref.shape[0]
   compute_dtype = features_ref.dtype
@@ -190,8 +191,8 @@ def _score_kernel(features_ref, query_ref, score_weights_ref, scores_ref, *, act
     score_weights = score_weights.astype(jnp.float32)[None, :]
     new_scores = []
     for beam in range(beams):  # K is static and small: every beam from one load of the block
-      query = plgpu.load(query_ref.at[pl.ds(beam, 1), pl.ds(start, tile)], mask=inside[None, :],
-                         other=0)  # [1, tile]
+      query = plgpu.load(query_ref.at[pl.ds(beam, 1), pl.ds(query_offset + start, tile)],
+                         mask=inside[None, :], other=0)  # [1, tile]
       hidden = _add_activate(features, query, activation, compute_dtype)
       new_scores.append(scores[beam] + jnp.sum(hidden * score_weights, axis=1))
     return tuple(new_scores)
@@ -203,14 +204,18 @@ def _score_kernel(features_ref, query_ref, score_weights_ref, scores_ref, *, act
                 mask=position_ok[None, :])
 
 
-@functools.partial(jax.jit, static_argnames=("activation", "interpret", "num_warps"))
+@functools.partial(jax.jit, static_argnames=("activation", "interpret", "num_warps",
+                                             "query_offset"))
 def attention_scores(projected_features: jax.Array, query: jax.Array, score_weights: jax.Array, *,
-                     activation=jnp.tanh, interpret: bool = False, num_warps: int = 4) -> jax.Array:
+                     activation=jnp.tanh, interpret: bool = False, num_warps: int = 4,
+                     query_offset: int = 0) -> jax.Array:
   """The additive attention's scores of K queries per image, w_a . act(W_f f_p + W_ha h_k).
 
   Args:
     projected_features: W_f f, [batch, P, A] in the compute dtype.
-    query: W_ha h, [batch, K, A], the same dtype.
+    query: W_ha h, [batch, K, A], the same dtype; or with `query_offset`, an array that holds it in
+      columns query_offset to query_offset + A, [batch, K, N] (the decoder's product of h: the kernel
+      reads the query where that product wrote it, where a slice would copy it first).
     score_weights: w_a, [A] (cast to the compute dtype, as the decoder's product casts it).
     activation: the attention's activation (`kernel_activation`).
     interpret: Pallas' interpreter (any backend; the CPU tests).
@@ -224,8 +229,11 @@ def attention_scores(projected_features: jax.Array, query: jax.Array, score_weig
   if query.dtype != projected_features.dtype:
     raise TypeError(f"attention_scores: query {query.dtype} and projected features "
                     f"{projected_features.dtype} differ.")
+  if not 0 <= query_offset <= query.shape[2] - projected_features.shape[2]:
+    raise ValueError(f"attention_scores: a query of {projected_features.shape[2]} columns from "
+                     f"column {query_offset} does not fit in {query.shape[2]}.")
   kernel = functools.partial(_score_kernel, activation=activation, block_p=SCORE_BLOCK_P,
-                             tile=SCORE_TILE)
+                             tile=SCORE_TILE, query_offset=query_offset)
   call = pl.pallas_call(
       kernel, grid=(pl.cdiv(positions, SCORE_BLOCK_P),),
       out_shape=jax.ShapeDtypeStruct((beams, positions), jnp.float32),

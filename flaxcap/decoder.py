@@ -266,7 +266,8 @@ class Decoder(nn.Module):
 
   def _attend(self, encoded: Encoded, query: Array, score_by_sum: bool = False,
               recompute_scores: bool = False, kernels: bool = False,
-              score_offset: Array | None = None) -> tuple[Array, Array]:
+              score_offset: Array | None = None,
+              projected_h: Array | None = None) -> tuple[Array, Array]:
     """Additive attention of each beam's query against its image's grid (the grid is not copied).
 
     Args:
@@ -280,6 +281,8 @@ class Decoder(nn.Module):
         the scores in `attention_kernel.attention_scores` (`score_kernel`).
       score_offset: None, or [batch, K, P] float32 added to the scores (zeros from
         `attention_grad`, whose cotangent is the scores').
+      projected_h: None, or the product of h that holds `query` in its columns 4H...: the score
+        kernel reads the query there, where it would otherwise be sliced out (a copy) first.
 
     Returns:
       context [batch, K, C] (compute dtype), or with `encoded.context_projections` the same weighted
@@ -296,8 +299,10 @@ class Decoder(nn.Module):
       if not kernel_scores:
         return attention_kernel.attend(encoded.projected_features, query, score_weights, values,
                                        activation=activation, interpret=interpret)
-      scores = attention_kernel.attention_scores(encoded.projected_features, query, score_weights,
-                                                 activation=activation, interpret=interpret)
+      query_offset = 0 if projected_h is None else 4 * self.hidden_dim
+      scores = attention_kernel.attention_scores(
+          encoded.projected_features, query if projected_h is None else projected_h, score_weights,
+          activation=activation, interpret=interpret, query_offset=query_offset)
     elif recompute_scores and self.score_vjp and not self.is_initializing():
       scores = attention_grad.recomputed_scores(
           encoded.projected_features, query, self.attention_score.variables["params"]["kernel"][:, 0],
@@ -336,17 +341,17 @@ class Decoder(nn.Module):
     """
     hid, att = self.hidden_dim, self.attention_dim
     if encoded.hidden_kernel is None:
-      projected_h = self.hidden_proj(carry.h.astype(self.dtype))  # [batch, K, 4H + A (+ 1)]
-    else:  # the same product on the kernel padded outside the loop, cut back
-      projected_h = layers.few_rows_dot_general(
-          carry.h.astype(self.dtype), encoded.hidden_kernel,
-          (((carry.h.ndim - 1,), (0,)), ((), ())))[..., :4 * hid + att + int(self.gate)]
+      product = self.hidden_proj(carry.h.astype(self.dtype))  # [batch, K, 4H + A (+ 1)]
+    else:  # the same product on the kernel padded outside the loop (its columns cut back below)
+      product = layers.few_rows_dot_general(carry.h.astype(self.dtype), encoded.hidden_kernel,
+                                            (((carry.h.ndim - 1,), (0,)), ((), ())))
+    projected_h = product[..., :4 * hid + att + int(self.gate)]
     if hidden_offset is not None:
-      projected_h = projected_h + hidden_offset
+      projected_h = product = projected_h + hidden_offset
     hidden_gates = projected_h[..., :4 * hid]
     query = projected_h[..., 4 * hid:4 * hid + att]
     context, attention = self._attend(encoded, query, score_by_sum, recompute_scores, kernels,
-                                      score_offset)
+                                      score_offset, projected_h=product)
     if self.gate:
       beta = jax.nn.sigmoid(projected_h[..., 4 * hid + att:].astype(jnp.float32) + self.gate_bias)
       context = (beta * context.astype(jnp.float32)).astype(self.dtype)

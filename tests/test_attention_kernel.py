@@ -79,6 +79,42 @@ def test_attention_scores_equal_the_xla_scores(dtype, shape, activation):
   np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("offset", [0, 3, 40])
+def test_attention_scores_read_the_query_at_an_offset(offset):
+  """`query_offset`: the query read in place from a wider array (the decoder's product of h), with
+  other values on both sides, gives the scores of the query alone."""
+  projected_features, query, score_weights = _random_inputs(jnp.bfloat16, 3, 49, 72, 5, seed=offset)
+  rng = np.random.default_rng(offset + 1)
+  around = [jnp.asarray(rng.normal(size=(3, 5, columns)), jnp.bfloat16) for columns in (offset, 7)]
+  wide = jnp.concatenate([around[0], query, around[1]], axis=-1)
+  scores = attention_kernel.attention_scores(projected_features, wide, score_weights,
+                                             query_offset=offset, interpret=True)
+  np.testing.assert_array_equal(scores, attention_kernel.attention_scores(
+      projected_features, query, score_weights, interpret=True))
+  with pytest.raises(ValueError, match="does not fit"):
+    attention_kernel.attention_scores(projected_features, wide, score_weights,
+                                      query_offset=offset + 8, interpret=True)
+
+
+@pytest.mark.parametrize("pad_columns_to", [1, 8])
+def test_a_search_step_s_score_kernel_reads_the_query_inside_the_product_of_h(pad_columns_to):
+  """Compiled for an H100, a beam step's score kernel takes the product of h whole (its columns:
+  gates, query, gate logit; padded with pad8), not the query sliced out of it: that slice was a
+  kernel of its own in every step."""
+  decoder = Decoder(vocab_size=64, embed_dim=128, hidden_dim=128, attention_dim=128,
+                    dropout_rate=0.0, dtype=jnp.bfloat16, score_kernel=True,
+                    pad_columns_to=pad_columns_to)
+  features = jax.ShapeDtypeStruct((16, 7, 7, 256), jnp.float32)
+  params = jax.eval_shape(functools.partial(decoder.init, deterministic=True), jax.random.key(0),
+                          features, jax.ShapeDtypeStruct((16, 4), jnp.int32))["params"]
+  search = jax.jit(lambda p, f: decoding.search(decoder, p, f, beam_size=5, max_len=4))
+  text = gpu_export.compile_for_h100(search, params, features)
+  calls = [line for line in text.splitlines()
+           if "custom-call(" in line and "jit(attention_scores)" in line]
+  columns = -(4 * 128 + 128 + 1) // pad_columns_to * -pad_columns_to  # rounded up
+  assert calls and all(f"bf16[16,5,{columns}]" in line for line in calls), [c[:300] for c in calls]
+
+
 def test_kernel_activation():
   assert attention_kernel.kernel_activation("tanh") is jnp.tanh
   assert attention_kernel.kernel_activation("relu", approx_tanh=True) is jax.nn.relu
