@@ -266,8 +266,8 @@ class Decoder(nn.Module):
 
   def _attend(self, encoded: Encoded, query: Array, score_by_sum: bool = False,
               recompute_scores: bool = False, kernels: bool = False,
-              score_offset: Array | None = None,
-              projected_h: Array | None = None) -> tuple[Array, Array]:
+              score_offset: Array | None = None, projected_h: Array | None = None,
+              gate: Array | None = None) -> tuple[Array, Array]:
     """Additive attention of each beam's query against its image's grid (the grid is not copied).
 
     Args:
@@ -283,9 +283,11 @@ class Decoder(nn.Module):
         `attention_grad`, whose cotangent is the scores').
       projected_h: None, or the product of h that holds `query` in its columns 4H...: the score
         kernel reads the query there, where it would otherwise be sliced out (a copy) first.
+      gate: None, or beta [batch, K, 1] float32, which scales the context: applied to the weights
+        of the context's product (one kernel fewer a decoding step on a GPU than after it).
 
     Returns:
-      context [batch, K, C] (compute dtype), or with `encoded.context_projections` the same weighted
+      context [batch, K, C] (compute dtype; times `gate`), or with `encoded.context_projections` the same weighted
       sum of those, [batch, K, 4H (+ E)]; attention weights [batch, K, P] (float32).
     """
     values = encoded.features if encoded.context_projections is None else encoded.context_projections
@@ -297,8 +299,12 @@ class Decoder(nn.Module):
       activation = attention_kernel.kernel_activation(
           self.attention_activation, approx_tanh=self.approx_tanh, interpret=interpret)
       if not kernel_scores:
-        return attention_kernel.attend(encoded.projected_features, query, score_weights, values,
-                                       activation=activation, interpret=interpret)
+        context, attention = attention_kernel.attend(encoded.projected_features, query,
+                                                     score_weights, values, activation=activation,
+                                                     interpret=interpret)
+        if gate is not None:
+          context = (gate * context.astype(jnp.float32)).astype(self.dtype)
+        return context, attention
       query_offset = 0 if projected_h is None else 4 * self.hidden_dim
       scores = attention_kernel.attention_scores(
           encoded.projected_features, query if projected_h is None else projected_h, score_weights,
@@ -315,10 +321,11 @@ class Decoder(nn.Module):
     if score_offset is not None:
       scores = scores + score_offset
     attention = jax.nn.softmax(scores, axis=-1)
+    weights = (attention if gate is None else gate * attention).astype(self.dtype)
     if values.dtype == self.dtype:
-      context = jnp.einsum("bkp,bpc->bkc", attention.astype(self.dtype), values)
+      context = jnp.einsum("bkp,bpc->bkc", weights, values)
     else:  # narrower features (`feature_dtype`): read as they are, the product in the compute dtype
-      context = jax.lax.dot_general(attention.astype(self.dtype), values, (((2,), (1,)), ((0,), (0,))),
+      context = jax.lax.dot_general(weights, values, (((2,), (1,)), ((0,), (0,))),
                                     preferred_element_type=self.dtype)
     return context, attention
 
@@ -350,11 +357,11 @@ class Decoder(nn.Module):
       projected_h = product = projected_h + hidden_offset
     hidden_gates = projected_h[..., :4 * hid]
     query = projected_h[..., 4 * hid:4 * hid + att]
-    context, attention = self._attend(encoded, query, score_by_sum, recompute_scores, kernels,
-                                      score_offset, projected_h=product)
-    if self.gate:
+    beta = None
+    if self.gate:  # [batch, K, 1]
       beta = jax.nn.sigmoid(projected_h[..., 4 * hid + att:].astype(jnp.float32) + self.gate_bias)
-      context = (beta * context.astype(jnp.float32)).astype(self.dtype)
+    context, attention = self._attend(encoded, query, score_by_sum, recompute_scores, kernels,
+                                      score_offset, projected_h=product, gate=beta)
     context_gates = (self.context_gates(context) if encoded.context_projections is None
                      else context[..., :4 * hid])
     gates = (word_gates.astype(jnp.float32) + hidden_gates.astype(jnp.float32) +

@@ -248,6 +248,23 @@ def test_context_projections_are_one_gemm_of_their_own_compiled_for_an_h100():
   assert written and not moved, moved
 
 
+def test_the_gate_scales_the_context_product_s_weights_compiled_for_an_h100():
+  """beta(h) scales the attention weights the context's product reads, not its result: compiled
+  for an H100 at the probe's sizes (batch 256), XLA then computes beta inside the kernel that casts
+  the weights, where it had been a kernel of its own ([batch, K, 1]) in every step."""
+  decoder = Decoder(vocab_size=2600, embed_dim=512, hidden_dim=512, attention_dim=512,
+                    dropout_rate=0.0, dtype=jnp.bfloat16)
+  features = jax.ShapeDtypeStruct((256, 7, 7, 1280), jnp.float32)
+  params = jax.eval_shape(functools.partial(decoder.init, deterministic=True), jax.random.key(0),
+                          features, jax.ShapeDtypeStruct((256, 4), jnp.int32))["params"]
+  search = jax.jit(lambda p, f: decoding.search(decoder, p, f, beam_size=5, max_len=4))
+  text = gpu_export.compile_for_h100(search, params, features)
+  assert "while(" in text
+  gates = [line.strip()[:160] for line in text.splitlines()
+           if re.search(r"= f32\[256,5,1\]\S* fusion\(", line)]
+  assert not gates, gates
+
+
 BATCH, GRID_H, GRID_W, CHANNELS, VOCAB = 4, 2, 3, 8, 23
 MAX_LEN = 6
 
