@@ -366,9 +366,7 @@ class Decoder(nn.Module):
                      else context[..., :4 * hid])
     gates = (word_gates.astype(jnp.float32) + hidden_gates.astype(jnp.float32) +
              context_gates.astype(jnp.float32))
-    in_gate, forget_gate, cell_input, out_gate = jnp.split(gates, 4, axis=-1)
-    c = jax.nn.sigmoid(forget_gate) * carry.c + jax.nn.sigmoid(in_gate) * jnp.tanh(cell_input)
-    h = jax.nn.sigmoid(out_gate) * jnp.tanh(c)
+    c, h = layers.lstm_cell(gates, carry.c)
     return LSTMCarry(c=c, h=h), (h, context, attention, query)
 
   def _deep_output(self, h: Array, context: Array, embedded: Array, deterministic: bool,

@@ -1,6 +1,8 @@
 """The decoder's building blocks below the module: its dot_general, attention score and tanh.
 
     tanh                     jnp.tanh whose gradient keeps only its output (the attention's)
+    lstm_cell                the LSTM's update from its gates, whose gradient keeps only the gates
+                             and the previous cell state
     ATTENTION_ACTIVATIONS    the activations inside the additive attention, by config name
     cast_matrices(params)    a decoder's matrices cast once to the compute dtype (decoding)
     few_rows_dot_general     nn.Dense's dot_general: row by row for a few rows on the CPU, kernels
@@ -50,6 +52,51 @@ def _tanh_backward(y: Array, cotangent: Array) -> tuple[Array]:
 
 
 tanh.defvjp(_tanh_forward, _tanh_backward)
+
+
+@jax.custom_vjp
+def lstm_cell(gates: Array, c: Array) -> tuple[Array, Array]:
+  """The LSTM's new state from its gates' pre-activations: (c', h').
+
+  Args:
+    gates: [..., 4H] float32, the input, forget, cell-input and output gates' pre-activations
+      (i, f, g, o), each [..., H].
+    c: the cell state [..., H], float32.
+
+  Returns:
+    c' = sigmoid(f) c + sigmoid(i) tanh(g) and h' = sigmoid(o) tanh(c'), each [..., H] float32.
+
+  Autodiff keeps each activation the backward pass reads, a tensor of [..., H] each (six in the
+  teacher-forced scan, written by as many kernels a step on a GPU: bench/gpu_aot.py); this rule
+  keeps the gates and c, and the backward pass recomputes the activations from them in the kernel
+  that uses them. The same gradients up to rounding. Reverse mode only, as `tanh`.
+  """
+  in_gate, forget_gate, cell_input, out_gate = jnp.split(gates, 4, axis=-1)
+  new_c = jax.nn.sigmoid(forget_gate) * c + jax.nn.sigmoid(in_gate) * jnp.tanh(cell_input)
+  return new_c, jax.nn.sigmoid(out_gate) * jnp.tanh(new_c)
+
+
+def _lstm_cell_forward(gates: Array, c: Array):
+  return lstm_cell(gates, c), (gates, c)
+
+
+def _lstm_cell_backward(residuals, cotangents):
+  gates, c = residuals
+  new_c_grad, new_h_grad = cotangents
+  in_gate, forget_gate, cell_input, out_gate = jnp.split(gates, 4, axis=-1)
+  i, f, o = jax.nn.sigmoid(in_gate), jax.nn.sigmoid(forget_gate), jax.nn.sigmoid(out_gate)
+  g = jnp.tanh(cell_input)
+  new_c = f * c + i * g
+  tanh_c = jnp.tanh(new_c)
+  new_c_grad = new_c_grad + new_h_grad * o * (1.0 - tanh_c) * (1.0 + tanh_c)
+  gates_grad = jnp.concatenate([new_c_grad * g * i * (1.0 - i),
+                                new_c_grad * c * f * (1.0 - f),
+                                new_c_grad * i * (1.0 - g) * (1.0 + g),
+                                new_h_grad * tanh_c * o * (1.0 - o)], axis=-1)
+  return gates_grad.astype(gates.dtype), (new_c_grad * f).astype(c.dtype)
+
+
+lstm_cell.defvjp(_lstm_cell_forward, _lstm_cell_backward)
 
 
 ATTENTION_ACTIVATIONS = {"tanh": tanh, "relu": jax.nn.relu}

@@ -1,4 +1,5 @@
-"""Tests of flaxcap/layers.py: the decoder's dot_general, attention score, tanh and matrix casts."""
+"""Tests of flaxcap/layers.py: the decoder's dot_general, attention score, tanh, LSTM cell and
+matrix casts."""
 
 import functools
 
@@ -69,6 +70,57 @@ def test_tanh_gradient_is_exact_for_its_output_in_float32_and_bfloat16():
     np.testing.assert_allclose(np.asarray(grad, np.float64), exact, rtol=rtol, atol=0)
     if dtype == jnp.float32:
       np.testing.assert_allclose(grad, jax.vjp(jnp.tanh, inputs)[1](cotangents)[0], atol=1e-6)
+
+
+def _lstm_cell_float64(gates, c):
+  """The LSTM update in float64 numpy: (c', h')."""
+  sigmoid = lambda x: 1.0 / (1.0 + np.exp(-x))
+  in_gate, forget_gate, cell_input, out_gate = np.split(gates, 4, axis=-1)
+  new_c = sigmoid(forget_gate) * c + sigmoid(in_gate) * np.tanh(cell_input)
+  return new_c, sigmoid(out_gate) * np.tanh(new_c)
+
+
+def test_lstm_cell_gradients_keep_only_the_gates_and_the_cell_state():
+  """`lstm_cell`: the LSTM's update, and as gradients those of a float64 central difference of the
+  same update and of jax's autodiff of it, while the backward pass keeps two arrays (the gates and c)
+  where autodiff keeps eleven of c's size."""
+  rng = np.random.default_rng(5)
+  gates = rng.normal(size=(3, 2, 4 * 6)) * 3  # saturated gates too
+  c = rng.normal(size=(3, 2, 6)) * 2
+  cotangents = (rng.normal(size=c.shape), rng.normal(size=c.shape))
+  (new_c, new_h), vjp = jax.vjp(layers.lstm_cell, jnp.asarray(gates, jnp.float32),
+                                jnp.asarray(c, jnp.float32))
+  expected_c, expected_h = _lstm_cell_float64(gates, c)
+  np.testing.assert_allclose(new_c, expected_c, atol=1e-6)
+  np.testing.assert_allclose(new_h, expected_h, atol=1e-6)
+  assert sorted(leaf.shape for leaf in jax.tree_util.tree_leaves(vjp)) == [c.shape, gates.shape]
+  gates_grad, c_grad = vjp(tuple(jnp.asarray(x, jnp.float32) for x in cotangents))
+
+  def loss(gates, c):  # the cotangents' product with the outputs, in float64
+    out_c, out_h = _lstm_cell_float64(gates, c)
+    return np.sum(out_c * cotangents[0]) + np.sum(out_h * cotangents[1])
+
+  eps = 1e-6
+  for array, grad in ((gates, gates_grad), (c, c_grad)):
+    numeric = np.zeros_like(array)
+    for index in np.ndindex(array.shape):
+      step = np.zeros_like(array)
+      step[index] = eps
+      plus = loss(gates + step, c) if array is gates else loss(gates, c + step)
+      minus = loss(gates - step, c) if array is gates else loss(gates, c - step)
+      numeric[index] = (plus - minus) / (2 * eps)
+    np.testing.assert_allclose(grad, numeric, atol=2e-5)
+
+  def plain(gates, c):
+    in_gate, forget_gate, cell_input, out_gate = jnp.split(gates, 4, axis=-1)
+    new_c = jax.nn.sigmoid(forget_gate) * c + jax.nn.sigmoid(in_gate) * jnp.tanh(cell_input)
+    return new_c, jax.nn.sigmoid(out_gate) * jnp.tanh(new_c)
+
+  _, plain_vjp = jax.vjp(plain, jnp.asarray(gates, jnp.float32), jnp.asarray(c, jnp.float32))
+  assert len(jax.tree_util.tree_leaves(plain_vjp)) > 2
+  for grad, plain_grad in zip((gates_grad, c_grad),
+                              plain_vjp(tuple(jnp.asarray(x, jnp.float32) for x in cotangents))):
+    np.testing.assert_allclose(grad, plain_grad, atol=1e-6)
 
 
 def test_cast_matrices_casts_the_matrices_only():
