@@ -44,7 +44,16 @@ TRAIN = {"main": "", "no_recompute": "--norecompute_attention", "recompute": "--
                                                "--score_kernel --approx_tanh",
          "score_vjp+late_grads+bf16_features": "--recompute_attention --score_vjp "
                                                "--late_projected_grad --late_weight_grad "
-                                               "--feature_dtype=bfloat16"}
+                                               "--feature_dtype=bfloat16",
+         "score_vjp+late_grads+scorek_approx+pad64": "--recompute_attention --score_vjp "
+                                                     "--late_projected_grad --late_weight_grad "
+                                                     "--score_kernel --approx_tanh "
+                                                     "--pad_columns_to=64",
+         "score_vjp+late_grads+scorek_approx+bf16_features": "--recompute_attention --score_vjp "
+                                                             "--late_projected_grad "
+                                                             "--late_weight_grad --score_kernel "
+                                                             "--approx_tanh "
+                                                             "--feature_dtype=bfloat16"}
 
 
 def choose(rows, part):

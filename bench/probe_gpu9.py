@@ -42,6 +42,10 @@ cut-off run still returns what it measured). In one process, on the issue's work
                                  read and wrote their float32 running sums (compiled: 626 MB and 21
                                  kernels a backward iteration with the kernels at batch 512 bf16,
                                  against 699 and 25; 345 MB and 21 against 388 and 23 at 128 fp32)
+        score_vjp+late_grads+scorek_approx(+pad64, +bf16_features)  session 28: +pad64, hidden_proj's
+                                 kernel padded to 2,624 columns, the multiple of 64 to which XLA
+                                 padded it (and dp_t) in every backward step for dh = dp_t W_h^T;
+                                 with the kernel padded the backward step has one pad fewer
         jax_tanh                 the attention's tanh as jnp.tanh (main before session 16: its gradient
                                  rule kept y and 1 - y a step, `layers.tanh` keeps y): what the
                                  change gained against the 20.5k / 9.8k images/s of round 3
@@ -218,6 +222,14 @@ TRAIN_VARIANTS = {
     "score_vjp+late_grads+scorek_approx": {"recompute_attention": True, "score_vjp": True,
                                            "late_projected_grad": True, "late_weight_grad": True,
                                            "score_kernel": True, "approx_tanh": True},
+    "score_vjp+late_grads+scorek_approx+pad64": {"recompute_attention": True, "score_vjp": True,
+                                                 "late_projected_grad": True,
+                                                 "late_weight_grad": True, "score_kernel": True,
+                                                 "approx_tanh": True, "pad_columns_to": 64},
+    "score_vjp+late_grads+scorek_approx+bf16_features": {
+        "recompute_attention": True, "score_vjp": True, "late_projected_grad": True,
+        "late_weight_grad": True, "score_kernel": True, "approx_tanh": True,
+        "feature_dtype": jnp.bfloat16},
     "score_vjp+late_grads+bf16_features": {"recompute_attention": True, "score_vjp": True,
                                            "late_projected_grad": True, "late_weight_grad": True,
                                            "feature_dtype": jnp.bfloat16},
@@ -744,11 +756,13 @@ def parse_args():
   parser.add_argument("--parts", default="beam256,beam1,train_bf16,train_fp32,profile,grads",
                       help="in this order (most wanted first: the budget skips the last)")
   parser.add_argument("--bf16_variants",
-                      default="main,score_vjp+late_grads+scorek_approx,score_vjp+late_grad+scorek_approx,"
-                              "score_vjp+late_grads,score_vjp+late_grad,late_grad")
+                      default="main,score_vjp+late_grads+scorek_approx,"
+                              "score_vjp+late_grads+scorek_approx+pad64,"
+                              "score_vjp+late_grad+scorek_approx,score_vjp+late_grads,late_grad")
   parser.add_argument("--fp32_variants",
-                      default="main,score_vjp+late_grads+scorek_approx,score_vjp+late_grad+scorek_approx,"
-                              "score_vjp+late_grads,bf16_features,score_vjp+late_grads+bf16_features")
+                      default="main,score_vjp+late_grads+scorek_approx,"
+                              "score_vjp+late_grads+scorek_approx+pad64,score_vjp+late_grads,"
+                              "bf16_features,score_vjp+late_grads+scorek_approx+bf16_features")
   parser.add_argument("--beam256_variants",
                       default="main,scorek_approx,pad8,scorek_approx+pad8,xla_select,"
                               "kseg_w1,kseg_w2,noproj,scorek_approx+noproj",
