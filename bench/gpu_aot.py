@@ -300,10 +300,13 @@ def parse_args():
                         ("beam1", "main,stop_while+kseg,scorek_approx"),
                         ("train_bf16", "main,late_grad,score_vjp,score_vjp+late_grad,"
                                        "score_vjp+late_grad+scorek_approx,score_vjp+late_grads,"
-                                       "score_vjp+late_grads+scorek_approx"),
+                                       "score_vjp+late_grads+scorek_approx,"
+                                       "score_vjp+late_grads+scorek_approx+pad64"),
                         ("train_fp32", "main,late_grad,score_vjp+late_grad,"
                                        "score_vjp+late_grad+scorek_approx,score_vjp+late_grads,"
-                                       "score_vjp+late_grads+scorek_approx")):
+                                       "score_vjp+late_grads+scorek_approx,"
+                                       "score_vjp+late_grads+scorek_approx+pad64,"
+                                       "score_vjp+late_grads+scorek_approx+bf16_features")):
     known = probe_gpu9.BEAM_VARIANTS if part.startswith("beam") else probe_gpu9.TRAIN_VARIANTS
     parser.add_argument(f"--{part}_variants", default=default,
                         help=f"bench/probe_gpu9.py's names: {', '.join(known)}")
