@@ -147,7 +147,7 @@ class Decoder(nn.Module):
     late_projected_grad: teacher forcing's gradient of the projected features in one pass after
       the backward scan instead of a running sum in every step (`late_grads`).
     late_weight_grad: the same for the kernels of `hidden_proj` and `context_gates`: one GEMM each
-      over all steps from the scan's outputs (`late_grads`).
+      over all steps from the scan's outputs; and the gate's bias, one sum (`late_grads`).
     score_vjp: the recomputed scores (`recompute_attention`) by `attention_grad.recomputed_scores`,
       whose backward pass takes every gradient from one recomputation, not written out.
   """

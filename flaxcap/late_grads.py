@@ -13,6 +13,8 @@ hand out:
     d W_c = sum_t z_t^T dp_t[:, :4H]          `context_gates` [C, 4H]: z_t, the gated context, adds its
                                              product to the same LSTM gates, so its cotangent is
                                              dp_t's gate columns
+    d b_g = sum_t sum_b dp_t[:, 4H + A]       the gate's bias [1], which adds to the gate's logit, the
+                                             product's last column (a reduction and an add a step)
 
 At the tutorial's sizes the running sums move 206 MB a backward step for pf (batch 512, bf16), and
 48-73 MB for the two weights at any batch (float32 [2048, 2048] and [512, 2561]: the GEMM, then the
@@ -42,6 +44,7 @@ HIDDEN_KERNEL = ("hidden_proj", "kernel")
 CONTEXT_KERNEL = ("context_gates", "kernel")
 # Their paths, and the projected features', among the leaves of (params, carry, encoded, word_gates).
 _HIDDEN, _CONTEXT = (0,) + HIDDEN_KERNEL, (0,) + CONTEXT_KERNEL
+_GATE_BIAS = (0, "gate_bias")  # present where the decoder has the gate
 _PROJECTED = (2, "projected_features")
 
 
@@ -81,7 +84,7 @@ def scan_with_late_grads(apply_scan: Callable[..., Any], params: Any, carry: Any
       ([batch, T, 4H] word gates).
     dtype: the compute dtype; activation: "tanh" or "relu".
     projected_features: take `encoded.projected_features`' gradient late.
-    weights: take the gradients of `HIDDEN_KERNEL` and `CONTEXT_KERNEL` late.
+    weights: take the gradients of `HIDDEN_KERNEL`, `CONTEXT_KERNEL` and the gate's bias late.
     by_kernel: the projected features' sum by `attention_grad_kernel.projected_features_grad` (a
       Pallas kernel; interpreted off the GPU), its tanh by `tanh.approx.f32` with `approx_tanh`.
 
@@ -92,14 +95,15 @@ def scan_with_late_grads(apply_scan: Callable[..., Any], params: Any, carry: Any
   """
   late_paths = {path for path, chosen in ((_PROJECTED, projected_features),
                                           (_HIDDEN, weights),
-                                          (_CONTEXT, weights)) if chosen}
+                                          (_CONTEXT, weights),
+                                          (_GATE_BIAS, weights)) if chosen}
 
   def zero_offsets(params, encoded, word_gates, late):
     batch, steps = word_gates.shape[:2]
     scores = hidden = None
     if _PROJECTED in late:
       scores = jnp.zeros((batch, steps, encoded.projected_features.shape[1]), jnp.float32)
-    if late & {_HIDDEN, _CONTEXT}:
+    if late & {_HIDDEN, _CONTEXT, _GATE_BIAS}:
       columns = params[HIDDEN_KERNEL[0]][HIDDEN_KERNEL[1]].shape[-1]
       hidden = jnp.zeros((batch, steps, columns), dtype)
     return StepOffsets(scores=scores, hidden=hidden)
@@ -163,6 +167,9 @@ def scan_with_late_grads(apply_scan: Callable[..., Any], params: Any, carry: Any
         columns = structure["shapes"][path][-1]
         late_grads[path] = jnp.einsum("bti,btn->in", inputs, offset_grads.hidden[..., :columns],
                                       preferred_element_type=jnp.float32)
+    if _GATE_BIAS in late:  # the logit's column: the last of the product's (unpadded) columns
+      late_grads[_GATE_BIAS] = jnp.sum(offset_grads.hidden[..., -1:], axis=(0, 1),
+                                       dtype=jnp.float32)
     given = iter(scanned_grads)
     grads = []
     for path, perturbed, scanned, leaf_dtype in zip(structure["paths"], structure["perturbed"],

@@ -14,9 +14,10 @@ from test_decoder import (ATTN, BATCH, CHANNELS, HIDDEN, POSITIONS, _cached_setu
 LATE = {"features": {"late_projected_grad": True}, "weights": {"late_weight_grad": True},
         "both": {"late_projected_grad": True, "late_weight_grad": True}}
 # The running sums each option removes from the backward scan: the projected features' gradient,
-# and the kernels of hidden_proj (h -> 4H gates, the query, the gate's logit) and context_gates.
+# and the kernels of hidden_proj (h -> 4H gates, the query, the gate's logit) and context_gates, and
+# the gate's bias.
 PROJECTED_SHAPE = (BATCH, POSITIONS, ATTN)
-WEIGHT_SHAPES = ((HIDDEN, 4 * HIDDEN + ATTN + 1), (CHANNELS, 4 * HIDDEN))
+WEIGHT_SHAPES = ((HIDDEN, 4 * HIDDEN + ATTN + 1), (CHANNELS, 4 * HIDDEN), (1,))
 
 
 _BASIC = [{}, {"recompute_attention": True}, {"attention_activation": "relu"}, {"gate": False}]
@@ -120,8 +121,8 @@ def test_late_grads_give_the_features_their_gradient(late):
 
 
 def test_late_weight_grad_differentiates_only_what_is_asked():
-  """A gradient of one late kernel alone (the others held fixed), and of the word embedding alone
-  (both late kernels fixed): the plain scan's."""
+  """A gradient of one late kernel alone (the others held fixed), of the word embedding alone
+  (both late kernels fixed), and of the gate's bias alone: the plain scan's."""
   plain, variables, features, tokens = _cached_setup()
   late = make_decoder(late_projected_grad=True, late_weight_grad=True)
   params = variables["params"]
@@ -137,6 +138,17 @@ def test_late_weight_grad_differentiates_only_what_is_asked():
     expected = grad_of(plain, layer)
     assert float(jnp.abs(expected).max()) > 0, layer
     np.testing.assert_allclose(grad_of(late, layer), expected, rtol=1e-5, atol=1e-6)
+
+  def gate_bias_grad(decoder):
+    def loss(gate_bias):
+      logits, _ = decoder.apply({"params": {**params, "gate_bias": gate_bias}}, features, tokens,
+                                deterministic=True)
+      return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+    return jax.jit(jax.grad(loss))(params["gate_bias"])
+
+  expected = gate_bias_grad(plain)
+  assert float(jnp.abs(expected).max()) > 0
+  np.testing.assert_allclose(gate_bias_grad(late), expected, rtol=1e-5, atol=1e-7)
 
 
 def test_late_grads_leave_decoding_steps_alone():
