@@ -22,6 +22,7 @@ temporary memory, and the HLO file (--hlo_dir, bench/results/gpu_aot/hlo_<part>_
 import argparse
 import contextlib
 import functools
+import importlib.util
 import math
 import os
 import pathlib
@@ -89,8 +90,7 @@ class Target:
       topology = topologies.get_topology_desc(platform="cuda", target_config=H100_TARGET,
                                               topology="1x1x1")
     except Exception as e:  # pylint: disable=broad-except
-      sys.exit(f"gpu_aot.py: XLA's GPU compiler is not available ({e!r:.200}); install jax's CUDA "
-               "plugin as this script's docstring says")
+      sys.exit(f"gpu_aot.py: XLA's GPU compiler is not available ({e!r:.200}); {_missing_compiler_hint()}")
     self.mesh = topologies.make_mesh(topology, (1,), ("gpu",))
     device = jax.sharding.AbstractDevice(device_kind=H100, num_cores=None, platform="gpu")
     self.abstract_mesh = jax.sharding.AbstractMesh((1,), ("gpu",), (jax.sharding.AxisType.Auto,),
@@ -111,6 +111,15 @@ class Target:
           function, platforms=["cuda"],
           disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*shapes)
     return jax.jit(exported.call).lower(*self.sharded(shapes)).compile()
+
+
+def _missing_compiler_hint() -> str:
+  """What to do where the topology is not there: install the plugin, or let it start without a GPU."""
+  if importlib.util.find_spec("jax_plugins") is None or not any(
+      importlib.util.find_spec(f"jax_plugins.xla_cuda{version}") for version in (12, 13)):
+    return "install jax's CUDA plugin as this script's docstring says"
+  return ("jax's CUDA plugin is installed but did not start: on a machine without a GPU, set "
+          "JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 before jax starts (its check needs a driver)")
 
 
 @contextlib.contextmanager

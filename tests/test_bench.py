@@ -171,3 +171,16 @@ def test_gpu_aot_counts_a_loops_kernels_and_the_bytes_they_must_move():
   listing = gpu_aot.loop_kernels(_LOOP_HLO)
   assert listing[0] == "while body body:" and len(listing) == 3
   assert "%loop_dynamic_update_slice_fusion" in listing[2] and "f32[20,8]" in listing[2]
+
+
+def test_gpu_aot_says_how_to_get_the_gpu_compiler(monkeypatch):
+  """Without jax's CUDA plugin the hint is to install it; with the plugin installed (it failed to
+  start: no driver) the hint names the variable that lets it start without a GPU."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from bench import gpu_aot  # pylint: disable=g-import-not-at-top
+  installed = set()
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name in installed else None)
+  assert "install jax's CUDA plugin" in gpu_aot._missing_compiler_hint()  # pylint: disable=protected-access
+  installed.update({"jax_plugins", "jax_plugins.xla_cuda13"})
+  hint = gpu_aot._missing_compiler_hint()  # pylint: disable=protected-access
+  assert "JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1" in hint and "install jax" not in hint
